@@ -1,0 +1,40 @@
+"""Shared by the benchmarks: where the data is, and how results are recorded (JSON, merged by key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def require_dataset(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isdir(path):
+        sys.exit(f"benchmark needs {path} (../shared/data/{name} beside the checkout); it is absent here")
+    return path
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
+
+
+def record(file: str, key: str, value: dict) -> None:
+    """Merge `value` under `key` in bench/results/<file> (other keys belong to other benchmarks)."""
+    from finegrain.embed.store import atomic_write_json
+
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, file)
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[key] = {**value, "command": "python " + " ".join(sys.argv), "machine": machine()}
+    atomic_write_json(path, data)

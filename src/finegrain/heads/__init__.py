@@ -1,0 +1,39 @@
+"""Classifiers on frozen embeddings (k-NN, nearest class mean, logistic probe) and nearest-neighbour search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finegrain.heads.index import FaissIndex, NumpyIndex, build_index
+from finegrain.heads.knn import KNNClassifier
+from finegrain.heads.ncm import NearestClassMean
+from finegrain.heads.probe import LogisticProbe
+from finegrain.registry import Registry
+
+CLASSIFIERS: Registry[type] = Registry("classifier")
+CLASSIFIERS.register("knn")(KNNClassifier)
+CLASSIFIERS.register("ncm")(NearestClassMean)
+CLASSIFIERS.register("probe")(LogisticProbe)
+
+
+def create_classifier(name: str, **kwargs: Any) -> KNNClassifier | NearestClassMean | LogisticProbe:
+    """Build the classifier registered as name; keyword arguments set to None keep the classifier's default."""
+    cls = CLASSIFIERS.get(name)
+    params = {key: value for key, value in kwargs.items() if value is not None}
+    valid = cls._get_param_names()  # scikit-learn's list of __init__ parameters
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"classifier {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return cls(**params)
+
+
+__all__ = [
+    "CLASSIFIERS",
+    "FaissIndex",
+    "KNNClassifier",
+    "LogisticProbe",
+    "NearestClassMean",
+    "NumpyIndex",
+    "build_index",
+    "create_classifier",
+]
