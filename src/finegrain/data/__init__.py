@@ -1,5 +1,13 @@
 from finegrain.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from finegrain.data.folders import ImageSet, Sample, load_image_set, read_manifest, scan_folder
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageDecodeError", "ImageSet", "Sample", "load_image", "load_image_set",
-           "read_manifest", "scan_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "ImageSet",
+    "Sample",
+    "load_image",
+    "load_image_set",
+    "read_manifest",
+    "scan_folder",
+]

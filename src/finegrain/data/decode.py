@@ -79,4 +79,3 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageDecodeError(f"cannot decode ({msg})") from None
-

@@ -78,8 +78,9 @@ def scan_folder(root: str) -> ImageSet:
     layout = [(os.path.join(root, d), d) for d in split_dirs] if split_dirs else [(root, "all")]
     classes = sorted({c for folder, _ in layout for c in _subdirs(folder)})
     if not classes:
-        raise FinegrainError(f"no class folders in {root}: expected {root}/<class>/<image> "
-                             f"or {root}/train/<class>/<image>")
+        raise FinegrainError(
+            f"no class folders in {root}: expected {root}/<class>/<image> or {root}/train/<class>/<image>"
+        )
     index = {c: i for i, c in enumerate(classes)}
     notes: list[str] = []
     samples = [s for folder, split in layout for s in _scan_class_dirs(folder, split, index, notes)]
@@ -93,10 +94,13 @@ def read_manifest(path: str) -> ImageSet:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         if "path" not in cols or "label" not in cols:
-            raise FinegrainError(f"{path}: a manifest needs a header with columns path,label[,split]; "
-                                 f"found {reader.fieldnames}")
-        rows = [(r[cols["path"]].strip(), r[cols["label"]].strip(),
-                 (r.get(cols.get("split", ""), "") or "all").strip()) for r in reader]
+            raise FinegrainError(
+                f"{path}: a manifest needs a header with columns path,label[,split]; found {reader.fieldnames}"
+            )
+        rows = [
+            (r[cols["path"]].strip(), r[cols["label"]].strip(), (r.get(cols.get("split", ""), "") or "all").strip())
+            for r in reader
+        ]
     rows = [r for r in rows if r[0]]
     classes = sorted({label for _, label, _ in rows})
     index = {c: i for i, c in enumerate(classes)}

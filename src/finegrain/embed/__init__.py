@@ -3,5 +3,16 @@ from finegrain.embed.normalize import NORMALIZERS, create_normalizer
 from finegrain.embed.pooling import POOLINGS, GeM, create_pooling
 from finegrain.embed.store import FeatureStore
 
-__all__ = ["NORMALIZERS", "POOLINGS", "Embedder", "ExtractResult", "FeatureStore", "GeM", "create_normalizer",
-           "create_pooling", "embed_images", "extract_to_store", "resolve_precision"]
+__all__ = [
+    "NORMALIZERS",
+    "POOLINGS",
+    "Embedder",
+    "ExtractResult",
+    "FeatureStore",
+    "GeM",
+    "create_normalizer",
+    "create_pooling",
+    "embed_images",
+    "extract_to_store",
+    "resolve_precision",
+]

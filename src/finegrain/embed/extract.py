@@ -104,8 +104,15 @@ class ExtractResult:
         return self.n_extracted / self.seconds if self.seconds > 0 else float("nan")
 
 
-def run_embedder(embedder: Embedder, batch: torch.Tensor, *, preprocess: Preprocess, device: torch.device,
-                 precision: str, channels_last: bool) -> dict[str, np.ndarray]:
+def run_embedder(
+    embedder: Embedder,
+    batch: torch.Tensor,
+    *,
+    preprocess: Preprocess,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> dict[str, np.ndarray]:
     x = preprocess.normalize(batch.to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -159,8 +166,11 @@ def extract_to_store(
         embedder = embedder.to(memory_format=torch.channels_last)
     loader = DataLoader(
         DecodedImages([p for _, p in todo_items], backbone.preprocess),
-        batch_size=batch_size, num_workers=workers, collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
     bad_sha: set[str] = set()
@@ -171,8 +181,14 @@ def extract_to_store(
             skipped.append((todo_items[pos][1], reason))
             bad_sha.add(todo_items[pos][0])
         if batch is not None:
-            feats = run_embedder(embedder, batch, preprocess=backbone.preprocess, device=device,
-                                 precision=precision, channels_last=channels_last)
+            feats = run_embedder(
+                embedder,
+                batch,
+                preprocess=backbone.preprocess,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+            )
             rows = store.append(feats, [todo_items[p][0] for p in positions])
             done.update({todo_items[p][0]: r for p, r in zip(positions, rows)})
             n_done += len(positions)
@@ -180,12 +196,18 @@ def extract_to_store(
     bar.close()
     seconds = time.perf_counter() - t0
 
-    entries = [IndexEntry(s.path, s.label, s.split, done[h], h)
-               for s, h in zip(image_set.samples, sha1s) if h is not None and h in done]
+    entries = [
+        IndexEntry(s.path, s.label, s.split, done[h], h)
+        for s, h in zip(image_set.samples, sha1s)
+        if h is not None and h in done
+    ]
     # A file whose content duplicates a bad file is bad too; list each bad path once.
     skipped_paths = {p for p, _ in skipped}
-    skipped += [(s.path, "cannot decode (same content as a skipped file)")
-                for s, h in zip(image_set.samples, sha1s) if h in bad_sha and s.path not in skipped_paths]
+    skipped += [
+        (s.path, "cannot decode (same content as a skipped file)")
+        for s, h in zip(image_set.samples, sha1s)
+        if h in bad_sha and s.path not in skipped_paths
+    ]
     store.write_index(entries, skipped)
     return ExtractResult(store, len(image_set.samples), n_done, len(entries) - n_done, skipped, seconds)
 
@@ -194,8 +216,13 @@ def _store_meta(image_set: ImageSet, backbone: Backbone, poolings: Sequence[str]
     import hashlib as _h
     import json
 
-    key = {"backbone": backbone.name, "source": backbone.source, "preprocess": backbone.preprocess.to_dict(),
-           "precision": precision, "poolings": list(poolings)}
+    key = {
+        "backbone": backbone.name,
+        "source": backbone.source,
+        "preprocess": backbone.preprocess.to_dict(),
+        "precision": precision,
+        "poolings": list(poolings),
+    }
     return {
         "fingerprint": _h.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16],
         "backbone": backbone.describe(),
@@ -208,8 +235,14 @@ def _store_meta(image_set: ImageSet, backbone: Backbone, poolings: Sequence[str]
 
 
 def embed_images(
-    paths: Sequence[str], backbone: Backbone, *, pooling: str = "gap", batch_size: int = 32,
-    precision: str = "auto", device: str | torch.device = "cpu", channels_last: bool = True,
+    paths: Sequence[str],
+    backbone: Backbone,
+    *,
+    pooling: str = "gap",
+    batch_size: int = 32,
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    channels_last: bool = True,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """In-memory features [N, D] of a few images (queries, predictions); returns (features, skipped)."""
     device = torch.device(device)
@@ -223,8 +256,16 @@ def embed_images(
         batch, _, failed = collate_decoded([data[i] for i in range(start, min(start + batch_size, len(data)))])
         skipped += [(paths[start + i], r) for i, r in failed]
         if batch is not None:
-            feats.append(run_embedder(embedder, batch, preprocess=backbone.preprocess, device=device,
-                                      precision=precision, channels_last=channels_last)[pooling])
+            feats.append(
+                run_embedder(
+                    embedder,
+                    batch,
+                    preprocess=backbone.preprocess,
+                    device=device,
+                    precision=precision,
+                    channels_last=channels_last,
+                )[pooling]
+            )
     return (np.concatenate(feats) if feats else np.zeros((0, backbone.num_features), np.float32)), skipped
 
 

@@ -95,8 +95,10 @@ class FeatureStore:
             size = os.path.getsize(path)
             want = n * self.dim * 4
             if size < want:
-                raise FinegrainError(f"{path} is shorter than its journal ({size} < {want} bytes): "
-                                     "the store is damaged; re-run with --overwrite")
+                raise FinegrainError(
+                    f"{path} is shorter than its journal ({size} < {want} bytes): "
+                    "the store is damaged; re-run with --overwrite"
+                )
             if size > want:
                 with open(path, "r+b") as f:
                     f.truncate(want)
@@ -155,15 +157,17 @@ class FeatureStore:
 
     def index(self) -> list[IndexEntry]:
         with open(os.path.join(self.root, "index.csv"), newline="") as f:
-            return [IndexEntry(r["path"], int(r["label"]), r["split"], int(r["row"]), r["sha1"])
-                    for r in csv.DictReader(f)]
+            return [
+                IndexEntry(r["path"], int(r["label"]), r["split"], int(r["row"]), r["sha1"]) for r in csv.DictReader(f)
+            ]
 
     def features(self, pooling: str | None = None) -> np.ndarray:
         """All rows of one pooling as a read-only memory map [R, D] (index rows with `index()[i].row`)."""
         pool = pooling or self.poolings[0]
         if pool not in self.poolings:
-            raise FinegrainError(f"this store has poolings {self.poolings}, not {pool!r}; "
-                                 f"re-extract with --pooling {pool}")
+            raise FinegrainError(
+                f"this store has poolings {self.poolings}, not {pool!r}; re-extract with --pooling {pool}"
+            )
         n = self.num_rows()
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -16,6 +16,7 @@ METRICS = ("cosine", "l2")
 BACKENDS = ("auto", "numpy", "faiss")
 FAISS_KINDS = ("flat", "ivf")
 AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and needs no extra library
+_ADD_BLOCK = 1 << 16  # gallery rows normalised and added to faiss at a time
 _BLOCK_ELEMENTS = 1 << 23  # per query block: [chunk, N] float32 similarities + argpartition's int64 indices ~ 96 MiB
 
 
@@ -41,7 +42,7 @@ def as_matrix(X: np.ndarray, *, name: str = "X") -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, D]; got shape {X.shape}")
-    if not np.isfinite(X).all():
+    if X.size and not (np.isfinite(X.min()) and np.isfinite(X.max())):  # NaN propagates; no [N, D] mask
         raise ValueError(f"{name} contains NaN or infinite values")
     return X
 
@@ -131,7 +132,9 @@ class FaissIndex:
     The IVF quantizer is trained on the first batch given to add().
     """
 
-    def __init__(self, metric: str = "cosine", *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16):
+    def __init__(
+        self, metric: str = "cosine", *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16
+    ) -> None:
         self.metric = check_metric(metric)
         if kind not in FAISS_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FAISS_KINDS)}; got {kind!r}")
@@ -149,12 +152,13 @@ class FaissIndex:
     def add(self, X: np.ndarray) -> FaissIndex:
         """Append the [N, D] vectors X to the gallery (copied; the caller's array is never modified)."""
         X = as_matrix(X)
-        X = l2_normalize(X) if self.metric == "cosine" else X
         if self._index is None:
             self._index = self._create(X)
         elif X.shape[1] != self._index.d:
             raise ValueError(f"X has {X.shape[1]} features, the index holds {self._index.d}")
-        self._index.add(X)
+        for start in range(0, len(X), _ADD_BLOCK):  # normalised block by block: no second copy of the gallery
+            block = X[start : start + _ADD_BLOCK]
+            self._index.add(l2_normalize(block) if self.metric == "cosine" else block)
         return self
 
     def _create(self, X: np.ndarray):
@@ -164,11 +168,13 @@ class FaissIndex:
         faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
         if self.kind == "flat":
             return faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
+        if n == 0:
+            raise ValueError("an IVF index is trained on the first vectors added; X is empty")
         nlist = self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
         nlist = min(nlist, n)
         quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
-        index.train(X)
+        index.train(l2_normalize(X) if self.metric == "cosine" else X)
         index.nprobe = min(self.nprobe, nlist)
         self.nlist_ = nlist
         return index

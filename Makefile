@@ -1,0 +1,30 @@
+# Each target does all of its own set-up: a fresh machine with Python >= 3.10 needs nothing else.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/finegrain demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts && $(BIN)/ruff format --check src tests bench scripts
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.representations
+	$(BIN)/python -m bench.extract_speed
+	$(BIN)/python -m bench.search
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,165 @@
+"""One function per subcommand: config in, library calls, files and a short summary out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from finegrain.config import EvalConfig, ExtractConfig, build_config, config_dict, save_config
+from finegrain.errors import FinegrainError
+
+
+def _overrides(args: argparse.Namespace, cls) -> dict:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    cfg = build_config(ExtractConfig, yaml_path=args.config, overrides=_overrides(args, ExtractConfig))
+    return run_extract(cfg, progress=not args.no_progress)
+
+
+def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
+    from finegrain.backbones import create_backbone
+    from finegrain.data import load_image_set
+    from finegrain.embed import extract_to_store
+
+    image_set = load_image_set(cfg.data)
+    backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
+    result = extract_to_store(
+        image_set,
+        backbone,
+        cfg.out,
+        poolings=cfg.pooling,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
+        device=cfg.device,
+        overwrite=cfg.overwrite,
+        progress=progress,
+    )
+    save_config(
+        cfg, cfg.out, extra={"resolved": {"precision": result.store.meta["precision"], "backbone": backbone.describe()}}
+    )
+    print(
+        f"{result.n_images} images, {len(image_set.classes)} classes, splits {image_set.splits}: "
+        f"{result.n_extracted} extracted ({result.images_per_second:.1f} img/s), {result.n_reused} reused, "
+        f"{len(result.skipped)} skipped -> {cfg.out}"
+    )
+    for path, reason in result.skipped[:10]:
+        print(f"  skipped {path}: {reason}")
+    if len(result.skipped) > 10:
+        print(f"  ... and {len(result.skipped) - 10} more, listed in {os.path.join(cfg.out, 'skipped.csv')}")
+    return 0
+
+
+def _eval_cfg(args: argparse.Namespace, classifier: str) -> EvalConfig:
+    over = _overrides(args, EvalConfig)
+    over["classifier"] = classifier
+    return build_config(EvalConfig, yaml_path=args.config, overrides=over)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Fit the configured classifier on the store's train split, score the test split, write the outputs."""
+    from finegrain.embed import FeatureStore
+    from finegrain.evaluate.representations import fit_and_score, train_test_from_store, write_outputs
+    from finegrain.heads import create_classifier
+
+    store = FeatureStore.open(cfg.store)
+    pooling = cfg.pooling or store.poolings[0]
+    train, test, test_name = train_test_from_store(
+        store,
+        pooling=pooling,
+        train_split=cfg.train_split,
+        test_split=cfg.test_split,
+        test_size=cfg.test_size,
+        seed=cfg.seed,
+    )
+    if cfg.classifier == "knn":
+        clf = create_classifier(
+            "knn", n_neighbors=cfg.k, metric=cfg.metric, weights=cfg.weights, temperature=cfg.temperature
+        )
+    elif cfg.classifier == "ncm":
+        clf = create_classifier("ncm", metric=cfg.metric)
+    else:
+        clf = create_classifier(cfg.classifier, random_state=cfg.seed)
+    metrics, scores, _ = fit_and_score(clf, train, test, normalizer=cfg.norm, classes=store.classes)
+    name = f"{cfg.classifier}{cfg.k if cfg.classifier == 'knn' else ''}-{cfg.norm}-{pooling}"
+    out = cfg.out or os.path.join(cfg.store, "eval", name.replace(":", "_"))
+    extra = {k: getattr(clf, k) for k in ("C_",) if hasattr(clf, k)}
+    metrics = {**metrics, "classifier": name, "test_split": test_name, "n_train": len(train.y), **extra}
+    write_outputs(
+        out,
+        metrics=metrics,
+        config={**config_dict(cfg), "pooling": pooling, "out": out, "backbone": store.meta["backbone"]},
+        test=test,
+        scores=scores,
+        classes=store.classes,
+    )
+    print(
+        f"{name}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "
+        f"mean per-class {metrics['mean_per_class']:.4f}  (train {len(train.y)}, test {len(test.y)}) -> {out}"
+    )
+    return metrics
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    run_eval(_eval_cfg(args, "knn"))
+    return 0
+
+
+def cmd_ncm(args: argparse.Namespace) -> int:
+    run_eval(_eval_cfg(args, "ncm"))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    run_eval(_eval_cfg(args, "probe"))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from finegrain.search import search_store
+
+    results = search_store(args.index, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
+    for query, hits in results.items():
+        print(query)
+        for rank, (score, path, label) in enumerate(hits, 1):
+            print(f"  {rank:2d}  {score:.4f}  {label}  {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data = args.data or _default_demo_data()
+    store = os.path.join(args.out, "store")
+    run_extract(ExtractConfig(data=data, out=store, pooling=("gap",)), progress=not args.no_progress)
+    metrics = run_eval(EvalConfig(store=store, out=os.path.join(args.out, "probe"), classifier="probe"))
+    run_eval(EvalConfig(store=store, out=os.path.join(args.out, "knn1"), classifier="knn", k=1))
+    print(
+        f"demo: linear probe top-1 {metrics['top1']:.3f}, mean per-class {metrics['mean_per_class']:.3f}; "
+        f"outputs in {args.out}"
+    )
+    return 0
+
+
+def _default_demo_data() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (
+        os.path.join(os.getcwd(), "examples", "birds10"),
+        os.path.normpath(os.path.join(here, "..", "..", "..", "examples", "birds10")),
+    ):
+        if os.path.isdir(cand):
+            return cand
+    raise FinegrainError("demo data not found: run from the finegrain checkout or pass --data FOLDER")
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from finegrain.backbones import list_backbones
+
+    for name in list_backbones():
+        print(name)
+    print("(any timm model name or hf-hub:org/name works too where a network exists)")
+    return 0

@@ -1,0 +1,95 @@
+"""`finegrain` command line: parse, build a typed config, call the library. Errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from finegrain.errors import FinegrainError
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _add_common_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="a feature store made by `finegrain extract`")
+    p.add_argument("--out", help="output folder (default: STORE/eval/<classifier>-<norm>-<pooling>)")
+    p.add_argument("--pooling", help="which stored pooling to use (default: the first one extracted)")
+    p.add_argument("--norm", default=None, help="none | l2 | cl2n | pca-whiten[:K] (fitted on the train split)")
+    p.add_argument("--train-split", default=None)
+    p.add_argument("--test-split", default=None, help="default: test, else val; a flat folder gets a seeded holdout")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image recognition from small data.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('finegrain').__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="images -> feature store (resumable)")
+    p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
+    p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline), any timm name, hf-hub:...")
+    p.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone")
+    p.add_argument("--pooling", type=_csv_list, default=None, help="comma list of gap, gem, gem:P, max")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a store made with other settings")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+
+    p = sub.add_parser("knn", help="k-nearest-neighbour classifier on a store")
+    _add_common_eval(p)
+    p.add_argument("-k", "--k", type=int, default=None, help="neighbours (1 = 1-NN; default 10)")
+    p.add_argument("--metric", default=None, choices=["cosine", "l2"])
+    p.add_argument("--weights", default=None, choices=["temperature", "distance", "uniform"])
+    p.add_argument("--temperature", type=float, default=None)
+
+    p = sub.add_parser("ncm", help="nearest class mean classifier on a store")
+    _add_common_eval(p)
+    p.add_argument("--metric", default=None, choices=["cosine", "l2"])
+
+    p = sub.add_parser("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
+    _add_common_eval(p)
+
+    p = sub.add_parser("search", help="nearest images of a query image in a store")
+    p.add_argument("--index", required=True, help="a feature store made by `finegrain extract`")
+    p.add_argument("--query", required=True, nargs="+", help="query image file(s)")
+    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--pooling", default=None)
+    p.add_argument("--norm", default="l2", help="normalizer fitted on the gallery (default l2: cosine similarity)")
+
+    p = sub.add_parser("demo", help="extract + probe on the bundled 10-species bird sample")
+    p.add_argument("--data", default=None, help="default: examples/birds10 of the checkout")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("backbones", help="list the backbones that work offline")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # one line, no source echo
+    try:
+        from finegrain.cli import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except FinegrainError as e:
+        print(f"finegrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finegrain: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Classifiers on stored representations: fit on one split, score another (the layer above the metrics core)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from finegrain.embed.normalize import create_normalizer
+from finegrain.embed.store import FeatureStore, atomic_write_json, atomic_write_text
+from finegrain.errors import FinegrainError
+from finegrain.evaluate.metrics import classification_metrics
+
+
+@dataclass
+class SplitData:
+    X: np.ndarray  # [N, D]
+    y: np.ndarray  # [N]
+    paths: list[str]
+
+
+def holdout_split(y: np.ndarray, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train_idx, test_idx); classes with a single image stay in train."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(idx) * test_size)) if len(idx) > 1 else 0
+        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        test += idx[:n_test].tolist()
+        train += idx[n_test:].tolist()
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
+
+
+def train_test_from_store(
+    store: FeatureStore,
+    *,
+    pooling: str | None = None,
+    train_split: str = "train",
+    test_split: str | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> tuple[SplitData, SplitData, str]:
+    """The fitting and scoring splits of a store. With no split folders, a stratified seeded holdout of "all"."""
+    splits = sorted({e.split for e in store.index()})
+    if splits == ["all"]:
+        X, y, paths = store.split("all", pooling)
+        tr, te = holdout_split(y, test_size=test_size, seed=seed)
+        if len(te) == 0:
+            raise FinegrainError("too few images to hold any out for testing: add images or a test/ folder")
+        return (
+            SplitData(X[tr], y[tr], [paths[i] for i in tr]),
+            SplitData(X[te], y[te], [paths[i] for i in te]),
+            f"holdout of 'all' (test_size={test_size}, seed={seed})",
+        )
+    if test_split is None:
+        test_split = next((s for s in ("test", "val") if s in splits and s != train_split), None)
+        if test_split is None:
+            raise FinegrainError(f"no test or val split in {store.root} (splits: {splits}); pass --test-split")
+    Xtr, ytr, ptr = store.split(train_split, pooling)
+    Xte, yte, pte = store.split(test_split, pooling)
+    return SplitData(Xtr, ytr, ptr), SplitData(Xte, yte, pte), test_split
+
+
+def scores_matrix(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba [N, C_fit] -> [N, n_classes] indexed by class id (classes absent from training get 0)."""
+    proba = clf.predict_proba(X)
+    out = np.zeros((len(X), n_classes), dtype=np.float64)
+    out[:, np.asarray(clf.classes_, dtype=np.int64)] = proba
+    return out
+
+
+def fit_and_score(
+    clf, train: SplitData, test: SplitData, *, normalizer: str = "none", classes: list[str]
+) -> tuple[dict, np.ndarray, object]:
+    """Fit `normalizer` then `clf` on train only, score test. Returns (metrics, scores [N, C], fitted normalizer)."""
+    norm = create_normalizer(normalizer).fit(train.X)
+    clf.fit(norm.transform(train.X), train.y)
+    scores = scores_matrix(clf, norm.transform(test.X), len(classes))
+    metrics = classification_metrics(scores, test.y)
+    return metrics, scores, norm
+
+
+def write_predictions(path: str, test: SplitData, scores: np.ndarray, classes: list[str], k: int = 5) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "true", "pred", "score", f"top{k}"])
+    top = np.argsort(-scores, axis=1)[:, :k]
+    for p, y, row, s in zip(test.paths, test.y, top, scores):
+        w.writerow([p, classes[y], classes[row[0]], f"{s[row[0]]:.4f}", "|".join(classes[j] for j in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_outputs(
+    out_dir: str, *, metrics: dict, config: dict, test: SplitData, scores: np.ndarray, classes: list[str]
+) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    atomic_write_json(os.path.join(out_dir, "config.json"), config)
+    write_predictions(os.path.join(out_dir, "predictions.csv"), test, scores, classes)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny real image folders written with Pillow, the tiny timm model, ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+
+# Tests run offline: make huggingface_hub fail fast instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220)]
+
+
+def write_class_images(folder: str, colour: tuple[int, int, int], n: int, *, seed: int, size=(64, 48)) -> None:
+    """n JPEGs of one class: a coloured disc on noise, so classes differ and images within a class differ too."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        img = rng.integers(0, 90, size=(h, w, 3)).astype(np.uint8)
+        cx, cy, r = rng.integers(w // 4, 3 * w // 4), rng.integers(h // 4, 3 * h // 4), rng.integers(8, 16)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = colour
+        Image.fromarray(img).save(os.path.join(folder, f"{i:03d}.jpg"), quality=92)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """root/{train,test}/{red,green,blue}/NNN.jpg: 6 train and 3 test images a class."""
+    root = tmp_path / "tiny"
+    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
+        write_class_images(str(root / "train" / name), colour, 6, seed=c)
+        write_class_images(str(root / "test" / name), colour, 3, seed=100 + c)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """timm's `test_efficientnet`, randomly initialised: a real EfficientNet, small enough for unit tests."""
+    from finegrain.backbones import create_backbone
+
+    return create_backbone("test_efficientnet", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from finegrain.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture
+def cub100():
+    path = os.path.join(SHARED_DATA, "cub100")
+    if not os.path.isdir(path):
+        pytest.skip(f"needs the real dataset at {path} (../shared/data/cub100 beside the checkout)")
+    return path
