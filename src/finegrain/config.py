@@ -71,7 +71,10 @@ class ExtractConfig:
     out: str = ""
     backbone: str = "efficientnet_lite0"
     checkpoint: str | None = None
-    pooling: tuple[str, ...] = ("gap", "gem")
+    pooling: tuple[str, ...] = ("gem", "gap")
+    flip: bool = False
+    image_size: int | None = None  # None: the weights' own resolution
+    crop_pct: float | None = None  # None: the weights' own crop
     batch_size: int = 32
     workers: int | None = None
     precision: str = "auto"

@@ -40,7 +40,11 @@ def search_store(
     normalizer = create_normalizer(norm).fit(gallery)
     index = build_index(normalizer.transform(gallery), metric="cosine")
     feats, skipped = embed_images(
-        queries, backbone_from_meta(store.meta), pooling=pooling, precision=store.meta.get("precision", "auto")
+        queries,
+        backbone_from_meta(store.meta),
+        pooling=pooling,
+        flip=bool(store.meta.get("flip")),
+        precision=store.meta.get("precision", "auto"),
     )
     if skipped:
         for path, reason in skipped:

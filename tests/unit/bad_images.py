@@ -37,6 +37,7 @@ KINDS = {
     "ok.tif": "ok",
     "ok.webp": "ok",
     "exif_rotate.jpg": "ok",
+    "corrupt_exif.jpg": "ok",
     "big.jpg": "ok",
     "empty.jpg": "empty",
     "truncated.jpg": "truncated",
@@ -132,6 +133,8 @@ def _write_good(root: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     rgb.save(out("exif_rotate.jpg"), quality=95, exif=exif)
+    broken_exif = b"Exif\x00\x00II*\x00\xff\xff\xff\x7f"  # a TIFF header whose first IFD lies past the end
+    rgb.save(out("corrupt_exif.jpg"), quality=95, exif=broken_exif)
     yy, xx = np.mgrid[0:2000, 0:3000]
     big = np.stack([xx * 255 // 2999, yy * 255 // 1999, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
     Image.fromarray(big).save(out("big.jpg"), quality=85)

@@ -46,6 +46,14 @@ def test_classifier_commands_write_metrics_and_predictions(store, tmp_path, argv
     lines = _text(os.path.join(out, "predictions.csv")).splitlines()
     assert lines[0].startswith("path,true,pred") and len(lines) == 10
     assert _json(os.path.join(out, "config.json"))["store"] == store
+    import numpy as np
+
+    with np.load(os.path.join(out, "model.npz"), allow_pickle=False) as saved:  # loads without executing code
+        assert list(saved["classes"]) == ["blue", "green", "red"]
+        if argv[0] == "probe":
+            assert saved["classifier.coef_"].shape == (3, 1280)
+        if "cl2n" in argv:
+            assert saved["normalizer.mean_"].shape == (1280,)
     assert "top-1" in capsys.readouterr().out
 
 

@@ -22,17 +22,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
-    from finegrain.backbones import create_backbone
+    from finegrain.backbones import Preprocess, create_backbone
     from finegrain.data import load_image_set
     from finegrain.embed import extract_to_store
 
     image_set = load_image_set(cfg.data)
     backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
+    if cfg.image_size or cfg.crop_pct:
+        pp = backbone.preprocess.to_dict()
+        backbone.preprocess = Preprocess.from_dict(
+            {**pp, "input_size": cfg.image_size or pp["input_size"], "crop_pct": cfg.crop_pct or pp["crop_pct"]}
+        )
     result = extract_to_store(
         image_set,
         backbone,
         cfg.out,
         poolings=cfg.pooling,
+        flip=cfg.flip,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         precision=cfg.precision,
@@ -65,7 +71,12 @@ def _eval_cfg(args: argparse.Namespace, classifier: str) -> EvalConfig:
 def run_eval(cfg: EvalConfig) -> dict:
     """Fit the configured classifier on the store's train split, score the test split, write the outputs."""
     from finegrain.embed import FeatureStore
-    from finegrain.evaluate.representations import fit_and_score, train_test_from_store, write_outputs
+    from finegrain.evaluate.representations import (
+        fit_and_score,
+        fitted_state,
+        train_test_from_store,
+        write_outputs,
+    )
     from finegrain.heads import create_classifier
 
     store = FeatureStore.open(cfg.store)
@@ -86,7 +97,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         clf = create_classifier("ncm", metric=cfg.metric)
     else:
         clf = create_classifier(cfg.classifier, random_state=cfg.seed)
-    metrics, scores, _ = fit_and_score(clf, train, test, normalizer=cfg.norm, classes=store.classes)
+    metrics, scores, norm = fit_and_score(clf, train, test, normalizer=cfg.norm, classes=store.classes)
     name = f"{cfg.classifier}{cfg.k if cfg.classifier == 'knn' else ''}-{cfg.norm}-{pooling}"
     out = cfg.out or os.path.join(cfg.store, "eval", name.replace(":", "_"))
     extra = {k: getattr(clf, k) for k in ("C_",) if hasattr(clf, k)}
@@ -98,6 +109,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         test=test,
         scores=scores,
         classes=store.classes,
+        state=fitted_state(norm, clf),
     )
     print(
         f"{name}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "

@@ -57,16 +57,17 @@ def load_image(
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > max_pixels:
-                raise ImageDecodeError(
-                    f"{img.width}x{img.height} pixels exceeds the decompression-bomb limit of {max_pixels}"
-                )
-            if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
-                scale = min_side / min(img.size)
-                img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
-            img = ImageOps.exif_transpose(img)  # also forces the full decode, so truncation surfaces here
-            img.load()
+            # `with` closes the file on every path: Pillow keeps it open after load() for GIF/TIFF and on errors.
+            with Image.open(path) as src:
+                if src.width * src.height > max_pixels:
+                    raise ImageDecodeError(
+                        f"{src.width}x{src.height} pixels exceeds the decompression-bomb limit of {max_pixels}"
+                    )
+                if min_side and src.format == "JPEG" and min(src.size) >= 2 * min_side:
+                    scale = min_side / min(src.size)
+                    src.draft("RGB", (int(src.width * scale) + 1, int(src.height * scale) + 1))
+                img = ImageOps.exif_transpose(src)  # also forces the full decode, so truncation surfaces here
+                img.load()
             return _to_rgb(img)
     except ImageDecodeError:
         raise

@@ -32,7 +32,8 @@ class ImageSet:
 
     @property
     def splits(self) -> list[str]:
-        return sorted({s.split for s in self.samples}, key=lambda s: (SPLIT_NAMES + (s,)).index(s))
+        # train, val, test first, then any other name alphabetically (a set's order changes with the hash seed)
+        return sorted({s.split for s in self.samples}, key=lambda s: ((SPLIT_NAMES + (s,)).index(s), s))
 
     def split(self, name: str) -> list[Sample]:
         out = [s for s in self.samples if s.split == name]
@@ -57,7 +58,7 @@ def _scan_class_dirs(root: str, split: str, class_index: dict[str, int], notes: 
             continue
         files = []
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .ipynb_checkpoints holds copies
             files += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
         if not files:
             notes.append(f"class folder {folder} has no images")
@@ -97,10 +98,12 @@ def read_manifest(path: str) -> ImageSet:
             raise FinegrainError(
                 f"{path}: a manifest needs a header with columns path,label[,split]; found {reader.fieldnames}"
             )
-        rows = [
-            (r[cols["path"]].strip(), r[cols["label"]].strip(), (r.get(cols.get("split", ""), "") or "all").strip())
-            for r in reader
-        ]
+        rows = []
+        for r in reader:  # a short row has None in its missing columns
+            file, label = (r[cols["path"]] or "").strip(), (r[cols["label"]] or "").strip()
+            if file and not label:
+                raise FinegrainError(f"{path}: line {reader.line_num}: {file} has no label")
+            rows.append((file, label, (r.get(cols.get("split", ""), "") or "").strip() or "all"))
     rows = [r for r in rows if r[0]]
     classes = sorted({label for _, label, _ in rows})
     index = {c: i for i, c in enumerate(classes)}

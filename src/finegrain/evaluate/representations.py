@@ -95,10 +95,34 @@ def write_predictions(path: str, test: SplitData, scores: np.ndarray, classes: l
     atomic_write_text(path, buf.getvalue())
 
 
+def fitted_state(normalizer, clf) -> dict[str, np.ndarray]:
+    """Learned arrays of a fitted normalizer and classifier (attributes ending in `_`), for np.savez.
+
+    k-NN's gallery is the training split of the store itself, so it is not copied; everything else is.
+    """
+    out = {f"normalizer.{k}": np.asarray(v) for k, v in normalizer.get_state().items()}
+    for k, v in vars(clf).items():
+        if k.endswith("_") and not k.startswith("_") and isinstance(v, np.ndarray | float | int | np.number):
+            out[f"classifier.{k}"] = np.asarray(v)
+    return out
+
+
 def write_outputs(
-    out_dir: str, *, metrics: dict, config: dict, test: SplitData, scores: np.ndarray, classes: list[str]
+    out_dir: str,
+    *,
+    metrics: dict,
+    config: dict,
+    test: SplitData,
+    scores: np.ndarray,
+    classes: list[str],
+    state: dict[str, np.ndarray] | None = None,
 ) -> None:
+    """metrics.json, config.json, predictions.csv and (when given) the fitted state as model.npz, all atomic."""
     os.makedirs(out_dir, exist_ok=True)
+    if state:
+        tmp = os.path.join(out_dir, ".tmp-model.npz")
+        np.savez(tmp, classes=np.array(classes), **state)
+        os.replace(tmp, os.path.join(out_dir, "model.npz"))
     atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
     atomic_write_json(os.path.join(out_dir, "config.json"), config)
     write_predictions(os.path.join(out_dir, "predictions.csv"), test, scores, classes)

@@ -1,0 +1,116 @@
+"""Accuracy of classifiers on frozen representations of cub100 (issue: representations, measurement 1).
+
+Two extractions with `efficientnet_lite0`, each evaluated over
+{1-NN, 10-NN, NCM, probe} x {raw, L2, CL2N, PCA-whiten-256 + L2} x {GAP, GeM}:
+  * "timm-eval": the weights' own eval preprocessing (224, center crop 0.875), as in the hand-made anchors;
+  * "finegrain": the recommended extraction (full frame: crop 1.0, plus the mirrored image averaged in).
+Beside them, the hand-made baseline measured in the same run: scikit-learn LogisticRegression() with its
+default C on raw GAP features of the timm-eval extraction. Train = cub100/train, test = cub100/test;
+every choice (C of the probe, normalizer statistics) is made on train only.
+
+    python -m bench.representations            # about 15 minutes on 2 cores; stores are cached in bench/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from bench.common import ROOT, record, require_dataset
+from finegrain.backbones import create_backbone
+from finegrain.data import load_image_set
+from finegrain.embed import extract_to_store
+from finegrain.evaluate.metrics import classification_metrics
+from finegrain.evaluate.representations import fit_and_score, train_test_from_store
+from finegrain.heads import create_classifier
+
+CLASSIFIERS = {
+    "1-NN": ("knn", {"n_neighbors": 1}),
+    "10-NN": ("knn", {"n_neighbors": 10}),
+    "NCM": ("ncm", {}),
+    "probe": ("probe", {}),
+}
+NORMS = {"raw": "none", "L2": "l2", "CL2N": "cl2n", "PCA-whiten+L2": "pca-whiten:256"}
+EXTRACTIONS = {
+    "timm-eval": {"crop_pct": None, "flip": False},
+    "finegrain": {"crop_pct": 1.0, "flip": True},
+}
+
+
+def extract(name: str, data: str, crop_pct: float | None, flip: bool) -> tuple[object, float]:
+    backbone = create_backbone("efficientnet_lite0")
+    if crop_pct is not None:
+        from finegrain.backbones import Preprocess
+
+        backbone.preprocess = Preprocess.from_dict({**backbone.preprocess.to_dict(), "crop_pct": crop_pct})
+    out = os.path.join(ROOT, "bench", "cache", f"cub100-lite0-{name}")
+    r = extract_to_store(load_image_set(data), backbone, out, poolings=("gap", "gem"), flip=flip, progress=True)
+    return r.store, r.seconds
+
+
+def table(store) -> dict:
+    rows = {}
+    for pooling in ("gap", "gem"):
+        train, test, _ = train_test_from_store(store, pooling=pooling)
+        for cname, (kind, kw) in CLASSIFIERS.items():
+            for nname, norm in NORMS.items():
+                t0 = time.perf_counter()
+                clf = create_classifier(kind, **kw)
+                m, _, _ = fit_and_score(clf, train, test, normalizer=norm, classes=store.classes)
+                key = f"{pooling}/{cname}/{nname}"
+                rows[key] = {
+                    "top1": round(m["top1"], 4),
+                    "mean_per_class": round(m["mean_per_class"], 4),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+                if hasattr(clf, "C_"):
+                    rows[key]["C"] = clf.C_
+                print(key, rows[key], flush=True)
+    return rows
+
+
+def hand_baseline(store) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    train, test, _ = train_test_from_store(store, pooling="gap")
+    clf = LogisticRegression(max_iter=2000).fit(train.X, train.y)
+    scores = np.zeros((len(test.y), len(store.classes)))
+    scores[:, clf.classes_] = clf.predict_proba(test.X)
+    m = classification_metrics(scores, test.y)
+    return {"top1": round(m["top1"], 4), "mean_per_class": round(m["mean_per_class"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=sorted(EXTRACTIONS), help="run one extraction's table only")
+    args = ap.parse_args()
+    data = require_dataset("cub100")
+    result = {}
+    for name, opts in EXTRACTIONS.items():
+        if args.only and name != args.only:
+            continue
+        store, seconds = extract(name, data, **opts)
+        result[name] = {
+            "extraction": {**opts, "seconds": round(seconds, 1), "precision": store.meta["precision"]},
+            "table": table(store),
+        }
+        if name == "timm-eval":
+            result["hand_baseline_logreg_raw_gap"] = hand_baseline(store)
+            print("hand baseline", result["hand_baseline_logreg_raw_gap"])
+    best = max(
+        ((n, k, v["top1"]) for n, r in result.items() if "table" in r for k, v in r["table"].items()),
+        key=lambda t: t[2],
+    )
+    result["best"] = {"extraction": best[0], "config": best[1], "top1": best[2]}
+    print("best", result["best"])
+    for name, r in result.items():
+        if "table" in r:
+            record("representations.json", f"accuracy/{name}", r)
+    record("representations.json", "accuracy/summary", {k: v for k, v in result.items() if "table" not in v})
+
+
+if __name__ == "__main__":
+    main()
