@@ -3,7 +3,8 @@
 Two extractions with `efficientnet_lite0`, each evaluated over
 {1-NN, 10-NN, NCM, probe} x {raw, L2, CL2N, PCA-whiten-256 + L2} x {GAP, GeM}:
   * "timm-eval": the weights' own eval preprocessing (224, center crop 0.875), as in the hand-made anchors;
-  * "finegrain": the recommended extraction (full frame: crop 1.0, plus the mirrored image averaged in).
+  * "finegrain": the recommended extraction: 256 px, full frame (crop 1.0), the mirrored image averaged in
+    (`finegrain extract DATA --image-size 256 --crop-pct 1.0 --flip`).
 Beside them, the hand-made baseline measured in the same run: scikit-learn LogisticRegression() with its
 default C on raw GAP features of the timm-eval extraction. Train = cub100/train, test = cub100/test;
 every choice (C of the probe, normalizer statistics) is made on train only.
@@ -35,17 +36,19 @@ CLASSIFIERS = {
 }
 NORMS = {"raw": "none", "L2": "l2", "CL2N": "cl2n", "PCA-whiten+L2": "pca-whiten:256"}
 EXTRACTIONS = {
-    "timm-eval": {"crop_pct": None, "flip": False},
-    "finegrain": {"crop_pct": 1.0, "flip": True},
+    "timm-eval": {"image_size": None, "crop_pct": None, "flip": False},
+    "finegrain": {"image_size": 256, "crop_pct": 1.0, "flip": True},
 }
 
 
-def extract(name: str, data: str, crop_pct: float | None, flip: bool) -> tuple[object, float]:
-    backbone = create_backbone("efficientnet_lite0")
-    if crop_pct is not None:
-        from finegrain.backbones import Preprocess
+def extract(name: str, data: str, image_size: int | None, crop_pct: float | None, flip: bool) -> tuple[object, float]:
+    from finegrain.backbones import Preprocess
 
-        backbone.preprocess = Preprocess.from_dict({**backbone.preprocess.to_dict(), "crop_pct": crop_pct})
+    backbone = create_backbone("efficientnet_lite0")
+    pp = backbone.preprocess.to_dict()
+    backbone.preprocess = Preprocess.from_dict(
+        {**pp, "input_size": image_size or pp["input_size"], "crop_pct": crop_pct or pp["crop_pct"]}
+    )
     out = os.path.join(ROOT, "bench", "cache", f"cub100-lite0-{name}")
     r = extract_to_store(load_image_set(data), backbone, out, poolings=("gap", "gem"), flip=flip, progress=True)
     return r.store, r.seconds

@@ -98,3 +98,44 @@ class EvalConfig:
     test_split: str | None = None
     test_size: float = 0.2
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    backbone: str = "efficientnet_lite0"
+    checkpoint: str | None = None
+    regime: str = "last:2"  # head | last:K | full | scratch
+    pooling: str = "gap"
+    drop_rate: float = 0.2
+    image_size: int | None = None  # None: the weights' own resolution
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01  # the head's learning rate; the backbone's is lr x backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    layer_decay: float | None = None
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4  # never on norms and biases
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    augment: str = "crop-flip"  # none | crop-flip | autoaugment | randaugment | trivialaugment
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float | None = None
+    clip_grad: float | None = None
+    freeze_bn: bool = False
+    cache_views: int = 0  # >0: run the frozen trunk once over this many augmented views per image (head, last:K)
+    val_fraction: float = 0.1  # carved from train (stratified, seeded) when the data has no val split
+    early_stop: int | None = None  # patience in epochs on validation top-1
+    precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU training
+    channels_last: bool = True
+    workers: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, budgets); the schedule is unchanged
+    time_budget_min: float | None = None  # stop at the end of the epoch that passes this many minutes

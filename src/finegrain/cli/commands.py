@@ -144,6 +144,39 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from finegrain.config import TrainConfig, parse_overrides
+    from finegrain.train.engine import train
+
+    over = {**parse_overrides(args.overrides), **_overrides(args, TrainConfig)}
+    cfg = build_config(TrainConfig, yaml_path=args.config, overrides=over)
+    result = train(cfg, progress=not args.no_progress)
+    line = f"best epoch {result.best_epoch}: val top-1 {result.best_val_top1:.4f}"
+    if result.test_metrics:
+        t = result.test_metrics
+        line += f"; test top-1 {t['top1']:.4f}, mean per-class {t['mean_per_class']:.4f}"
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"{line} -> {cfg.out}")
+        for path, reason in result.skipped[:10]:
+            print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finegrain.data import ImageDecodeError
+    from finegrain.model_io import load
+
+    predictor = load(args.model)
+    for path in args.images:
+        try:
+            top = predictor.predict([path], k=args.k)[0]
+        except ImageDecodeError as e:
+            print(f"{path}\tskipped: {e}")
+            continue
+        print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     data = args.data or _default_demo_data()
     store = os.path.join(args.out, "store")

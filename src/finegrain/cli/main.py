@@ -68,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default=None)
     p.add_argument("--norm", default="l2", help="normalizer fitted on the gallery (default l2: cosine similarity)")
 
+    p = sub.add_parser("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
+    p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
+    p.add_argument("--out", required=True, help="run folder (config, logs, checkpoints, model/)")
+    p.add_argument("--regime", default=None, help="head | last:K | full | scratch (default last:2)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any training option, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2 backbone=...")
+
+    p = sub.add_parser("predict", help="classify images with a trained model")
+    p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-k", "--k", type=int, default=3)
+
     p = sub.add_parser("demo", help="extract + probe on the bundled 10-species bird sample")
     p.add_argument("--data", default=None, help="default: examples/birds10 of the checkout")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,95 @@
+"""Saved models: model.safetensors (weights only, no code runs on load) + model.json (how to rebuild and feed it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from finegrain.embed.store import atomic_write_json
+from finegrain.errors import FinegrainError
+
+FORMAT = "finegrain-classifier/1"
+
+
+def export_model(model, folder: str, *, classes: Sequence[str], extra: dict | None = None) -> str:
+    """Write an ImageClassifier to `folder` (atomic per file); returns the folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    meta = {
+        "format": FORMAT,
+        "backbone": model.backbone.name,
+        "source": model.backbone.source,
+        "preprocess": model.preprocess.to_dict(),
+        "pooling": model.pooling_name,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        **(extra or {}),
+    }
+    atomic_write_json(os.path.join(folder, "model.json"), meta)
+    return folder
+
+
+class Predictor:
+    """A loaded model, ready to predict: `predict(paths)` -> [(class name, probability)], `predict_proba(paths)`."""
+
+    def __init__(self, model, classes: list[str], meta: dict, device: str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.classes = classes
+        self.meta = meta
+        self.device = torch.device(device)
+
+    @property
+    def preprocess(self):
+        return self.model.preprocess
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence, *, batch_size: int = 32) -> np.ndarray:
+        """Paths or PIL images -> probabilities [N, C]. Undecodable files raise ImageDecodeError."""
+        from PIL import Image
+
+        from finegrain.data import load_image
+
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = [im if isinstance(im, Image.Image) else load_image(im) for im in images[i : i + batch_size]]
+            x = torch.stack([self.preprocess.pil_to_uint8(im.convert("RGB")) for im in batch]).to(self.device)
+            out.append(self.model(self.preprocess.normalize(x)).float().softmax(-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: Sequence, *, k: int = 1) -> list[list[tuple[str, float]]]:
+        proba = self.predict_proba(images)
+        top = np.argsort(-proba, axis=1)[:, :k]
+        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
+
+
+def load(path: str, *, device: str = "cpu") -> Predictor:
+    """Load a model saved by `finegrain train` (its run folder or its model/ folder)."""
+    from safetensors.torch import load_file
+
+    from finegrain.backbones import Preprocess, create_backbone
+    from finegrain.train.model import ImageClassifier
+
+    folder = path if os.path.exists(os.path.join(path, "model.json")) else os.path.join(path, "model")
+    meta_path = os.path.join(folder, "model.json")
+    if not os.path.exists(meta_path):
+        raise FinegrainError(f"no saved model in {path}: expected model.json and model.safetensors (finegrain train)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise FinegrainError(f"{meta_path} is not a {FORMAT} file")
+    backbone = create_backbone(meta["backbone"], pretrained=False)
+    backbone.preprocess = Preprocess.from_dict(meta["preprocess"])
+    model = ImageClassifier(backbone, meta["num_classes"], pooling=meta["pooling"])
+    try:
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    except (OSError, RuntimeError) as e:
+        raise FinegrainError(f"cannot load {folder}/model.safetensors: {str(e).splitlines()[0]}") from None
+    return Predictor(model, meta["classes"], meta, device)

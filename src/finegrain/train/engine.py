@@ -1,0 +1,416 @@
+"""One generic training engine: a task (forward + loss) per step, regimes only choose what learns.
+
+A run folder holds config.yaml, metrics.csv (+ TensorBoard events), checkpoint-last.pt (atomic, every epoch),
+best.safetensors and, at the end, model/ (weights + model.json) that `finegrain.load` turns into a predictor.
+Each epoch's randomness (order, augmentation, mixing, dropout) is seeded from (seed, epoch), so a run resumed
+from its last checkpoint ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from finegrain.config import TrainConfig, config_dict, save_config
+from finegrain.embed.store import atomic_write_json, atomic_write_text
+from finegrain.errors import FinegrainError
+from finegrain.train.checkpoint import load_checkpoint, save_checkpoint
+from finegrain.train.data import ImageDataset, Splits, collate_skip_bad, make_splits
+from finegrain.train.distributed import DistContext
+from finegrain.train.model import ImageClassifier, msra_init_, stage_view
+from finegrain.train.regimes import Regime
+
+CHECKPOINT = "checkpoint-last.pt"
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**31 - 1)
+
+
+def seed_all(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s % (2**32 - 1))
+    torch.manual_seed(s)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded across ranks (rank r takes every world-th index, padded)."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world_size, shuffle
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.rank, self.n, self.world))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 1))
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank takes as many steps
+        return iter(order[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+@dataclass
+class TrainResult:
+    out: str
+    history: list[dict]
+    best_epoch: int
+    best_val_top1: float
+    test_metrics: dict | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig; `fit()` runs or resumes it."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        from finegrain.data import load_image_set
+        from finegrain.losses import create_loss
+
+        self.cfg = cfg
+        self.progress = progress
+        self.dist = DistContext.from_env(cfg.device)
+        self.device = self.dist.device
+        self.regime = Regime.parse(cfg.regime)
+        _check_options(cfg)
+        seed_all(cfg.seed)
+        self.image_set = load_image_set(cfg.data)
+        self.classes = self.image_set.classes
+        self.splits: Splits = make_splits(self.image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if not self.splits.train or not self.splits.val:
+            raise FinegrainError("too few images to carve a validation split: add images or a val/ folder")
+        self.model = self._build_model().to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.regime.apply(self.model)
+        self.loss_fn = create_loss("ce", label_smoothing=cfg.label_smoothing)
+        self.eval_loss = create_loss("ce")
+        self.optimizer = self._build_optimizer()
+        self.steps_per_epoch = math.ceil(len(self.splits.train) / (cfg.batch_size * self.dist.world_size))
+        self.schedule = self._build_schedule()
+        self.ema = None
+        if cfg.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
+                                                     else [self.device.index])
+        self.skipped: dict[str, str] = {}
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+    def _build_model(self) -> ImageClassifier:
+        from finegrain.backbones import create_backbone
+
+        cfg = self.cfg
+        backbone = create_backbone(cfg.backbone, pretrained=self.regime.pretrained, checkpoint=cfg.checkpoint)
+        if self.regime.kind == "scratch":
+            msra_init_(backbone)
+        if cfg.image_size:
+            backbone.preprocess = backbone.preprocess.with_size(cfg.image_size)
+        return ImageClassifier(backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        from finegrain.train.optim import build_optimizer, build_param_groups
+
+        cfg = self.cfg
+        scale = self.regime.lr_scale(self.model, backbone_lr_scale=cfg.backbone_lr_scale, layer_decay=cfg.layer_decay)
+        groups = build_param_groups(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scale=scale)
+        return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+    def _build_schedule(self):
+        from finegrain.train.schedule import LRSchedule
+
+        cfg = self.cfg
+        total = cfg.epochs * self.steps_per_epoch
+        warm = min(int(round(cfg.warmup_epochs * self.steps_per_epoch)), max(total - 1, 0))
+        return LRSchedule(kind=cfg.schedule, total_steps=total, warmup_steps=warm)
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+    def _loader(self, samples, transform, *, shuffle: bool, epoch: int) -> DataLoader:
+        from finegrain.embed.extract import default_num_workers
+
+        sampler = EpochSampler(len(samples), seed=self.cfg.seed, rank=self.dist.rank,
+                               world_size=self.dist.world_size, shuffle=shuffle)
+        sampler.set_epoch(epoch)
+        workers = default_num_workers() if self.cfg.workers is None else self.cfg.workers
+        return DataLoader(
+            ImageDataset(samples, transform), batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=collate_skip_bad, drop_last=False, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, 2)),
+            persistent_workers=False, prefetch_factor=4 if workers else None,
+        )
+
+    def _note_bad(self, samples, bad) -> None:
+        for i, reason in bad:
+            self.skipped.setdefault(samples[i].path, reason)
+
+    # ---- steps ----------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        p = self.cfg.precision
+        if p == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if p == "amp":
+            return torch.autocast("cuda", dtype=torch.float16 if not torch.cuda.is_bf16_supported() else torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.model.preprocess.normalize(x.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        frozen = self.regime.frozen_stages(self.model)
+        view = stage_view(self.model.backbone.model) if frozen not in (None, 0) else None
+        if frozen is None:
+            self.model.backbone.eval()  # head regime: the whole backbone keeps its statistics
+        elif view is not None:
+            for m in view.stem + view.stages[:frozen]:
+                m.eval()
+        if self.cfg.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm.auto import tqdm
+
+        from finegrain.train.augment import build_train_transform
+        from finegrain.train.mixing import MixConfig, mix_batch
+
+        cfg = self.cfg
+        seed_all(epoch_seed(cfg.seed, epoch, 0))
+        mix_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
+        mix_cfg = MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix)
+        transform = build_train_transform(cfg.augment, self.model.preprocess)
+        loader = self._loader(self.splits.train, transform, shuffle=True, epoch=epoch)
+        self._set_train_mode()
+        step0 = epoch * self.steps_per_epoch
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True, leave=False)
+        for i, (x, y, _, bad) in enumerate(loader):
+            self._note_bad(self.splits.train, bad)
+            step = step0 + i
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            if x is None:
+                continue
+            self.schedule.apply(self.optimizer, step)
+            x, y = self._to_input(x), y.to(self.device)
+            target = y
+            if cfg.mixup > 0 or cfg.cutmix > 0:
+                x, target = mix_batch(x, y, len(self.classes), mix_cfg, label_smoothing=cfg.label_smoothing,
+                                      generator=mix_gen)
+            with self._autocast():
+                logits = self.ddp_model(x)
+                loss = self.loss_fn(logits.float(), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=step)
+            with torch.no_grad():
+                sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
+                                     dtype=torch.float64)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
+                            img_s=f"{sums[2] * self.dist.world_size / (time.perf_counter() - t0):.1f}")
+        bar.close()
+        sums = self.dist.all_reduce_sum(sums)
+        n = max(sums[2].item(), 1)
+        return {"train_loss": sums[0].item() / n, "train_top1": sums[1].item() / n,
+                "train_images_per_s": sums[2].item() / (time.perf_counter() - t0),
+                "lr": self.optimizer.param_groups[-1]["lr"]}
+
+    @torch.no_grad()
+    def evaluate(self, samples, *, model: torch.nn.Module | None = None) -> dict:
+        """top-1, mean per-class accuracy and loss over `samples`, reduced across ranks."""
+        from finegrain.train.augment import build_eval_transform
+
+        model = model or self.model
+        model.eval()
+        c = len(self.classes)
+        per_class = torch.zeros(2, c, dtype=torch.float64)  # correct, count
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loader = self._loader(samples, build_eval_transform(self.model.preprocess), shuffle=False, epoch=0)
+        for x, y, _, bad in loader:
+            self._note_bad(samples, bad)
+            if x is None:
+                continue
+            with self._autocast():
+                logits = model(self._to_input(x)).float()
+            y = y.to(self.device)
+            loss_sum += self.eval_loss(logits, y).item() * len(y)
+            hit = (logits.argmax(1) == y).double().cpu()
+            per_class[0].index_add_(0, y.cpu(), hit)
+            per_class[1].index_add_(0, y.cpu(), torch.ones_like(hit))
+        per_class = self.dist.all_reduce_sum(per_class)
+        loss_sum = self.dist.all_reduce_sum(loss_sum)
+        n = per_class[1].sum().item()
+        present = per_class[1] > 0
+        return {"top1": per_class[0].sum().item() / max(n, 1),
+                "mean_per_class": (per_class[0][present] / per_class[1][present]).mean().item() if n else 0.0,
+                "loss": loss_sum.item() / max(n, 1), "n": int(n)}
+
+    # ---- the run --------------------------------------------------------------------------------------------------
+    def _state(self, epoch: int, history: list[dict], best: tuple[int, float]) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else {}, "epoch": epoch,
+                "history": history, "best_epoch": best[0], "best_val_top1": best[1],
+                "config": config_dict(self.cfg)}
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        out = cfg.out
+        ckpt_path = os.path.join(out, CHECKPOINT)
+        history: list[dict] = []
+        best = (-1, -1.0)
+        start = 0
+        if cfg.resume:
+            state = load_checkpoint(ckpt_path)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            history, best, start = list(state["history"]), (state["best_epoch"], state["best_val_top1"]), state["epoch"] + 1
+        elif os.path.exists(ckpt_path):
+            raise FinegrainError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+        if self.dist.is_main:
+            save_config(self.cfg, out, extra={"resolved": self._resolved()})
+        writer = self._tensorboard(out)
+        t0 = time.perf_counter()
+        patience = 0
+        for epoch in range(start, cfg.epochs):
+            row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            eval_model = self.ema.module if self.ema is not None else self.model
+            val = self.evaluate(self.splits.val, model=eval_model)
+            row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            row["seconds"] = time.perf_counter() - t0 + (history[-1]["seconds"] if history else 0.0)
+            history.append(row)
+            improved = val["top1"] > best[1]
+            if improved:
+                best, patience = (epoch, val["top1"]), 0
+            else:
+                patience += 1
+            if self.dist.is_main:
+                if improved:
+                    _save_weights(eval_model, os.path.join(out, "best.safetensors"))
+                save_checkpoint(ckpt_path, self._state(epoch, history, best))
+                _write_history(os.path.join(out, "metrics.csv"), history)
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                    writer.flush()
+                if self.progress:
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f} "
+                          f"acc {row['train_top1']:.3f} | val top-1 {val['top1']:.4f} "
+                          f"mean/class {val['mean_per_class']:.4f} | {row['train_images_per_s']:.1f} img/s")
+            self.dist.barrier()
+            if cfg.early_stop is not None and patience >= cfg.early_stop:
+                break
+            if cfg.max_steps is not None and (epoch + 1) * self.steps_per_epoch >= cfg.max_steps:
+                break
+            if cfg.time_budget_min is not None and row["seconds"] >= 60 * cfg.time_budget_min:
+                break
+        return self._finish(history, best, writer, time.perf_counter() - t0)
+
+    def _finish(self, history, best, writer, seconds) -> TrainResult:
+        from finegrain.model_io import export_model
+
+        out = self.cfg.out
+        best_path = os.path.join(out, "best.safetensors")
+        self.dist.barrier()
+        if os.path.exists(best_path):
+            from safetensors.torch import load_file
+
+            target = self.ema.module if self.ema is not None else self.model
+            target.load_state_dict(load_file(best_path))
+        final = self.ema.module if self.ema is not None else self.model
+        test = self.evaluate(self.splits.test, model=final) if self.splits.test else None
+        if self.dist.is_main:
+            export_model(final, os.path.join(out, "model"), classes=self.classes,
+                         extra={"regime": str(self.regime), "best_epoch": best[0] + 1})
+            summary = {"best_epoch": best[0] + 1, "best_val_top1": best[1], "test": test,
+                       "skipped": [{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
+                       "splits": {"train": len(self.splits.train), "val": len(self.splits.val),
+                                  "test": len(self.splits.test), "how": self.splits.note},
+                       "seconds": seconds}
+            atomic_write_json(os.path.join(out, "metrics.json"), summary)
+        if writer is not None:
+            writer.close()
+        return TrainResult(out, history, best[0] + 1, best[1], test, sorted(self.skipped.items()), seconds)
+
+    def _resolved(self) -> dict:
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"regime": str(self.regime), "trainable_parameters": n_train,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "backbone": self.model.backbone.describe(), "classes": len(self.classes),
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
+                "splits": {"train": len(self.splits.train), "val": len(self.splits.val),
+                           "test": len(self.splits.test), "how": self.splits.note}}
+
+    def _tensorboard(self, out: str):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: metrics.csv has the same numbers
+            return None
+        return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def _save_weights(model: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _write_history(path: str, history: list[dict]) -> None:
+    keys = list(history[0])
+    lines = [",".join(keys)] + [",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                          for k in keys) for r in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _check_options(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise FinegrainError("epochs and batch_size must be at least 1")
+    if not 0 < cfg.val_fraction < 1:
+        raise FinegrainError("val_fraction must be between 0 and 1, e.g. 0.1")
+    if cfg.precision not in ("fp32", "bf16", "amp"):
+        raise FinegrainError(f"precision must be fp32, bf16 or amp (CUDA), got {cfg.precision!r}")
+    if cfg.lr <= 0:
+        raise FinegrainError("lr must be positive")
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Run (or with cfg.resume, continue) a fine-tuning run described by `cfg`."""
+    trainer = Trainer(cfg, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()

@@ -1,0 +1,101 @@
+"""The model that fine-tuning trains: backbone trunk, pooling, dropout, a new MSRA-initialised linear head.
+
+The trunk is seen as stem -> stages -> post, so a regime can freeze a prefix (`last:K` trains the last K stages)
+and the frozen prefix can be run once and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finegrain.backbones import Backbone
+from finegrain.embed.pooling import create_pooling
+from finegrain.errors import FinegrainError
+
+
+@dataclass
+class StageView:
+    stem: list[nn.Module]
+    stages: list[nn.Module]
+    post: list[nn.Module]
+    stage_names: list[str]  # parameter-name prefixes of the stages, in order
+
+
+def stage_view(model: nn.Module) -> StageView:
+    """Stem, stages and post-stage modules of a timm model whose forward_features is stem -> stages -> post."""
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet, MobileNetV2/V3, MixNet...
+        post = [m for m in (getattr(model, "conv_head", None), getattr(model, "bn2", None)) if m is not None]
+        n = len(model.blocks)
+        return StageView([model.conv_stem, model.bn1], list(model.blocks), post, [f"blocks.{i}." for i in range(n)])
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "conv1"):  # ResNet family
+        stem = [model.conv1, model.bn1, model.act1, model.maxpool]
+        return StageView(stem, [getattr(model, f"layer{i}") for i in range(1, 5)], [], [f"layer{i}." for i in range(1, 5)])
+    if hasattr(model, "stem") and hasattr(model, "stages"):  # ConvNeXt, RegNet, NFNet...
+        post = [m for m in (getattr(model, "norm_pre", None), getattr(model, "final_conv", None)) if m is not None]
+        n = len(model.stages)
+        return StageView([model.stem], list(model.stages), post, [f"stages.{i}." for i in range(n)])
+    raise FinegrainError(
+        f"{type(model).__name__} has no known stage layout: use --regime head or full "
+        "(last:K works with EfficientNet, MobileNet, ResNet and ConvNeXt-style backbones)"
+    )
+
+
+def msra_init_(module: nn.Module) -> None:
+    """Kaiming/MSRA initialisation (He et al., 2015) of conv and linear layers; norms to identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ImageClassifier(nn.Module):
+    """backbone.forward_features -> pooling -> dropout -> Linear(num_features, num_classes)."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, *, pooling: str = "gap", drop_rate: float = 0.0) -> None:
+        super().__init__()
+        backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.pooling_name = pooling
+        self.pool = create_pooling(pooling)
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        msra_init_(self.head)
+
+    @property
+    def preprocess(self):
+        return self.backbone.preprocess
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pool(fmap).to(self.head.weight.dtype)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ---- split at stage boundary: trunk (frozen, cacheable) and tail (trained) --------------------------------------
+    def trunk(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Stem and all stages but the last k: the input of the first trained stage."""
+        view = stage_view(self.backbone.model)
+        for m in view.stem + view.stages[: len(view.stages) - k]:
+            x = m(x)
+        return x
+
+    def tail(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Last k stages, post-stage layers, pooling and head: trunk output -> logits."""
+        view = stage_view(self.backbone.model)
+        for m in view.stages[len(view.stages) - k :] + view.post:
+            h = m(h)
+        return self.forward_head(h)

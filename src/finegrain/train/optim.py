@@ -1,0 +1,125 @@
+"""Optimizer parameter groups (no decay on norms / biases / 1-D params, per-prefix LR scales) and optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from finegrain.registry import Registry
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names a module opts out of weight decay with, timm-style `no_weight_decay()` (pos_embed, cls_token, ...)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names.update(f"{prefix}.{n}" if prefix else n for n in fn())
+    return names
+
+
+def build_param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """Trainable parameters of `model` grouped by (lr_scale(name), decays?).
+
+    Params with ndim <= 1 (norm weights, biases, GeM's p), names ending in `.bias` and names a module lists in
+    `no_weight_decay()` get weight_decay 0. Each group has `lr` = `initial_lr` = lr * scale, `lr_scale` and
+    `param_names`; frozen params (requires_grad False) are left out.
+    """
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+    skip = _no_decay_names(model)
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
+        if scale < 0:
+            raise ValueError(f"lr_scale({name!r}) must be >= 0, got {scale}")
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        group = groups.get((scale, decay))
+        if group is None:
+            group = groups[(scale, decay)] = {
+                "params": [],
+                "param_names": [],
+                "lr": lr * scale,
+                "initial_lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(groups: list[dict], *, lr: float, momentum: float, nesterov: bool, betas: tuple[float, float]):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(groups: list[dict], *, lr: float, momentum: float, nesterov: bool, betas: tuple[float, float]):
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_optimizer(
+    name: str,
+    groups: list[dict],
+    *,
+    lr: float,
+    momentum: float | None = 0.9,
+    nesterov: bool | None = True,
+    betas: tuple[float, float] | None = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """`sgd` (momentum, nesterov) or `adamw` (betas) over `groups`; a group's own lr / weight_decay win over `lr`.
+    Options set to None keep these defaults."""
+    momentum = 0.9 if momentum is None else float(momentum)
+    nesterov = True if nesterov is None else bool(nesterov)
+    betas = (0.9, 0.999) if betas is None else (float(betas[0]), float(betas[1]))
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be in [0, 1), got {betas}")
+    return OPTIMIZERS.get(name)(groups, lr=lr, momentum=momentum, nesterov=nesterov, betas=betas)
+
+
+def layer_decay_scales(stage_names_in_order: Iterable[str], decay: float) -> dict[str, float]:
+    """Layer-wise LR decay: {stage prefix: decay ** (stages after it)}; the last stage gets 1."""
+    names = list(stage_names_in_order)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"stage names must be non-empty and unique, got {names}")
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return {name: decay ** (len(names) - 1 - i) for i, name in enumerate(names)}
+
+
+class PrefixLRScale:
+    """`lr_scale` for build_param_groups: the scale of the longest prefix of a param name, else `default`.
+
+    A prefix is a module path ("backbone.layer1", matching whole path parts) or ends in "." ("layer1.").
+    Picklable, so it can be saved with a run's config."""
+
+    def __init__(self, scales: Mapping[str, float], *, default: float = 1.0) -> None:
+        self.scales = dict(scales)
+        self.default = float(default)
+        self._by_length = sorted(self.scales, key=len, reverse=True)
+
+    def __call__(self, name: str) -> float:
+        for prefix in self._by_length:
+            if not name.startswith(prefix):
+                continue
+            if prefix.endswith(".") or len(name) == len(prefix) or name[len(prefix)] == ".":
+                return self.scales[prefix]
+        return self.default
+
+    def __repr__(self) -> str:
+        return f"PrefixLRScale({self.scales}, default={self.default})"
