@@ -107,6 +107,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     checkpoint: str | None = None
     regime: str = "last:2"  # head | last:K | full | scratch
+    pretrained: bool = True  # False: random init, for tests and ablations (scratch is always random)
     pooling: str = "gap"
     drop_rate: float = 0.2
     image_size: int | None = None  # None: the weights' own resolution

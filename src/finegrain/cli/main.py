@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any training option, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2 backbone=...")
+    p.epilog = "Any training option can follow as key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 
     p = sub.add_parser("predict", help="classify images with a trained model")
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
@@ -93,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [t for t in extra if "=" in t and not t.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and args.command != "train"):
+        parser.error(
+            f"unrecognized arguments: {' '.join(t for t in extra if t not in overrides or args.command != 'train')}"
+        )
+    args.overrides = overrides
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # one line, no source echo
     try:
         from finegrain.cli import commands

@@ -111,8 +111,9 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
-                                                     else [self.device.index])
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=None if self.device.type == "cpu" else [self.device.index]
+            )
         self.skipped: dict[str, str] = {}
 
     # ---- construction ---------------------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ class Trainer:
         from finegrain.backbones import create_backbone
 
         cfg = self.cfg
-        backbone = create_backbone(cfg.backbone, pretrained=self.regime.pretrained, checkpoint=cfg.checkpoint)
+        pretrained = self.regime.pretrained and cfg.pretrained
+        backbone = create_backbone(cfg.backbone, pretrained=pretrained, checkpoint=cfg.checkpoint)
         if self.regime.kind == "scratch":
             msra_init_(backbone)
         if cfg.image_size:
@@ -147,15 +149,22 @@ class Trainer:
     def _loader(self, samples, transform, *, shuffle: bool, epoch: int) -> DataLoader:
         from finegrain.embed.extract import default_num_workers
 
-        sampler = EpochSampler(len(samples), seed=self.cfg.seed, rank=self.dist.rank,
-                               world_size=self.dist.world_size, shuffle=shuffle)
+        sampler = EpochSampler(
+            len(samples), seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=shuffle
+        )
         sampler.set_epoch(epoch)
         workers = default_num_workers() if self.cfg.workers is None else self.cfg.workers
         return DataLoader(
-            ImageDataset(samples, transform), batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=collate_skip_bad, drop_last=False, pin_memory=self.device.type == "cuda",
+            ImageDataset(samples, transform),
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_skip_bad,
+            drop_last=False,
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, 2)),
-            persistent_workers=False, prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
         )
 
     def _note_bad(self, samples, bad) -> None:
@@ -205,8 +214,14 @@ class Trainer:
         step0 = epoch * self.steps_per_epoch
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         t0 = time.perf_counter()
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=len(loader),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True,
+            leave=False,
+        )
         for i, (x, y, _, bad) in enumerate(loader):
             self._note_bad(self.splits.train, bad)
             step = step0 + i
@@ -218,8 +233,9 @@ class Trainer:
             x, y = self._to_input(x), y.to(self.device)
             target = y
             if cfg.mixup > 0 or cfg.cutmix > 0:
-                x, target = mix_batch(x, y, len(self.classes), mix_cfg, label_smoothing=cfg.label_smoothing,
-                                      generator=mix_gen)
+                x, target = mix_batch(
+                    x, y, len(self.classes), mix_cfg, label_smoothing=cfg.label_smoothing, generator=mix_gen
+                )
             with self._autocast():
                 logits = self.ddp_model(x)
                 loss = self.loss_fn(logits.float(), target)
@@ -231,17 +247,24 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
             with torch.no_grad():
-                sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
-                                     dtype=torch.float64)
+                sums += torch.tensor(
+                    [loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64
+                )
             bar.update(1)
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
-                            img_s=f"{sums[2] * self.dist.world_size / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(
+                loss=f"{sums[0] / sums[2]:.3f}",
+                acc=f"{sums[1] / sums[2]:.3f}",
+                img_s=f"{sums[2] * self.dist.world_size / (time.perf_counter() - t0):.1f}",
+            )
         bar.close()
         sums = self.dist.all_reduce_sum(sums)
         n = max(sums[2].item(), 1)
-        return {"train_loss": sums[0].item() / n, "train_top1": sums[1].item() / n,
-                "train_images_per_s": sums[2].item() / (time.perf_counter() - t0),
-                "lr": self.optimizer.param_groups[-1]["lr"]}
+        return {
+            "train_loss": sums[0].item() / n,
+            "train_top1": sums[1].item() / n,
+            "train_images_per_s": sums[2].item() / (time.perf_counter() - t0),
+            "lr": self.optimizer.param_groups[-1]["lr"],
+        }
 
     @torch.no_grad()
     def evaluate(self, samples, *, model: torch.nn.Module | None = None) -> dict:
@@ -269,16 +292,25 @@ class Trainer:
         loss_sum = self.dist.all_reduce_sum(loss_sum)
         n = per_class[1].sum().item()
         present = per_class[1] > 0
-        return {"top1": per_class[0].sum().item() / max(n, 1),
-                "mean_per_class": (per_class[0][present] / per_class[1][present]).mean().item() if n else 0.0,
-                "loss": loss_sum.item() / max(n, 1), "n": int(n)}
+        return {
+            "top1": per_class[0].sum().item() / max(n, 1),
+            "mean_per_class": (per_class[0][present] / per_class[1][present]).mean().item() if n else 0.0,
+            "loss": loss_sum.item() / max(n, 1),
+            "n": int(n),
+        }
 
     # ---- the run --------------------------------------------------------------------------------------------------
     def _state(self, epoch: int, history: list[dict], best: tuple[int, float]) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else {}, "epoch": epoch,
-                "history": history, "best_epoch": best[0], "best_val_top1": best[1],
-                "config": config_dict(self.cfg)}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "epoch": epoch,
+            "history": history,
+            "best_epoch": best[0],
+            "best_val_top1": best[1],
+            "config": config_dict(self.cfg),
+        }
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -293,20 +325,25 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None and state.get("ema"):
                 self.ema.load_state_dict(state["ema"])
-            history, best, start = list(state["history"]), (state["best_epoch"], state["best_val_top1"]), state["epoch"] + 1
+            history, best, start = (
+                list(state["history"]),
+                (state["best_epoch"], state["best_val_top1"]),
+                state["epoch"] + 1,
+            )
         elif os.path.exists(ckpt_path):
             raise FinegrainError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
         if self.dist.is_main:
             save_config(self.cfg, out, extra={"resolved": self._resolved()})
         writer = self._tensorboard(out)
         t0 = time.perf_counter()
+        seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
         for epoch in range(start, cfg.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             eval_model = self.ema.module if self.ema is not None else self.model
             val = self.evaluate(self.splits.val, model=eval_model)
             row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-            row["seconds"] = time.perf_counter() - t0 + (history[-1]["seconds"] if history else 0.0)
+            row["seconds"] = seconds_before + time.perf_counter() - t0
             history.append(row)
             improved = val["top1"] > best[1]
             if improved:
@@ -324,9 +361,11 @@ class Trainer:
                             writer.add_scalar(k, v, epoch + 1)
                     writer.flush()
                 if self.progress:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f} "
-                          f"acc {row['train_top1']:.3f} | val top-1 {val['top1']:.4f} "
-                          f"mean/class {val['mean_per_class']:.4f} | {row['train_images_per_s']:.1f} img/s")
+                    print(
+                        f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f} "
+                        f"acc {row['train_top1']:.3f} | val top-1 {val['top1']:.4f} "
+                        f"mean/class {val['mean_per_class']:.4f} | {row['train_images_per_s']:.1f} img/s"
+                    )
             self.dist.barrier()
             if cfg.early_stop is not None and patience >= cfg.early_stop:
                 break
@@ -350,13 +389,25 @@ class Trainer:
         final = self.ema.module if self.ema is not None else self.model
         test = self.evaluate(self.splits.test, model=final) if self.splits.test else None
         if self.dist.is_main:
-            export_model(final, os.path.join(out, "model"), classes=self.classes,
-                         extra={"regime": str(self.regime), "best_epoch": best[0] + 1})
-            summary = {"best_epoch": best[0] + 1, "best_val_top1": best[1], "test": test,
-                       "skipped": [{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
-                       "splits": {"train": len(self.splits.train), "val": len(self.splits.val),
-                                  "test": len(self.splits.test), "how": self.splits.note},
-                       "seconds": seconds}
+            export_model(
+                final,
+                os.path.join(out, "model"),
+                classes=self.classes,
+                extra={"regime": str(self.regime), "best_epoch": best[0] + 1},
+            )
+            summary = {
+                "best_epoch": best[0] + 1,
+                "best_val_top1": best[1],
+                "test": test,
+                "skipped": [{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
+                "splits": {
+                    "train": len(self.splits.train),
+                    "val": len(self.splits.val),
+                    "test": len(self.splits.test),
+                    "how": self.splits.note,
+                },
+                "seconds": seconds,
+            }
             atomic_write_json(os.path.join(out, "metrics.json"), summary)
         if writer is not None:
             writer.close()
@@ -364,12 +415,21 @@ class Trainer:
 
     def _resolved(self) -> dict:
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"regime": str(self.regime), "trainable_parameters": n_train,
-                "parameters": sum(p.numel() for p in self.model.parameters()),
-                "backbone": self.model.backbone.describe(), "classes": len(self.classes),
-                "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
-                "splits": {"train": len(self.splits.train), "val": len(self.splits.val),
-                           "test": len(self.splits.test), "how": self.splits.note}}
+        return {
+            "regime": str(self.regime),
+            "trainable_parameters": n_train,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "backbone": self.model.backbone.describe(),
+            "classes": len(self.classes),
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.dist.world_size,
+            "splits": {
+                "train": len(self.splits.train),
+                "val": len(self.splits.val),
+                "test": len(self.splits.test),
+                "how": self.splits.note,
+            },
+        }
 
     def _tensorboard(self, out: str):
         if not self.dist.is_main:
@@ -391,8 +451,10 @@ def _save_weights(model: torch.nn.Module, path: str) -> None:
 
 def _write_history(path: str, history: list[dict]) -> None:
     keys = list(history[0])
-    lines = [",".join(keys)] + [",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
-                                          for k in keys) for r in history]
+    lines = [",".join(keys)] + [
+        ",".join(f"{r.get(k, ''):.6g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+        for r in history
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

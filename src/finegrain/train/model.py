@@ -32,7 +32,9 @@ def stage_view(model: nn.Module) -> StageView:
         return StageView([model.conv_stem, model.bn1], list(model.blocks), post, [f"blocks.{i}." for i in range(n)])
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)) and hasattr(model, "conv1"):  # ResNet family
         stem = [model.conv1, model.bn1, model.act1, model.maxpool]
-        return StageView(stem, [getattr(model, f"layer{i}") for i in range(1, 5)], [], [f"layer{i}." for i in range(1, 5)])
+        return StageView(
+            stem, [getattr(model, f"layer{i}") for i in range(1, 5)], [], [f"layer{i}." for i in range(1, 5)]
+        )
     if hasattr(model, "stem") and hasattr(model, "stages"):  # ConvNeXt, RegNet, NFNet...
         post = [m for m in (getattr(model, "norm_pre", None), getattr(model, "final_conv", None)) if m is not None]
         n = len(model.stages)

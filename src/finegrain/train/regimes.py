@@ -1,9 +1,9 @@
 """Fine-tuning regimes: which parameters learn, and at what learning rate.
 
-  head     only the new classifier (and a learnable pooling) learns
-  last:K   the last K backbone stages, the post-stage layers and the head learn; the prefix is frozen
-  full     everything learns; the backbone at `backbone_lr_scale` x the head's rate, optionally with layer-wise decay
-  scratch  everything learns from a random MSRA initialisation, one learning rate
+head     only the new classifier (and a learnable pooling) learns
+last:K   the last K backbone stages, the post-stage layers and the head learn; the prefix is frozen
+full     everything learns; the backbone at `backbone_lr_scale` x the head's rate, optionally with layer-wise decay
+scratch  everything learns from a random MSRA initialisation, one learning rate
 """
 
 from __future__ import annotations

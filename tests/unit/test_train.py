@@ -1,0 +1,159 @@
+"""Fine-tuning engine on a tiny real dataset: regimes, exact resume after SIGKILL, errors, export and load."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from finegrain.config import TrainConfig
+from finegrain.errors import FinegrainError
+from finegrain.train.engine import train
+from finegrain.train.regimes import Regime
+from tests.conftest import COLOURS, write_class_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
+        write_class_images(str(root / "train" / name), colour, 12, seed=c)
+        write_class_images(str(root / "test" / name), colour, 4, seed=100 + c)
+    return str(root)
+
+
+def _cfg(data, out, **kw):
+    base = dict(
+        data=data,
+        out=str(out),
+        backbone="efficientnet_lite0",
+        image_size=64,
+        regime="last:1",
+        epochs=2,
+        batch_size=8,
+        workers=0,
+        lr=0.05,
+        val_fraction=0.25,
+        warmup_epochs=0.5,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_regime_parsing_and_errors():
+    assert str(Regime.parse("last:3")) == "last:3" and Regime.parse("scratch").pretrained is False
+    for bad in ["last", "last:0", "partial", "full:2"]:
+        with pytest.raises(FinegrainError):
+            Regime.parse(bad)
+
+
+def test_trunk_then_tail_equals_forward(lite0):
+    from finegrain.train.model import ImageClassifier
+
+    model = ImageClassifier(lite0, 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for k in (1, 2, 7):
+            torch.testing.assert_close(model.tail(model.trunk(x, k), k), model(x))
+
+
+def test_last1_trains_only_the_last_stage_and_learns(data, tmp_path):
+    from finegrain.backbones import create_backbone
+
+    before = create_backbone("efficientnet_lite0").model.state_dict()
+    result = train(_cfg(data, tmp_path / "run", epochs=3), progress=False)
+    import finegrain
+
+    predictor = finegrain.load(str(tmp_path / "run"))
+    after = predictor.model.backbone.model.state_dict()
+    assert torch.equal(after["conv_stem.weight"], before["conv_stem.weight"])
+    assert torch.equal(after["blocks.5.0.conv_pw.weight"], before["blocks.5.0.conv_pw.weight"])
+    assert not torch.equal(after["blocks.6.0.conv_pw.weight"], before["blocks.6.0.conv_pw.weight"])
+    assert result.test_metrics["top1"] >= 0.75 and result.best_val_top1 >= 0.75
+    img = os.path.join(data, "test", "red", "000.jpg")
+    assert predictor.predict([img], k=1)[0][0][0] == "red"
+    run = tmp_path / "run"
+    for name in ["config.yaml", "metrics.csv", "metrics.json", "checkpoint-last.pt", "model/model.safetensors"]:
+        assert (run / name).exists(), name
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
+
+
+def test_head_regime_leaves_backbone_untouched(data, tmp_path):
+    from finegrain.backbones import create_backbone
+
+    before = create_backbone("efficientnet_lite0").model.state_dict()
+    train(_cfg(data, tmp_path / "run", regime="head", epochs=1), progress=False)
+    import finegrain
+
+    after = finegrain.load(str(tmp_path / "run")).model.backbone.model.state_dict()
+    for k, v in before.items():
+        if not k.startswith("classifier"):
+            assert torch.equal(after[k], v), k  # BatchNorm statistics included
+
+
+def test_existing_run_needs_resume_and_bad_checkpoints_are_clear_errors(data, tmp_path):
+    train(_cfg(data, tmp_path / "run", epochs=1, regime="head"), progress=False)
+    with pytest.raises(FinegrainError, match="--resume"):
+        train(_cfg(data, tmp_path / "run", epochs=1, regime="head"), progress=False)
+    with pytest.raises(FinegrainError, match="no checkpoint"):
+        train(_cfg(data, tmp_path / "other", resume=True), progress=False)
+    (tmp_path / "run" / "checkpoint-last.pt").write_bytes(b"\x80garbage")
+    with pytest.raises(FinegrainError, match="damaged"):
+        train(_cfg(data, tmp_path / "run", epochs=2, regime="head", resume=True), progress=False)
+
+
+def _cli(data, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "finegrain",
+        "train",
+        data,
+        "--out",
+        str(out),
+        "--no-progress",
+        "--regime",
+        "last:1",
+        "image_size=64",
+        "epochs=4",
+        "batch_size=4",
+        "workers=0",
+        "lr=0.05",
+        "val_fraction=0.25",
+        "augment=randaugment",
+        "mixup=0.2",
+        "drop_rate=0.2",
+        *extra,
+    ]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(data, tmp_path / "ref"), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint-last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists(), "run ended before the kill"
+    done_epochs = len((killed / "metrics.csv").read_text().splitlines()) - 1
+    assert 1 <= done_epochs < 4
+    subprocess.run(_cli(data, killed, "--resume"), check=True, env=env, capture_output=True)
+
+    def table(run):
+        rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()]
+        skip = {rows[0].index(c) for c in ("train_images_per_s", "seconds")}
+        return [[v for i, v in enumerate(r) if i not in skip] for r in rows]
+
+    assert table(killed) == table(tmp_path / "ref")
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    res = json.loads((killed / "metrics.json").read_text())
+    assert res["test"] == ref["test"] and res["best_epoch"] == ref["best_epoch"]
