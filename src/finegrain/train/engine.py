@@ -115,6 +115,7 @@ class Trainer:
                 self.model, device_ids=None if self.device.type == "cpu" else [self.device.index]
             )
         self.skipped: dict[str, str] = {}
+        self.train_cache = self.val_cache = None
 
     # ---- construction ---------------------------------------------------------------------------------------------
     def _build_model(self) -> ImageClassifier:
@@ -198,6 +199,42 @@ class Trainer:
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
+    # ---- cached trunk (regimes head and last:K) ---------------------------------------------------------------------
+    def _trunk_fn(self):
+        frozen = self.regime.frozen_stages(self.model)
+        if frozen is None:
+            return lambda x: self.model.pool(self.model.forward_features(x))
+        k = len(stage_view(self.model.backbone.model).stages) - frozen
+        return lambda x: self.model.trunk(x, k)
+
+    def _tail(self, h: torch.Tensor) -> torch.Tensor:
+        frozen = self.regime.frozen_stages(self.model)
+        if frozen is None:
+            return self.model.head(self.model.dropout(h))
+        if self.cfg.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        return self.model.tail(h, len(stage_view(self.model.backbone.model).stages) - frozen)
+
+    def build_caches(self) -> None:
+        """Run the frozen trunk once: cache_views augmented views of train, one eval view of val."""
+        from finegrain.embed.extract import default_num_workers
+        from finegrain.train.augment import build_eval_transform, build_train_transform
+        from finegrain.train.cache import build_trunk_cache
+
+        cfg = self.cfg
+        if self.regime.kind not in ("head", "last") or cfg.mixup > 0 or cfg.cutmix > 0 or self.dist.enabled:
+            raise FinegrainError("cache_views needs regime head or last:K, no mixup/cutmix and a single process")
+        self.model.eval()
+        train_tf = build_train_transform(cfg.augment, self.model.preprocess)
+        n_views = 1 if cfg.augment == "none" else cfg.cache_views
+        common = dict(to_input=self._to_input, batch_size=cfg.batch_size, autocast=self._autocast,
+                      num_workers=default_num_workers() if cfg.workers is None else cfg.workers,
+                      progress=self.progress, on_bad=self._note_bad)
+        self.train_cache = build_trunk_cache(self._trunk_fn(), self.splits.train, [train_tf] * n_views,
+                                             seed=epoch_seed(cfg.seed, 0, 5), **common)
+        self.val_cache = build_trunk_cache(self._trunk_fn(), self.splits.val, [build_eval_transform(self.model.preprocess)],
+                                           seed=epoch_seed(cfg.seed, 0, 6), **common)
+
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
 
@@ -208,8 +245,12 @@ class Trainer:
         seed_all(epoch_seed(cfg.seed, epoch, 0))
         mix_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
         mix_cfg = MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix)
-        transform = build_train_transform(cfg.augment, self.model.preprocess)
-        loader = self._loader(self.splits.train, transform, shuffle=True, epoch=epoch)
+        if self.train_cache is not None:
+            gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))
+            loader = [(h, y, None, []) for h, y in self.train_cache.batches(batch_size=cfg.batch_size, generator=gen)]
+        else:
+            transform = build_train_transform(cfg.augment, self.model.preprocess)
+            loader = self._loader(self.splits.train, transform, shuffle=True, epoch=epoch)
         self._set_train_mode()
         step0 = epoch * self.steps_per_epoch
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
@@ -230,14 +271,15 @@ class Trainer:
             if x is None:
                 continue
             self.schedule.apply(self.optimizer, step)
-            x, y = self._to_input(x), y.to(self.device)
+            cached = self.train_cache is not None
+            x, y = (x.to(self.device) if cached else self._to_input(x)), y.to(self.device)
             target = y
             if cfg.mixup > 0 or cfg.cutmix > 0:
                 x, target = mix_batch(
                     x, y, len(self.classes), mix_cfg, label_smoothing=cfg.label_smoothing, generator=mix_gen
                 )
             with self._autocast():
-                logits = self.ddp_model(x)
+                logits = self._tail(x) if cached else self.ddp_model(x)
                 loss = self.loss_fn(logits.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -271,18 +313,22 @@ class Trainer:
         """top-1, mean per-class accuracy and loss over `samples`, reduced across ranks."""
         from finegrain.train.augment import build_eval_transform
 
+        use_cache = samples is self.splits.val and self.val_cache is not None and model is self.model
         model = model or self.model
         model.eval()
         c = len(self.classes)
         per_class = torch.zeros(2, c, dtype=torch.float64)  # correct, count
         loss_sum = torch.zeros(1, dtype=torch.float64)
-        loader = self._loader(samples, build_eval_transform(self.model.preprocess), shuffle=False, epoch=0)
+        if use_cache:
+            loader = [(h, y, None, []) for h, y in self.val_cache.batches(batch_size=self.cfg.batch_size, generator=None)]
+        else:
+            loader = self._loader(samples, build_eval_transform(self.model.preprocess), shuffle=False, epoch=0)
         for x, y, _, bad in loader:
             self._note_bad(samples, bad)
             if x is None:
                 continue
             with self._autocast():
-                logits = model(self._to_input(x)).float()
+                logits = (self._tail(x.to(self.device)) if use_cache else model(self._to_input(x))).float()
             y = y.to(self.device)
             loss_sum += self.eval_loss(logits, y).item() * len(y)
             hit = (logits.argmax(1) == y).double().cpu()
@@ -336,6 +382,8 @@ class Trainer:
             save_config(self.cfg, out, extra={"resolved": self._resolved()})
         writer = self._tensorboard(out)
         t0 = time.perf_counter()
+        if cfg.cache_views > 0:
+            self.build_caches()
         seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
         for epoch in range(start, cfg.epochs):

@@ -1,0 +1,86 @@
+"""Cached frozen trunk: run the frozen part of the network once over V augmented views of each image.
+
+With regime `last:K` (or `head`), the frozen prefix gives the same output for the same input every epoch, so it
+is computed once per view and kept (bf16) in memory; each epoch then trains the tail on one of the V views of
+every image. Training sees V fixed augmentations instead of fresh ones: a good trade on a CPU, where the trunk
+is most of the cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from finegrain.data import Sample
+from finegrain.train.data import ImageDataset, collate_skip_bad
+
+
+class TrunkCache:
+    """views [V, N, ...] (bf16) of the trunk output for N samples; labels [N]; valid [N] (False: undecodable)."""
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+        self.views, self.labels, self.valid = views, labels, valid
+
+    @property
+    def num_views(self) -> int:
+        return self.views.shape[0]
+
+    def batches(self, *, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(trunk output [B, ...] float32, labels [B]); shuffled with a random view per image when a generator is given."""
+        idx = torch.nonzero(self.valid).flatten()
+        if generator is not None:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+            view = torch.randint(self.num_views, (len(idx),), generator=generator)
+        else:
+            view = torch.zeros(len(idx), dtype=torch.long)
+        for i in range(0, len(idx), batch_size):
+            j, v = idx[i : i + batch_size], view[i : i + batch_size]
+            yield self.views[v, j].float(), self.labels[j]
+
+    def __len__(self) -> int:
+        return int(self.valid.sum())
+
+
+@torch.no_grad()
+def build_trunk_cache(
+    trunk: Callable[[torch.Tensor], torch.Tensor],
+    samples: list[Sample],
+    transforms: list[Callable],
+    *,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    autocast,
+    progress: bool = False,
+    on_bad: Callable | None = None,
+) -> TrunkCache:
+    """Run `trunk` over every sample once per transform (view); view v's random augmentation is seeded by (seed, v)."""
+    from tqdm.auto import tqdm
+
+    views: torch.Tensor | None = None
+    valid = torch.zeros(len(samples), dtype=torch.bool)
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    bar = tqdm(total=len(samples) * len(transforms), desc="cache trunk", unit="img", disable=not progress, leave=False)
+    for v, transform in enumerate(transforms):
+        torch.manual_seed(seed + 7919 * v)
+        loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed + v))
+        for x, _, idx, bad in loader:
+            if on_bad is not None:
+                on_bad(samples, bad)
+            if x is None:
+                continue
+            with autocast():
+                h = trunk(to_input(x)).to(torch.bfloat16).cpu()
+            if views is None:
+                views = torch.zeros((len(transforms), len(samples), *h.shape[1:]), dtype=torch.bfloat16)
+            views[v, torch.tensor(idx)] = h
+            valid[torch.tensor(idx)] = True
+            bar.update(len(idx) + len(bad))
+    bar.close()
+    if views is None:
+        views = torch.zeros((len(transforms), len(samples), 1))
+    return TrunkCache(views, labels, valid)
