@@ -27,8 +27,10 @@ class TrunkCache:
     def num_views(self) -> int:
         return self.views.shape[0]
 
-    def batches(self, *, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(trunk output [B, ...] float32, labels [B]); shuffled with a random view per image when a generator is given."""
+    def batches(
+        self, *, batch_size: int, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(trunk output [B, ...] float32, labels [B]); with a generator: shuffled, a random view per image."""
         idx = torch.nonzero(self.valid).flatten()
         if generator is not None:
             idx = idx[torch.randperm(len(idx), generator=generator)]
@@ -66,8 +68,13 @@ def build_trunk_cache(
     bar = tqdm(total=len(samples) * len(transforms), desc="cache trunk", unit="img", disable=not progress, leave=False)
     for v, transform in enumerate(transforms):
         torch.manual_seed(seed + 7919 * v)
-        loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed + v))
+        loader = DataLoader(
+            ImageDataset(samples, transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_skip_bad,
+            generator=torch.Generator().manual_seed(seed + v),
+        )
         for x, _, idx, bad in loader:
             if on_bad is not None:
                 on_bad(samples, bad)

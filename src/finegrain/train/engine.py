@@ -77,7 +77,8 @@ class TrainResult:
 class Trainer:
     """Builds everything a run needs from a TrainConfig; `fit()` runs or resumes it."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, image_set=None) -> None:
+        """`image_set`: an ImageSet to train on instead of loading `cfg.data` (Python API, benchmarks)."""
         from finegrain.data import load_image_set
         from finegrain.losses import create_loss
 
@@ -88,7 +89,7 @@ class Trainer:
         self.regime = Regime.parse(cfg.regime)
         _check_options(cfg)
         seed_all(cfg.seed)
-        self.image_set = load_image_set(cfg.data)
+        self.image_set = image_set if image_set is not None else load_image_set(cfg.data)
         self.classes = self.image_set.classes
         self.splits: Splits = make_splits(self.image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
         if not self.splits.train or not self.splits.val:
@@ -227,13 +228,24 @@ class Trainer:
         self.model.eval()
         train_tf = build_train_transform(cfg.augment, self.model.preprocess)
         n_views = 1 if cfg.augment == "none" else cfg.cache_views
-        common = dict(to_input=self._to_input, batch_size=cfg.batch_size, autocast=self._autocast,
-                      num_workers=default_num_workers() if cfg.workers is None else cfg.workers,
-                      progress=self.progress, on_bad=self._note_bad)
-        self.train_cache = build_trunk_cache(self._trunk_fn(), self.splits.train, [train_tf] * n_views,
-                                             seed=epoch_seed(cfg.seed, 0, 5), **common)
-        self.val_cache = build_trunk_cache(self._trunk_fn(), self.splits.val, [build_eval_transform(self.model.preprocess)],
-                                           seed=epoch_seed(cfg.seed, 0, 6), **common)
+        common = dict(
+            to_input=self._to_input,
+            batch_size=cfg.batch_size,
+            autocast=self._autocast,
+            num_workers=default_num_workers() if cfg.workers is None else cfg.workers,
+            progress=self.progress,
+            on_bad=self._note_bad,
+        )
+        self.train_cache = build_trunk_cache(
+            self._trunk_fn(), self.splits.train, [train_tf] * n_views, seed=epoch_seed(cfg.seed, 0, 5), **common
+        )
+        self.val_cache = build_trunk_cache(
+            self._trunk_fn(),
+            self.splits.val,
+            [build_eval_transform(self.model.preprocess)],
+            seed=epoch_seed(cfg.seed, 0, 6),
+            **common,
+        )
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm.auto import tqdm
@@ -320,7 +332,9 @@ class Trainer:
         per_class = torch.zeros(2, c, dtype=torch.float64)  # correct, count
         loss_sum = torch.zeros(1, dtype=torch.float64)
         if use_cache:
-            loader = [(h, y, None, []) for h, y in self.val_cache.batches(batch_size=self.cfg.batch_size, generator=None)]
+            loader = [
+                (h, y, None, []) for h, y in self.val_cache.batches(batch_size=self.cfg.batch_size, generator=None)
+            ]
         else:
             loader = self._loader(samples, build_eval_transform(self.model.preprocess), shuffle=False, epoch=0)
         for x, y, _, bad in loader:

@@ -1,0 +1,215 @@
+"""Fine-tuning by regime on cub100 (issue: fine-tuning, measurements 1-3).
+
+accuracy   test top-1 / mean per-class of head, last:1, last:2 and full under a wall-clock budget each
+throughput one finegrain training step vs a plain timm + torch loop: same model, batch, precision, augmentation
+cache      cached-trunk last:K (trunk once over V views, then V tail epochs) vs V ordinary last:K epochs
+
+  python -m bench.finetune accuracy --budget 10
+  python -m bench.finetune throughput
+  python -m bench.finetune cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from bench.common import ROOT, record, require_dataset
+from finegrain.config import TrainConfig
+from finegrain.data import ImageSet, load_image_set
+from finegrain.train.engine import Trainer, train
+
+# epochs chosen so that each regime's cosine schedule ends inside a 10-minute budget on this 2-core machine
+REGIMES = {
+    "head": dict(regime="head", cache_views=4, epochs=30, lr=0.1, drop_rate=0.2),
+    "last:1": dict(regime="last:1", cache_views=4, epochs=12, lr=0.05, backbone_lr_scale=0.2),
+    "last:2": dict(regime="last:2", cache_views=4, epochs=12, lr=0.05, backbone_lr_scale=0.2),
+    "full": dict(regime="full", cache_views=0, epochs=2, lr=0.02, backbone_lr_scale=0.5),
+}
+
+
+def accuracy(args) -> None:
+    data = require_dataset("cub100")
+    results = {}
+    for name, opts in REGIMES.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
+        r = train(cfg, progress=False)
+        results[name] = {
+            "test_top1": round(r.test_metrics["top1"], 4),
+            "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
+            "val_top1": round(r.best_val_top1, 4),
+            "epochs_run": len(r.history),
+            "train_minutes": round(r.seconds / 60, 1),
+            "config": opts,
+            "curve": [
+                {"epoch": h["epoch"], "minutes": round(h["seconds"] / 60, 2), "val_top1": round(h["val_top1"], 4)}
+                for h in r.history
+            ],
+        }
+        print(name, {k: v for k, v in results[name].items() if k != "curve"}, flush=True)
+    probe = _best_probe()
+    record("finetune.json", f"accuracy_budget_{args.budget:g}min", {"regimes": results, "best_probe": probe})
+
+
+def _best_probe() -> dict | None:
+    path = os.path.join(ROOT, "bench", "results", "representations.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("accuracy/summary", {}).get("best")
+
+
+def _subset(n: int) -> ImageSet:
+    full = load_image_set(require_dataset("cub100"))
+    train_samples = full.split("train")
+    step = max(1, len(train_samples) // n)
+    return ImageSet(full.root, full.classes, train_samples[::step][:n])
+
+
+def throughput(args) -> None:
+    """Images/s of training steps; both sides decode JPEGs with DataLoader workers and augment with crop-flip."""
+    import timm
+    from torch.utils.data import DataLoader
+
+    from finegrain.backbones.offline import load_offline_weights
+    from finegrain.train.augment import build_train_transform
+    from finegrain.train.data import ImageDataset, collate_skip_bad
+
+    subset = _subset(args.images)
+    tmp = tempfile.mkdtemp()
+    bs = 32
+
+    def finegrain_steps() -> float:
+        out = os.path.join(tmp, f"fg-{time.time()}")
+        cfg = TrainConfig(data="", out=out, regime="full", epochs=1, batch_size=bs, val_fraction=0.1)
+        trainer = _trainer_on(cfg, subset)
+        t0 = time.perf_counter()
+        m = trainer.train_epoch(0)
+        n = len(trainer.splits.train)
+        return n / (time.perf_counter() - t0) if m else 0.0
+
+    def plain_steps() -> float:
+        model = timm.create_model("tf_efficientnet_lite0", num_classes=len(subset.classes))
+        load_offline_weights("efficientnet_lite0", model)
+        model = model.to(memory_format=torch.channels_last).train()
+        from finegrain.backbones import Preprocess
+
+        pp = Preprocess.from_timm(model)
+        tf = build_train_transform("crop-flip", pp)
+        samples = subset.samples[: int(len(subset.samples) * 0.9)]
+        loader = DataLoader(
+            ImageDataset(samples, tf),
+            batch_size=bs,
+            shuffle=True,
+            num_workers=1,
+            collate_fn=collate_skip_bad,
+            prefetch_factor=4,
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        t0 = time.perf_counter()
+        for x, y, _, _ in loader:
+            x = pp.normalize(x).contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return len(samples) / (time.perf_counter() - t0)
+
+    rounds = []
+    for r in range(args.rounds):
+        row = {"finegrain": finegrain_steps(), "plain": plain_steps()}
+        rounds.append(row)
+        print(f"round {r}: finegrain {row['finegrain']:.1f} img/s, plain {row['plain']:.1f} img/s", flush=True)
+    best = {k: max(r[k] for r in rounds) for k in ("finegrain", "plain")}
+    shutil.rmtree(tmp, ignore_errors=True)
+    record(
+        "finetune.json",
+        "training_throughput",
+        {
+            "images": len(subset.samples),
+            "batch_size": bs,
+            "precision": "fp32",
+            "channels_last": True,
+            "augment": "crop-flip",
+            "regime": "full",
+            "images_per_second": {k: round(v, 1) for k, v in best.items()},
+            "ratio_finegrain_vs_plain": round(best["finegrain"] / best["plain"], 3),
+            "rounds": rounds,
+        },
+    )
+    print(best, "ratio", best["finegrain"] / best["plain"])
+
+
+def _trainer_on(cfg: TrainConfig, subset: ImageSet) -> Trainer:
+    return Trainer(cfg, progress=False, image_set=subset)
+
+
+def cache(args) -> None:
+    """Same regime, views and epochs: V ordinary epochs vs one trunk pass per view + V tail-only epochs."""
+    subset = _subset(args.images)
+    tmp = tempfile.mkdtemp()
+    v = args.views
+    res = {}
+    for cached in (False, True):
+        cfg = TrainConfig(
+            data="",
+            out=os.path.join(tmp, str(cached)),
+            regime=args.regime,
+            epochs=v,
+            batch_size=32,
+            cache_views=v if cached else 0,
+            val_fraction=0.1,
+        )
+        trainer = _trainer_on(cfg, subset)
+        t0 = time.perf_counter()
+        if cached:
+            trainer.build_caches()
+        for e in range(v):
+            trainer.train_epoch(e)
+        res["cached" if cached else "uncached"] = time.perf_counter() - t0
+        print(res, flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    record(
+        "finetune.json",
+        f"cache_speedup_{args.regime.replace(':', '')}",
+        {
+            "regime": args.regime,
+            "views": v,
+            "epochs": v,
+            "train_images": int(len(subset.samples) * 0.9),
+            "seconds": {k: round(x, 1) for k, x in res.items()},
+            "speedup": round(res["uncached"] / res["cached"], 2),
+        },
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("accuracy")
+    p.add_argument("--budget", type=float, default=10.0, help="minutes per regime")
+    p.add_argument("--only", help="comma list of regimes")
+    p = sub.add_parser("throughput")
+    p.add_argument("--images", type=int, default=320)
+    p.add_argument("--rounds", type=int, default=2)
+    p = sub.add_parser("cache")
+    p.add_argument("--images", type=int, default=320)
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--regime", default="last:2")
+    args = ap.parse_args()
+    {"accuracy": accuracy, "throughput": throughput, "cache": cache}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
