@@ -31,6 +31,14 @@ def machine() -> dict:
     }
 
 
+def command_line() -> str:
+    """How this benchmark was started, as a command to run from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    if script.startswith("bench") and script.endswith(".py"):
+        script = "-m " + script[:-3].replace(os.sep, ".")
+    return " ".join(["python", script, *sys.argv[1:]])
+
+
 def record(file: str, key: str, value: dict) -> None:
     """Merge `value` under `key` in bench/results/<file> (other keys belong to other benchmarks)."""
     from finegrain.embed.store import atomic_write_json
@@ -41,5 +49,5 @@ def record(file: str, key: str, value: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    data[key] = {**value, "command": "python " + " ".join(sys.argv), "machine": machine()}
+    data[key] = {**value, "command": command_line(), "machine": machine()}
     atomic_write_json(path, data)

@@ -170,3 +170,16 @@ def test_cached_trunk_training_learns_and_matches_uncached_without_augmentation(
         assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.05
     with pytest.raises(FinegrainError, match="cache_views"):
         train(_cfg(data, tmp_path / "bad", regime="full", cache_views=2), progress=False)
+
+
+def test_head_without_augmentation_uses_cached_features_and_ema_runs(data, tmp_path):
+    from finegrain.train.engine import Trainer
+
+    trainer = Trainer(_cfg(data, tmp_path / "h", regime="head", augment="none", epochs=1), progress=False)
+    assert trainer._use_cache()
+    r = trainer.fit()
+    assert trainer.train_cache is not None and trainer.train_cache.views.shape[2:] == (1280,)
+    assert r.history[0]["train_loss"] > 0
+    ema = train(_cfg(data, tmp_path / "ema", regime="last:1", epochs=2, ema_decay=0.5), progress=False)
+    assert ema.test_metrics["n"] == 12 and len(ema.history) == 2
+    assert (tmp_path / "ema" / "tensorboard").is_dir()

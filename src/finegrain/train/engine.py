@@ -117,6 +117,8 @@ class Trainer:
             )
         self.skipped: dict[str, str] = {}
         self.train_cache = self.val_cache = None
+        fp16 = cfg.precision == "amp" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None  # fp16 needs loss scaling; bf16 does not
 
     # ---- construction ---------------------------------------------------------------------------------------------
     def _build_model(self) -> ImageClassifier:
@@ -216,6 +218,13 @@ class Trainer:
             h = h.contiguous(memory_format=torch.channels_last)
         return self.model.tail(h, len(stage_view(self.model.backbone.model).stages) - frozen)
 
+    def _use_cache(self) -> bool:
+        """Asked for with cache_views, or free: the head regime without augmentation trains on cached features."""
+        cfg = self.cfg
+        no_mix = cfg.mixup == 0 and cfg.cutmix == 0
+        auto = self.regime.kind == "head" and cfg.augment == "none" and no_mix and not self.dist.enabled
+        return cfg.cache_views > 0 or auto
+
     def build_caches(self) -> None:
         """Run the frozen trunk once: cache_views augmented views of train, one eval view of val."""
         from finegrain.embed.extract import default_num_workers
@@ -227,7 +236,7 @@ class Trainer:
             raise FinegrainError("cache_views needs regime head or last:K, no mixup/cutmix and a single process")
         self.model.eval()
         train_tf = build_train_transform(cfg.augment, self.model.preprocess)
-        n_views = 1 if cfg.augment == "none" else cfg.cache_views
+        n_views = 1 if cfg.augment == "none" else max(cfg.cache_views, 1)
         common = dict(
             to_input=self._to_input,
             batch_size=cfg.batch_size,
@@ -294,10 +303,18 @@ class Trainer:
                 logits = self._tail(x) if cached else self.ddp_model(x)
                 loss = self.loss_fn(logits.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
             with torch.no_grad():
@@ -396,7 +413,7 @@ class Trainer:
             save_config(self.cfg, out, extra={"resolved": self._resolved()})
         writer = self._tensorboard(out)
         t0 = time.perf_counter()
-        if cfg.cache_views > 0:
+        if self._use_cache():
             self.build_caches()
         seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
