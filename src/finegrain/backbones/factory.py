@@ -58,6 +58,8 @@ def list_backbones() -> list[str]:
 def _timm_names() -> frozenset[str]:
     import timm
 
+    import finegrain.backbones.cifar_resnet  # noqa: F401 - registers the CIFAR ResNets in timm's registry
+
     return frozenset(timm.list_models())
 
 
