@@ -61,7 +61,9 @@ def table(store) -> dict:
         for cname, (kind, kw) in CLASSIFIERS.items():
             for nname, norm in NORMS.items():
                 t0 = time.perf_counter()
-                clf = create_classifier(kind, **kw)
+                # "raw" means raw: k-NN and NCM then compare by Euclidean distance; on normalized features, cosine
+                metric = {"metric": "l2" if nname == "raw" else "cosine"} if kind in ("knn", "ncm") else {}
+                clf = create_classifier(kind, **kw, **metric)
                 m, _, _ = fit_and_score(clf, train, test, normalizer=norm, classes=store.classes)
                 key = f"{pooling}/{cname}/{nname}"
                 rows[key] = {
