@@ -96,6 +96,7 @@ def test_head_regime_leaves_backbone_untouched(data, tmp_path):
             assert torch.equal(after[k], v), k  # BatchNorm statistics included
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_existing_run_needs_resume_and_bad_checkpoints_are_clear_errors(data, tmp_path):
     train(_cfg(data, tmp_path / "run", epochs=1, regime="head"), progress=False)
     with pytest.raises(FinegrainError, match="--resume"):

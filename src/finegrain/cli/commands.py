@@ -180,7 +180,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     data = args.data or _default_demo_data()
     store = os.path.join(args.out, "store")
-    run_extract(ExtractConfig(data=data, out=store, pooling=("gap",)), progress=not args.no_progress)
+    # the recommended extraction (BENCHMARKS.md): GeM, 256 px full frame, flip-averaged
+    cfg = ExtractConfig(data=data, out=store, pooling=("gem",), image_size=256, crop_pct=1.0, flip=True)
+    run_extract(cfg, progress=not args.no_progress)
     metrics = run_eval(EvalConfig(store=store, out=os.path.join(args.out, "probe"), classifier="probe"))
     run_eval(EvalConfig(store=store, out=os.path.join(args.out, "knn1"), classifier="knn", k=1))
     print(
