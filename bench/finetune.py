@@ -156,17 +156,17 @@ def _trainer_on(cfg: TrainConfig, subset: ImageSet) -> Trainer:
 
 
 def cache(args) -> None:
-    """Same regime, views and epochs: V ordinary epochs vs one trunk pass per view + V tail-only epochs."""
+    """Same regime, epochs and augmentation: E ordinary epochs vs one trunk pass per view (V) + E tail-only epochs."""
     subset = _subset(args.images)
     tmp = tempfile.mkdtemp()
-    v = args.views
+    v, epochs = args.views, args.epochs
     res = {}
     for cached in (False, True):
         cfg = TrainConfig(
             data="",
             out=os.path.join(tmp, str(cached)),
             regime=args.regime,
-            epochs=v,
+            epochs=epochs,
             batch_size=32,
             cache_views=v if cached else 0,
             val_fraction=0.1,
@@ -175,7 +175,7 @@ def cache(args) -> None:
         t0 = time.perf_counter()
         if cached:
             trainer.build_caches()
-        for e in range(v):
+        for e in range(epochs):
             trainer.train_epoch(e)
         res["cached" if cached else "uncached"] = time.perf_counter() - t0
         print(res, flush=True)
@@ -186,7 +186,7 @@ def cache(args) -> None:
         {
             "regime": args.regime,
             "views": v,
-            "epochs": v,
+            "epochs": epochs,
             "train_images": int(len(subset.samples) * 0.9),
             "seconds": {k: round(x, 1) for k, x in res.items()},
             "speedup": round(res["uncached"] / res["cached"], 2),
@@ -206,6 +206,7 @@ def main() -> None:
     p = sub.add_parser("cache")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--views", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--regime", default="last:2")
     args = ap.parse_args()
     {"accuracy": accuracy, "throughput": throughput, "cache": cache}[args.what](args)

@@ -7,6 +7,7 @@ is its own: the increase of VmHWM over the RSS once the data is in memory. Searc
 
     python bench/search.py                      # 100,000 x 1,280 gallery, 1,000 queries, top-10
     python bench/search.py --n 20000 --d 256    # quick look
+    python bench/search.py --openblas-coretype SkylakeX   # also faiss with its BLAS kernel forced
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--openblas-coretype",
+        help="also run the faiss methods with OPENBLAS_CORETYPE set to this (e.g. SkylakeX), for a CPU that "
+        "faiss's bundled OpenBLAS does not recognise",
+    )
     p.add_argument("--no-record", action="store_true", help="print only; leave bench/results alone")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--save-indices", help=argparse.SUPPRESS)
@@ -107,6 +113,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     np.save(args.save_indices, indices)
     pools = [
         {"api": p["internal_api"], "threads": p["num_threads"], "lib": os.path.basename(p["filepath"])}
+        | ({"arch": p["architecture"]} if p.get("architecture") else {})
         for p in threadpool_info()
     ]
     return {
@@ -126,42 +133,63 @@ def recall_at_k(found, exact) -> float:
     return float(sum(len(set(a) & set(e)) for a, e in zip(found.tolist(), exact.tolist(), strict=True)) / exact.size)
 
 
+def runs(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """-> (result key, method, OPENBLAS_CORETYPE or None) for every subprocess to run."""
+    plain = [(method, method, None) for method in METHODS]
+    forced = [(f"{m}@{args.openblas_coretype}", m, args.openblas_coretype) for m in METHODS if m.startswith("faiss")]
+    return plain + (forced if args.openblas_coretype else [])
+
+
 def run_all(args: argparse.Namespace, argv: list[str]) -> dict:
     import numpy as np
 
-    env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(args.threads))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    base_env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(args.threads))}
+    base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, base_env.get("PYTHONPATH")]))
+    base_env.pop("OPENBLAS_CORETYPE", None)
     results, indices = {}, {}
     with tempfile.TemporaryDirectory(prefix="fg-bench-search-") as tmp:
-        for method in METHODS:
-            path = os.path.join(tmp, f"{method}.npy")
+        for key, method, coretype in runs(args):
+            path = os.path.join(tmp, f"{key}.npy")
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", method, "--save-indices", path]
+            env = {**base_env, **({"OPENBLAS_CORETYPE": coretype} if coretype else {})}
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-            indices[method] = np.load(path)
-    for method in METHODS:
-        results[method]["recall_at_k_vs_numpy"] = round(recall_at_k(indices[method], indices["numpy"]), 4)
+            results[key] = {"method": method, "openblas_coretype": coretype}
+            results[key].update(json.loads(done.stdout.strip().splitlines()[-1]))
+            indices[key] = np.load(path)
+    for key, r in results.items():
+        r["recall_at_k_vs_numpy"] = round(recall_at_k(indices[key], indices["numpy"]), 4)
     return results
 
 
+def ratios(results: dict) -> dict[str, float]:
+    """numpy search time / each faiss variant's search time (> 1: faiss is faster)."""
+    numpy_s = results["numpy"]["search_s"]
+    return {f"numpy_over_{key}": round(numpy_s / r["search_s"], 3) for key, r in results.items() if key != "numpy"}
+
+
 def markdown(args: argparse.Namespace, results: dict) -> str:
-    flat = results["numpy"]["search_s"] / results["faiss_flat"]["search_s"]
-    ivf = results["numpy"]["search_s"] / results["faiss_ivf"]["search_s"]
-    ivf_info = f"nlist={results['faiss_ivf']['nlist']}, nprobe={results['faiss_ivf']['nprobe']}"
     lines = [
         f"gallery {args.n:,} x {args.d:,} float32, {args.queries:,} queries, cosine top-{args.k}, "
         f"{args.threads} threads, best of {args.repeats}",
         "",
-        f"| method | build (s) | search (s) | queries/s | peak RSS increase (MiB) | recall@{args.k} vs exact |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| method | build (s) | search (s) | queries/s | numpy / this | peak RSS increase (MiB) | recall@{args.k} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"numpy": "numpy brute force", "faiss_flat": "faiss flat (exact)", "faiss_ivf": f"faiss IVF ({ivf_info})"}
-    for method, r in results.items():
+    ratio = ratios(results)
+    for key, r in results.items():
+        name = {"numpy": "numpy brute force", "faiss_flat": "faiss flat (exact)", "faiss_ivf": "faiss IVF"}[r["method"]]
+        if r["method"] == "faiss_ivf":
+            name += f" (nlist={r['nlist']}, nprobe={r['nprobe']})"
+        if r["openblas_coretype"]:
+            name += f", OPENBLAS_CORETYPE={r['openblas_coretype']}"
         lines.append(
-            f"| {names[method]} | {r['build_s']:.2f} | {r['search_s']:.3f} | {r['queries_per_s']:,.0f} | "
-            f"{r['peak_rss_increase_mib']:,.0f} | {r['recall_at_k_vs_numpy']:.4f} |"
+            f"| {name} | {r['build_s']:.2f} | {r['search_s']:.3f} | {r['queries_per_s']:,.0f} | "
+            f"{ratio.get(f'numpy_over_{key}', 1.0):.2f} | {r['peak_rss_increase_mib']:,.0f} | "
+            f"{r['recall_at_k_vs_numpy']:.4f} |"
         )
-    lines += ["", f"search time numpy / faiss flat = {flat:.2f}x; numpy / faiss IVF = {ivf:.1f}x"]
+    plain = [r for r in results.values() if not r["openblas_coretype"]]
+    arch = {p["lib"]: p["arch"] for r in plain for p in r["thread_pools"] if p.get("arch")}
+    lines += ["", "OpenBLAS kernels detected (no override): " + ", ".join(f"{k}: {v}" for k, v in sorted(arch.items()))]
     return "\n".join(lines)
 
 
@@ -172,26 +200,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_worker(args)))
         return
     results = run_all(args, argv)
-    print(markdown(args, results))
+    table = markdown(args, results)
+    print(table)
     if not args.no_record:
         sys.path.insert(0, ROOT)  # bench/ is a package beside src/, not installed
         from bench.common import record
 
         config = {k: v for k, v in vars(args).items() if k not in ("worker", "save_indices", "no_record")}
-        ratios = {
-            "numpy_over_faiss_flat": round(results["numpy"]["search_s"] / results["faiss_flat"]["search_s"], 3),
-            "numpy_over_faiss_ivf": round(results["numpy"]["search_s"] / results["faiss_ivf"]["search_s"], 3),
-        }
-        record(
-            "representations.json",
-            "search",
-            {
-                "config": {**config, "metric": "cosine"},
-                "results": results,
-                "search_time_ratio": ratios,
-                "table": markdown(args, results),
-            },
-        )
+        value = {"config": {**config, "metric": "cosine"}, "results": results, "search_time_ratio": ratios(results)}
+        record("representations.json", "search", {**value, "table": table})
 
 
 if __name__ == "__main__":

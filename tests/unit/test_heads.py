@@ -87,7 +87,7 @@ def test_contract_fit_predict(name, data):
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS.names())
-def test_contract_params_are_sklearn_params(name, data):
+def test_contract_params_are_sklearn_params(name):
     clf = CLASSIFIERS.get(name)()
     assert not [k for k in vars(clf) if k.endswith("_")]  # __init__ only stores parameters
     twin = clone(clf)

@@ -237,10 +237,16 @@ class Trainer:
         self.model.eval()
         train_tf = build_train_transform(cfg.augment, self.model.preprocess)
         n_views = 1 if cfg.augment == "none" else max(cfg.cache_views, 1)
+        from finegrain.embed.extract import resolve_precision
+
+        # The frozen trunk only runs forward: bf16 autocast where the hardware makes it faster (the cache is
+        # stored in bf16 anyway), whatever precision the trained tail uses.
+        fast = resolve_precision("auto", self.device) == "bf16"
+        trunk_autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if fast else self._autocast
         common = dict(
             to_input=self._to_input,
             batch_size=cfg.batch_size,
-            autocast=self._autocast,
+            autocast=trunk_autocast,
             num_workers=default_num_workers() if cfg.workers is None else cfg.workers,
             progress=self.progress,
             on_bad=self._note_bad,
