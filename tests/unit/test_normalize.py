@@ -36,10 +36,13 @@ def test_state_depends_on_training_rows_only(data):
 
 def test_pca_whitening_decorrelates_training_features(data):
     train, _ = data
-    w = create_normalizer("pca-whiten", n_components=5, l2_after=False).fit(train)
+    w = create_normalizer("pca-whiten", n_components=5, shrinkage=0.0, l2_after=False).fit(train)
     Z = w.transform(train)
     cov = np.cov(Z, rowvar=False)
     np.testing.assert_allclose(cov, np.eye(5), atol=1e-3)
+    shrunk = create_normalizer("pca-whiten", n_components=5, l2_after=False).fit(train).transform(train)
+    var = np.var(shrunk, axis=0)
+    assert np.all(var < 1.0) and var[0] > var[-1]  # regularised: large directions keep more of their variance
     assert create_normalizer("pca-whiten:3").fit(train).transform(train).shape == (40, 3)
     assert create_normalizer("pca-whiten:500").fit(train).components_.shape[1] <= 16  # capped at min(N-1, D)
 
