@@ -41,7 +41,7 @@ def command_line() -> str:
 
 def record(file: str, key: str, value: dict) -> None:
     """Merge `value` under `key` in bench/results/<file> (other keys belong to other benchmarks)."""
-    from finegrain.embed.store import atomic_write_json
+    from finegrain.atomic import atomic_write_json
 
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, file)

@@ -39,6 +39,16 @@ def tiny_folder(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """root/{train,test}/{red,green,blue}: 12 train and 4 test images a class, shared by the training tests."""
+    root = tmp_path_factory.mktemp("train-data")
+    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
+        write_class_images(str(root / "train" / name), colour, 12, seed=c)
+        write_class_images(str(root / "test" / name), colour, 4, seed=100 + c)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone():
     """timm's `test_efficientnet`, randomly initialised: a real EfficientNet, small enough for unit tests."""
     from finegrain.backbones import create_backbone

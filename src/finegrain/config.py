@@ -56,7 +56,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, out_dir: str, name: str = "config.yaml", extra: dict | None = None) -> str:
     import yaml
 
-    from finegrain.embed.store import atomic_write_text
+    from finegrain.atomic import atomic_write_text
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)

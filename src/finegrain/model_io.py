@@ -9,20 +9,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from finegrain.embed.store import atomic_write_json
+from finegrain.atomic import atomic_write, atomic_write_json
 from finegrain.errors import FinegrainError
 
 FORMAT = "finegrain-classifier/1"
 
 
+def save_weights(model: torch.nn.Module, path: str) -> None:
+    """A module's state dict as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: f.write(save(tensors)))
+
+
 def export_model(model, folder: str, *, classes: Sequence[str], extra: dict | None = None) -> str:
     """Write an ImageClassifier to `folder` (atomic per file); returns the folder."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    save_weights(model, os.path.join(folder, "model.safetensors"))
     meta = {
         "format": FORMAT,
         "backbone": model.backbone.name,

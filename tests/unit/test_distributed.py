@@ -7,18 +7,12 @@ import sys
 
 import pytest
 
-from tests.conftest import COLOURS, write_class_images
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp-data")
-    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
-        write_class_images(str(root / "train" / name), colour, 12, seed=c)
-        write_class_images(str(root / "test" / name), colour, 4, seed=100 + c)
-    return str(root)
+@pytest.fixture
+def data(train_data):
+    return train_data
 
 
 def _args(data, out):

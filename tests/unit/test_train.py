@@ -14,18 +14,13 @@ from finegrain.config import TrainConfig
 from finegrain.errors import FinegrainError
 from finegrain.train.engine import train
 from finegrain.train.regimes import Regime
-from tests.conftest import COLOURS, write_class_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
-        write_class_images(str(root / "train" / name), colour, 12, seed=c)
-        write_class_images(str(root / "test" / name), colour, 4, seed=100 + c)
-    return str(root)
+@pytest.fixture
+def data(train_data):
+    return train_data
 
 
 def _cfg(data, out, **kw):
@@ -166,9 +161,9 @@ def test_cached_trunk_training_learns_and_matches_uncached_without_augmentation(
     cached = train(_cfg(data, tmp_path / "cached", cache_views=3, **common), progress=False)
     assert cached.history[-1]["train_top1"] >= 0.8  # it learns
     assert abs(cached.test_metrics["top1"] - plain.test_metrics["top1"]) <= 1 / 12 + 1e-9
-    # same order, same (un-augmented) inputs: the runs differ only by the bf16 rounding of the cached trunk output
+    # same order, same (un-augmented) inputs: the runs differ only by the bf16 trunk (computed and stored in bf16)
     for a, b in zip(plain.history, cached.history):
-        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.05
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 and abs(a["val_loss"] - b["val_loss"]) < 0.15
     with pytest.raises(FinegrainError, match="cache_views"):
         train(_cfg(data, tmp_path / "bad", regime="full", cache_views=2), progress=False)
 

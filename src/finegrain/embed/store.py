@@ -13,34 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 @dataclass

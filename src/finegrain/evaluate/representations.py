@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
 from finegrain.embed.normalize import create_normalizer
-from finegrain.embed.store import FeatureStore, atomic_write_json, atomic_write_text
+from finegrain.embed.store import FeatureStore
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import classification_metrics
 
@@ -120,9 +121,7 @@ def write_outputs(
     """metrics.json, config.json, predictions.csv and (when given) the fitted state as model.npz, all atomic."""
     os.makedirs(out_dir, exist_ok=True)
     if state:
-        tmp = os.path.join(out_dir, ".tmp-model.npz")
-        np.savez(tmp, classes=np.array(classes), **state)
-        os.replace(tmp, os.path.join(out_dir, "model.npz"))
+        atomic_write(os.path.join(out_dir, "model.npz"), lambda f: np.savez(f, classes=np.array(classes), **state))
     atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
     atomic_write_json(os.path.join(out_dir, "config.json"), config)
     write_predictions(os.path.join(out_dir, "predictions.csv"), test, scores, classes)

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
+from finegrain.atomic import atomic_write
 from finegrain.errors import FinegrainError
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill leaves the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, atomically: a kill at any moment leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config
-from finegrain.embed.store import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
+from finegrain.model_io import save_weights
 from finegrain.train.checkpoint import load_checkpoint, save_checkpoint
 from finegrain.train.data import ImageDataset, Splits, collate_skip_bad, make_splits
 from finegrain.train.distributed import DistContext
@@ -437,7 +438,7 @@ class Trainer:
                 patience += 1
             if self.dist.is_main:
                 if improved:
-                    _save_weights(eval_model, os.path.join(out, "best.safetensors"))
+                    save_weights(eval_model, os.path.join(out, "best.safetensors"))
                 save_checkpoint(ckpt_path, self._state(epoch, history, best))
                 _write_history(os.path.join(out, "metrics.csv"), history)
                 if writer is not None:
@@ -524,14 +525,6 @@ class Trainer:
         except ImportError:  # tensorboard is optional: metrics.csv has the same numbers
             return None
         return SummaryWriter(os.path.join(out, "tensorboard"))
-
-
-def _save_weights(model: torch.nn.Module, path: str) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
 
 
 def _write_history(path: str, history: list[dict]) -> None:
