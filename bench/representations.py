@@ -63,6 +63,8 @@ def table(store) -> dict:
                 t0 = time.perf_counter()
                 # "raw" means raw: k-NN and NCM then compare by Euclidean distance; on normalized features, cosine
                 metric = {"metric": "l2" if nname == "raw" else "cosine"} if kind in ("knn", "ncm") else {}
+                if kind == "knn" and nname == "raw":
+                    metric["weights"] = "distance"  # exp(-d^2 / T) is a hard 1-NN at Euclidean scale
                 clf = create_classifier(kind, **kw, **metric)
                 m, _, _ = fit_and_score(clf, train, test, normalizer=norm, classes=store.classes)
                 key = f"{pooling}/{cname}/{nname}"
