@@ -140,6 +140,31 @@ def finetune_section(ft: dict) -> list[str]:
     return out
 
 
+def longtail_section(lt: dict) -> list[str]:
+    r = lt.get("cub100_lt")
+    if not r:
+        return []
+    c = r["counts"]
+    out = [
+        f"## Long tail: cub100 made long-tailed (ρ = {r['imbalance_ratio']:g}, {c['max']} → {c['min']} images a "
+        f"class, {c['total']} in all), frozen features",
+        "",
+        f"Features: {r['features']}. Many-shot: {r['shot_thresholds']['many']} training images, few-shot: "
+        f"{r['shot_thresholds']['few']}. τ chosen on a balanced validation split ({r['val_per_class']} images a "
+        "class from the training images left out of the subset); test = the balanced cub100 test split.",
+        "",
+        "| method | top-1 | mean per-class | many | medium | few |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in r["methods"].items():
+        extra = f" (τ = {m['tau']:g})" if "tau" in m else ""
+        out.append(
+            f"| {name}{extra} | {m['top1']:.3f} | {m['mean_per_class']:.3f} | {m['many']:.3f} | "
+            f"{m['medium']:.3f} | {m['few']:.3f} |"
+        )
+    return out + ["", f"Command: `{r['command']}`", ""]
+
+
 def main() -> None:
     rep, ft = _load("representations.json"), _load("finetune.json")
     lines = [
@@ -151,6 +176,7 @@ def main() -> None:
         "",
     ]
     lines += accuracy_section(rep) + throughput_section(rep) + search_section(rep) + finetune_section(ft)
+    lines += longtail_section(_load("longtail.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")

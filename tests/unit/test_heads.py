@@ -324,9 +324,13 @@ def test_chunked_search_equals_unchunked_and_inputs_are_not_modified(gallery):
 
 def test_add_twice_and_k_clamped(gallery):
     X, Q = gallery
-    for index in (NumpyIndex("l2"), FaissIndex("l2")):
-        index.add(X[:200]).add(X[200:])
-        np.testing.assert_array_equal(index.search(Q, 5)[1], NumpyIndex("l2").add(X).search(Q, 5)[1])
+    X_before = X.copy()
+    for metric in ("cosine", "l2"):
+        expected = NumpyIndex(metric).add(X).search(Q, 5)[1]
+        for index in (NumpyIndex(metric), FaissIndex(metric), FaissIndex(metric, kind="ivf", nprobe=1000)):
+            index.add(X[:200]).add(X[200:])
+            np.testing.assert_array_equal(index.search(Q, 5)[1], expected)
+    np.testing.assert_array_equal(X, X_before)
     small = NumpyIndex().add(X[:3])
     scores, idx = small.search(Q, 10)
     assert idx.shape == (60, 3) and sorted(idx[0]) == [0, 1, 2]

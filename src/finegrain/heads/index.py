@@ -16,7 +16,7 @@ METRICS = ("cosine", "l2")
 BACKENDS = ("auto", "numpy", "faiss")
 FAISS_KINDS = ("flat", "ivf")
 AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and needs no extra library
-_ADD_BLOCK = 1 << 16  # gallery rows normalised and added to faiss at a time
+_ADD_BLOCK = 1 << 13  # gallery rows normalised at a time when filling a faiss index
 _BLOCK_ELEMENTS = 1 << 23  # per query block: [chunk, N] float32 similarities + argpartition's int64 indices ~ 96 MiB
 
 
@@ -156,10 +156,27 @@ class FaissIndex:
             self._index = self._create(X)
         elif X.shape[1] != self._index.d:
             raise ValueError(f"X has {X.shape[1]} features, the index holds {self._index.d}")
+        if self.kind == "flat":
+            self._add_flat(X)
+            return self
         for start in range(0, len(X), _ADD_BLOCK):  # normalised block by block: no second copy of the gallery
             block = X[start : start + _ADD_BLOCK]
             self._index.add(l2_normalize(block) if self.metric == "cosine" else block)
         return self
+
+    def _add_flat(self, X: np.ndarray) -> None:
+        """Copy X into the flat index in one call, then normalise the new rows where they now live."""
+        import faiss
+
+        start = self._index.ntotal
+        self._index.add(X)
+        if self.metric != "cosine":
+            return
+        d = self._index.d
+        stored = faiss.rev_swig_ptr(self._index.get_xb(), self._index.ntotal * d).reshape(-1, d)
+        for row in range(start, len(stored), _ADD_BLOCK):
+            block = stored[row : row + _ADD_BLOCK]
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
 
     def _create(self, X: np.ndarray):
         import faiss  # optional heavy import, only when a faiss index is asked for

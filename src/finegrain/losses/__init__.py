@@ -11,11 +11,20 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from finegrain.losses.class_balanced import ClassBalancedLoss
 from finegrain.losses.cross_entropy import CrossEntropy
+from finegrain.losses.focal import FocalLoss
+from finegrain.losses.ldam import LDAMLoss
+from finegrain.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
 from finegrain.registry import Registry
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 LOSSES.register("ce")(CrossEntropy)
+LOSSES.register("focal")(FocalLoss)
+LOSSES.register("cb")(ClassBalancedLoss)
+LOSSES.register("ldam")(LDAMLoss)
+LOSSES.register("logit-adjusted")(LogitAdjustedLoss)
+LOSSES.register("balanced-softmax")(BalancedSoftmaxLoss)
 
 
 def create_loss(name: str, *, class_counts: Sequence[int] | None = None, **kwargs) -> nn.Module:
@@ -24,4 +33,13 @@ def create_loss(name: str, *, class_counts: Sequence[int] | None = None, **kwarg
     return LOSSES.get(name)(**kwargs, class_counts=class_counts)
 
 
-__all__ = ["LOSSES", "CrossEntropy", "create_loss"]
+__all__ = [
+    "LOSSES",
+    "BalancedSoftmaxLoss",
+    "ClassBalancedLoss",
+    "CrossEntropy",
+    "FocalLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "create_loss",
+]
