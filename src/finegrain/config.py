@@ -123,6 +123,11 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    loss: str = "ce"  # ce | focal | cb | ldam | logit-adjusted | balanced-softmax (long tail: counts come from train)
+    loss_options: dict | None = None  # e.g. {beta: 0.9999} for cb, {max_margin: 0.5, s: 30, drw_start: 0.8} for ldam
+    sampler: str = "instance"  # instance | class-balanced | sqrt | progressive
+    normed_head: bool = False  # cosine classifier (NormedLinear), as LDAM expects
+    shot_thresholds: tuple[int, int] = (100, 20)  # many-shot: > first; few-shot: < second (Kang et al., 2020)
     augment: str = "crop-flip"  # none | crop-flip | autoaugment | randaugment | trivialaugment
     mixup: float = 0.0
     cutmix: float = 0.0

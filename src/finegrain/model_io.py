@@ -32,6 +32,7 @@ def export_model(model, folder: str, *, classes: Sequence[str], extra: dict | No
         "source": model.backbone.source,
         "preprocess": model.preprocess.to_dict(),
         "pooling": model.pooling_name,
+        "head": "normed" if type(model.head).__name__ == "NormedLinear" else "linear",
         "num_classes": len(classes),
         "classes": list(classes),
         **(extra or {}),
@@ -91,6 +92,10 @@ def load(path: str, *, device: str = "cpu") -> Predictor:
     backbone = create_backbone(meta["backbone"], pretrained=False)
     backbone.preprocess = Preprocess.from_dict(meta["preprocess"])
     model = ImageClassifier(backbone, meta["num_classes"], pooling=meta["pooling"])
+    if meta.get("head") == "normed":
+        from finegrain.heads.normed_linear import NormedLinear
+
+        model.head = NormedLinear(backbone.num_features, meta["num_classes"])
     try:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     except (OSError, RuntimeError) as e:

@@ -179,3 +179,30 @@ def test_head_without_augmentation_uses_cached_features_and_ema_runs(data, tmp_p
     ema = train(_cfg(data, tmp_path / "ema", regime="last:1", epochs=2, ema_decay=0.5), progress=False)
     assert ema.test_metrics["n"] == 12 and len(ema.history) == 2
     assert (tmp_path / "ema" / "tensorboard").is_dir()
+
+
+def test_long_tail_losses_and_samplers_plug_into_the_engine(data, tmp_path):
+    r = train(
+        _cfg(
+            data,
+            tmp_path / "ldam",
+            regime="head",
+            epochs=2,
+            loss="ldam",
+            normed_head=True,
+            loss_options={"drw_start": 0.5, "s": 30.0},
+            sampler="class-balanced",
+            shot_thresholds=(8, 4),
+        ),
+        progress=False,
+    )
+    assert r.history[-1]["train_loss"] > 0 and r.test_metrics["n"] == 12
+    assert set(r.test_metrics) >= {"many_shot", "medium_shot", "few_shot", "per_class_top1"}
+    import finegrain
+
+    assert finegrain.load(str(tmp_path / "ldam")).predict([os.path.join(data, "test", "red", "000.jpg")])[0]
+    from finegrain.heads.normed_linear import NormedLinear
+    from finegrain.train.engine import Trainer
+
+    t = Trainer(_cfg(data, tmp_path / "la", regime="head", loss="logit-adjusted", normed_head=True), progress=False)
+    assert isinstance(t.model.head, NormedLinear) and sum(t.train_counts) == len(t.splits.train)

@@ -99,7 +99,12 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.regime.apply(self.model)
-        self.loss_fn = create_loss("ce", label_smoothing=cfg.label_smoothing)
+        self.train_counts = [0] * len(self.classes)
+        for sample in self.splits.train:
+            self.train_counts[sample.label] += 1
+        self.loss_fn = create_loss(
+            cfg.loss, label_smoothing=cfg.label_smoothing, class_counts=self.train_counts, **(cfg.loss_options or {})
+        )
         self.eval_loss = create_loss("ce")
         self.optimizer = self._build_optimizer()
         self.steps_per_epoch = math.ceil(len(self.splits.train) / (cfg.batch_size * self.dist.world_size))
@@ -132,7 +137,12 @@ class Trainer:
             msra_init_(backbone)
         if cfg.image_size:
             backbone.preprocess = backbone.preprocess.with_size(cfg.image_size)
-        return ImageClassifier(backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate)
+        model = ImageClassifier(backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate)
+        if cfg.normed_head:
+            from finegrain.heads.normed_linear import NormedLinear
+
+            model.head = NormedLinear(backbone.num_features, len(self.classes))
+        return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         from finegrain.train.optim import build_optimizer, build_param_groups
@@ -154,9 +164,21 @@ class Trainer:
     def _loader(self, samples, transform, *, shuffle: bool, epoch: int) -> DataLoader:
         from finegrain.embed.extract import default_num_workers
 
-        sampler = EpochSampler(
-            len(samples), seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=shuffle
-        )
+        if shuffle and self.cfg.sampler != "instance":
+            from finegrain.train.samplers import create_sampler
+
+            sampler = create_sampler(
+                self.cfg.sampler,
+                [x.label for x in samples],
+                seed=self.cfg.seed,
+                total_epochs=self.cfg.epochs,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        else:
+            sampler = EpochSampler(
+                len(samples), seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=shuffle
+            )
         sampler.set_epoch(epoch)
         workers = default_num_workers() if self.cfg.workers is None else self.cfg.workers
         return DataLoader(
@@ -271,6 +293,8 @@ class Trainer:
 
         cfg = self.cfg
         seed_all(epoch_seed(cfg.seed, epoch, 0))
+        if hasattr(self.loss_fn, "set_epoch"):  # deferred re-weighting (LDAM-DRW) switches at a set epoch
+            self.loss_fn.set_epoch(epoch, cfg.epochs)
         mix_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
         mix_cfg = MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix)
         if self.train_cache is not None:
@@ -376,11 +400,13 @@ class Trainer:
         loss_sum = self.dist.all_reduce_sum(loss_sum)
         n = per_class[1].sum().item()
         present = per_class[1] > 0
+        acc = torch.where(present, per_class[0] / per_class[1].clamp(min=1), torch.nan).numpy()
         return {
             "top1": per_class[0].sum().item() / max(n, 1),
-            "mean_per_class": (per_class[0][present] / per_class[1][present]).mean().item() if n else 0.0,
+            "mean_per_class": float(np.nanmean(acc)) if n else 0.0,
             "loss": loss_sum.item() / max(n, 1),
             "n": int(n),
+            "per_class": acc,
         }
 
     # ---- the run --------------------------------------------------------------------------------------------------
@@ -428,7 +454,7 @@ class Trainer:
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             eval_model = self.ema.module if self.ema is not None else self.model
             val = self.evaluate(self.splits.val, model=eval_model)
-            row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            row.update({f"val_{k}": v for k, v in val.items() if k not in ("n", "per_class")})
             row["seconds"] = seconds_before + time.perf_counter() - t0
             history.append(row)
             improved = val["top1"] > best[1]
@@ -474,6 +500,16 @@ class Trainer:
             target.load_state_dict(load_file(best_path))
         final = self.ema.module if self.ema is not None else self.model
         test = self.evaluate(self.splits.test, model=final) if self.splits.test else None
+        if test is not None:
+            from finegrain.data.longtail import shot_groups
+
+            many, few = self.cfg.shot_thresholds
+            groups = shot_groups(self.train_counts, many=many, few=few)
+            acc = test.pop("per_class")
+            for g in ("many", "medium", "few"):
+                vals = acc[(groups == g) & ~np.isnan(acc)]
+                test[f"{g}_shot"] = float(vals.mean()) if len(vals) else None
+            test["per_class_top1"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(self.classes, acc)}
         if self.dist.is_main:
             export_model(
                 final,
