@@ -206,3 +206,9 @@ def test_long_tail_losses_and_samplers_plug_into_the_engine(data, tmp_path):
 
     t = Trainer(_cfg(data, tmp_path / "la", regime="head", loss="logit-adjusted", normed_head=True), progress=False)
     assert isinstance(t.model.head, NormedLinear) and sum(t.train_counts) == len(t.splits.train)
+
+
+def test_no_validation_split_keeps_the_last_epoch(data, tmp_path):
+    r = train(_cfg(data, tmp_path / "noval", regime="head", epochs=2, val_fraction=0.0), progress=False)
+    assert r.best_epoch == 2 and r.test_metrics["n"] == 12
+    assert len(__import__("finegrain").load(str(tmp_path / "noval")).classes) == 3

@@ -70,6 +70,14 @@ def _crop_flip_preset(preprocess: Preprocess, scale: tuple[float, float]) -> Ima
     return _compose(_crop_flip(preprocess, scale))
 
 
+@AUGMENTATIONS.register("pad-crop-flip")
+def _pad_crop_flip(preprocess: Preprocess, scale: tuple[float, float]) -> ImageTransform:
+    """The CIFAR recipe (He et al., 2016): resize to the input size, pad 4 px, random crop back, flip."""
+    size = preprocess.input_size
+    resize = v2.Resize((size, size), interpolation=_INTERP[preprocess.interpolation], antialias=True)
+    return _compose([_ToRGB(), resize, v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()])
+
+
 @AUGMENTATIONS.register("autoaugment")
 def _autoaugment(preprocess: Preprocess, scale: tuple[float, float]) -> ImageTransform:
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=InterpolationMode.BILINEAR)

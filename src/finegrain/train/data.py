@@ -37,6 +37,8 @@ def make_splits(image_set: ImageSet, *, val_fraction: float, seed: int) -> Split
         train, test = [pool[i] for i in tr], [pool[i] for i in te]
     if "val" in by:
         return Splits(train, by["val"], test, "val folder")
+    if val_fraction == 0:
+        return Splits(train, [], test, "no validation split: the last epoch's model is kept")
     y = np.array([s.label for s in train])
     tr, va = holdout_split(y, test_size=val_fraction, seed=seed)
     note = f"val = {val_fraction:.0%} of train, stratified, seed {seed}"

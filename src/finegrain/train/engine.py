@@ -93,7 +93,7 @@ class Trainer:
         self.image_set = image_set if image_set is not None else load_image_set(cfg.data)
         self.classes = self.image_set.classes
         self.splits: Splits = make_splits(self.image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if not self.splits.train or not self.splits.val:
+        if not self.splits.train or (not self.splits.val and cfg.val_fraction > 0):
             raise FinegrainError("too few images to carve a validation split: add images or a val/ folder")
         self.model = self._build_model().to(self.device)
         if cfg.channels_last:
@@ -453,13 +453,17 @@ class Trainer:
         for epoch in range(start, cfg.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             eval_model = self.ema.module if self.ema is not None else self.model
-            val = self.evaluate(self.splits.val, model=eval_model)
+            nan = float("nan")
+            val = {"top1": nan, "mean_per_class": nan, "loss": nan}
+            if self.splits.val:
+                val = self.evaluate(self.splits.val, model=eval_model)
             row.update({f"val_{k}": v for k, v in val.items() if k not in ("n", "per_class")})
             row["seconds"] = seconds_before + time.perf_counter() - t0
             history.append(row)
-            improved = val["top1"] > best[1]
+            # without a validation split the newest model is kept
+            improved = val["top1"] > best[1] if self.splits.val else True
             if improved:
-                best, patience = (epoch, val["top1"]), 0
+                best, patience = (epoch, val["top1"] if self.splits.val else nan), 0
             else:
                 patience += 1
             if self.dist.is_main:
@@ -575,8 +579,8 @@ def _write_history(path: str, history: list[dict]) -> None:
 def _check_options(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise FinegrainError("epochs and batch_size must be at least 1")
-    if not 0 < cfg.val_fraction < 1:
-        raise FinegrainError("val_fraction must be between 0 and 1, e.g. 0.1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise FinegrainError("val_fraction must be in [0, 1), e.g. 0.1 (0: no validation split, keep the last epoch)")
     if cfg.precision not in ("fp32", "bf16", "amp"):
         raise FinegrainError(f"precision must be fp32, bf16 or amp (CUDA), got {cfg.precision!r}")
     if cfg.lr <= 0:
