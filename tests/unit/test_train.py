@@ -212,3 +212,13 @@ def test_no_validation_split_keeps_the_last_epoch(data, tmp_path):
     r = train(_cfg(data, tmp_path / "noval", regime="head", epochs=2, val_fraction=0.0), progress=False)
     assert r.best_epoch == 2 and r.test_metrics["n"] == 12
     assert len(__import__("finegrain").load(str(tmp_path / "noval")).classes) == 3
+
+
+def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
+    from finegrain.train.engine import Trainer
+
+    trainer = Trainer(_cfg(data, tmp_path / "b", regime="head", epochs=50, time_budget_min=0.05), progress=False)
+    r = trainer.fit()
+    assert len(r.history) < 50 and trainer.planned_epochs == len(r.history)
+    final_step = trainer.planned_epochs * trainer.steps_per_epoch - 1
+    assert trainer.schedule.lr_factor(final_step) < 0.05  # the cosine reached (nearly) its end inside the budget

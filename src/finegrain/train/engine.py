@@ -109,6 +109,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.steps_per_epoch = math.ceil(len(self.splits.train) / (cfg.batch_size * self.dist.world_size))
         self.schedule = self._build_schedule()
+        self.planned_epochs = cfg.epochs  # lowered by a time budget, so the schedule still ends inside it
         self.ema = None
         if cfg.ema_decay:
             from timm.utils import ModelEmaV3
@@ -152,11 +153,11 @@ class Trainer:
         groups = build_param_groups(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scale=scale)
         return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
-    def _build_schedule(self):
+    def _build_schedule(self, epochs: int | None = None):
         from finegrain.train.schedule import LRSchedule
 
         cfg = self.cfg
-        total = cfg.epochs * self.steps_per_epoch
+        total = (epochs or cfg.epochs) * self.steps_per_epoch
         warm = min(int(round(cfg.warmup_epochs * self.steps_per_epoch)), max(total - 1, 0))
         return LRSchedule(kind=cfg.schedule, total_steps=total, warmup_steps=warm)
 
@@ -309,7 +310,7 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(
             total=len(loader),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{self.planned_epochs}",
             unit="batch",
             disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
@@ -419,6 +420,7 @@ class Trainer:
             "history": history,
             "best_epoch": best[0],
             "best_val_top1": best[1],
+            "planned_epochs": self.planned_epochs,
             "config": config_dict(self.cfg),
         }
 
@@ -440,6 +442,9 @@ class Trainer:
                 (state["best_epoch"], state["best_val_top1"]),
                 state["epoch"] + 1,
             )
+            self.planned_epochs = int(state.get("planned_epochs", cfg.epochs))
+            if self.planned_epochs != cfg.epochs:
+                self.schedule = self._build_schedule(self.planned_epochs)
         elif os.path.exists(ckpt_path):
             raise FinegrainError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
         if self.dist.is_main:
@@ -451,6 +456,8 @@ class Trainer:
         seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
         for epoch in range(start, cfg.epochs):
+            if epoch >= self.planned_epochs:
+                break
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             eval_model = self.ema.module if self.ema is not None else self.model
             nan = float("nan")
@@ -460,6 +467,7 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in val.items() if k not in ("n", "per_class")})
             row["seconds"] = seconds_before + time.perf_counter() - t0
             history.append(row)
+            self._fit_budget(epoch, history)
             # without a validation split the newest model is kept
             improved = val["top1"] > best[1] if self.splits.val else True
             if improved:
@@ -478,7 +486,7 @@ class Trainer:
                     writer.flush()
                 if self.progress:
                     print(
-                        f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f} "
+                        f"epoch {epoch + 1}/{self.planned_epochs}: train loss {row['train_loss']:.3f} "
                         f"acc {row['train_top1']:.3f} | val top-1 {val['top1']:.4f} "
                         f"mean/class {val['mean_per_class']:.4f} | {row['train_images_per_s']:.1f} img/s"
                     )
@@ -490,6 +498,22 @@ class Trainer:
             if cfg.time_budget_min is not None and row["seconds"] >= 60 * cfg.time_budget_min:
                 break
         return self._finish(history, best, writer, time.perf_counter() - t0)
+
+    def _fit_budget(self, epoch: int, history: list[dict]) -> None:
+        """With time_budget_min: plan only the epochs that fit (at the last epoch's pace) and end the cosine there.
+
+        Timing-dependent by nature; the plan is saved in the checkpoint, so a resumed run keeps it.
+        """
+        budget = self.cfg.time_budget_min
+        if budget is None:
+            return
+        last = history[-1]["seconds"] - (history[-2]["seconds"] if len(history) > 1 else 0.0)
+        remaining = 60 * budget - history[-1]["seconds"]
+        fits = epoch + 1 + int(max(remaining, 0) // max(last, 1e-9))
+        plan = max(epoch + 1, min(self.planned_epochs, fits))
+        if plan < self.planned_epochs:
+            self.planned_epochs = plan
+            self.schedule = self._build_schedule(plan)
 
     def _finish(self, history, best, writer, seconds) -> TrainResult:
         from finegrain.model_io import export_model
