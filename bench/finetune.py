@@ -42,6 +42,7 @@ def accuracy(args) -> None:
             continue
         out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}")
         shutil.rmtree(out, ignore_errors=True)
+        opts = {**opts, **({"epochs": args.epochs} if args.epochs else {})}
         cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
         r = train(cfg, progress=False)
         results[name] = {
@@ -200,6 +201,7 @@ def main() -> None:
     p = sub.add_parser("accuracy")
     p.add_argument("--budget", type=float, default=10.0, help="minutes per regime")
     p.add_argument("--only", help="comma list of regimes")
+    p.add_argument("--epochs", type=int, help="planned epochs for every regime (the budget may plan fewer)")
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)
