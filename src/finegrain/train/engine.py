@@ -458,6 +458,7 @@ class Trainer:
         for epoch in range(start, cfg.epochs):
             if epoch >= self.planned_epochs:
                 break
+            epoch_start = time.perf_counter()
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             eval_model = self.ema.module if self.ema is not None else self.model
             nan = float("nan")
@@ -467,7 +468,7 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in val.items() if k not in ("n", "per_class")})
             row["seconds"] = seconds_before + time.perf_counter() - t0
             history.append(row)
-            self._fit_budget(epoch, history)
+            self._fit_budget(epoch, history, time.perf_counter() - epoch_start)
             # without a validation split the newest model is kept
             improved = val["top1"] > best[1] if self.splits.val else True
             if improved:
@@ -499,7 +500,7 @@ class Trainer:
                 break
         return self._finish(history, best, writer, time.perf_counter() - t0)
 
-    def _fit_budget(self, epoch: int, history: list[dict]) -> None:
+    def _fit_budget(self, epoch: int, history: list[dict], epoch_seconds: float) -> None:
         """With time_budget_min: plan only the epochs that fit (at the last epoch's pace) and end the cosine there.
 
         Timing-dependent by nature; the plan is saved in the checkpoint, so a resumed run keeps it.
@@ -507,9 +508,9 @@ class Trainer:
         budget = self.cfg.time_budget_min
         if budget is None:
             return
-        last = history[-1]["seconds"] - (history[-2]["seconds"] if len(history) > 1 else 0.0)
+        # the pace of this epoch alone: one-off work before it (the trunk cache) is in `seconds`, not in the pace
         remaining = 60 * budget - history[-1]["seconds"]
-        fits = epoch + 1 + int(max(remaining, 0) // max(last, 1e-9))
+        fits = epoch + 1 + int(max(remaining, 0) // max(epoch_seconds, 1e-9))
         plan = max(epoch + 1, min(self.planned_epochs, fits))
         if plan < self.planned_epochs:
             self.planned_epochs = plan
