@@ -17,13 +17,14 @@ cifar  CIFAR-10-LT (ρ = 100, 12,406 training images; test = the balanced 10,000
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import numpy as np
 import torch
 
-from bench.common import ROOT, record, require_dataset
+from bench.common import RESULTS, ROOT, record, require_dataset
 from finegrain.data import Sample
 from finegrain.embed import FeatureStore, create_normalizer
 from finegrain.heads import create_classifier
@@ -109,7 +110,7 @@ def cub(args) -> None:
 def cifar(args) -> None:
     from finegrain.config import TrainConfig
     from finegrain.data import ImageSet, load_image_set
-    from finegrain.data.longtail import describe_counts, make_longtailed
+    from finegrain.data.longtail import make_longtailed
     from finegrain.evaluate.longtail import shot_accuracy
     from finegrain.train.engine import Trainer
 
@@ -182,22 +183,35 @@ def cifar(args) -> None:
             results["CE + cRT"] = scores(y, crt.decision_function(feats))
             for k in ("CE + logit adjustment (τ = 1)", "CE + τ-norm (τ = 1)", "CE + cRT"):
                 print(k, results[k], flush=True)
+        _record_cifar(args, counts, test, results, common, t_all)
+    _ = torch
+
+
+def _record_cifar(args, counts, test, results, common, t_all) -> None:
+    """Record after every method, merged with the methods of earlier runs of the same setting (`--only` runs)."""
+    key = f"cifar10_lt_rho{args.rho:g}_e{args.epochs}_seed{args.seed}"
+    path = os.path.join(RESULTS, "longtail.json")
+    earlier = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f).get(key, {}).get("methods", {})
+    from finegrain.data.longtail import describe_counts
+
     record(
         "longtail.json",
-        f"cifar10_lt_rho{args.rho:g}_e{args.epochs}",
+        key,
         {
             "epochs": args.epochs,
             "drw_at_epoch": int(np.ceil(0.8 * args.epochs)),
             "seed": args.seed,
             "counts": describe_counts(counts),
             "test_images": len(test),
-            "methods": results,
+            "methods": {**earlier, **results},
             "paper_top1_error_200_epochs": {"CE": 29.64, "LDAM-DRW": 22.97},
-            "total_minutes": round((time.perf_counter() - t_all) / 60, 1),
+            "minutes_this_run": round((time.perf_counter() - t_all) / 60, 1),
             "recipe": common,
         },
     )
-    _ = torch
 
 
 @torch.no_grad()
