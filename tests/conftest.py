@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 # Tests run offline: make huggingface_hub fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,4 +69,13 @@ def cub100():
     path = os.path.join(SHARED_DATA, "cub100")
     if not os.path.isdir(path):
         pytest.skip(f"needs the real dataset at {path} (../shared/data/cub100 beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of Debian's real Chromium binary, for the headless-browser report tests."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
     return path

@@ -55,21 +55,33 @@ class Predictor:
         return self.model.preprocess
 
     @torch.no_grad()
-    def predict_proba(self, images: Sequence, *, batch_size: int = 32) -> np.ndarray:
-        """Paths or PIL images -> probabilities [N, C]. Undecodable files raise ImageDecodeError."""
+    def predict_proba(self, images: Sequence, *, batch_size: int = 32, tta=None) -> np.ndarray:
+        """Paths or PIL images -> probabilities [N, C]. Undecodable files raise ImageDecodeError.
+
+        tta: a `finegrain.evaluate.TTA` (or its text, e.g. "flip+5crop"): probabilities averaged over the views."""
         from PIL import Image
 
         from finegrain.data import load_image
+        from finegrain.evaluate.inference import run_views
+        from finegrain.evaluate.tta import TTA, image_views
 
+        tta = TTA.parse(tta) if isinstance(tta, str) or tta is None else tta
+        pres = tta.preprocesses(self.preprocess)
         out = []
         for i in range(0, len(images), batch_size):
             batch = [im if isinstance(im, Image.Image) else load_image(im) for im in images[i : i + batch_size]]
-            x = torch.stack([self.preprocess.pil_to_uint8(im.convert("RGB")) for im in batch]).to(self.device)
-            out.append(self.model(self.preprocess.normalize(x)).float().softmax(-1).cpu().numpy())
+            batch = [im.convert("RGB") for im in batch]
+            p = sum(
+                run_views(
+                    self.model, torch.stack([image_views(im, pre, tta) for im in batch]), pre, channels_last=False
+                )
+                for pre in pres
+            )
+            out.append((p / len(pres)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, images: Sequence, *, k: int = 1) -> list[list[tuple[str, float]]]:
-        proba = self.predict_proba(images)
+    def predict(self, images: Sequence, *, k: int = 1, tta=None) -> list[list[tuple[str, float]]]:
+        proba = self.predict_proba(images, tta=tta)
         top = np.argsort(-proba, axis=1)[:, :k]
         return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
 

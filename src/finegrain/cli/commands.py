@@ -177,6 +177,107 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
+    from finegrain.evaluate.tta import TTA
+
+    tta = TTA.parse(args.tta, args.sizes)
+    first = args.model[0].rstrip("/")
+    out = args.out or os.path.join(first, f"eval-{args.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
+    cfg = EvaluateConfig(
+        models=tuple(args.model),
+        data=args.data,
+        out=out,
+        split=args.split,
+        tta=args.tta,
+        sizes=tta.sizes,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        device=args.device,
+        bootstrap=args.bootstrap,
+        many=args.many,
+        few=args.few,
+    )
+    s = evaluate_models(cfg, progress=not args.no_progress)
+    m, ci = s["metrics"], s["intervals"]
+
+    def fmt(k):
+        lo_hi = ci.get(k)
+        return f"{m[k]:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
+
+    print(f"{s['n']} images, {s['tta']['spec']} ({s['tta']['views']} views), {len(cfg.models)} model(s)")
+    for k in ("top1", "top5", "mean_per_class", "ece", "many_shot", "medium_shot", "few_shot"):
+        if m.get(k) is not None:
+            print(f"  {k:15s} {fmt(k)}")
+    for pair in s["most_confused"][:3]:
+        print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']}x)")
+    for item in s["skipped"][:10]:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    print(f"-> {out}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from finegrain.atomic import atomic_write, atomic_write_json
+    from finegrain.data import ImageDecodeError
+    from finegrain.explain import explain_images, overlay
+    from finegrain.model_io import load
+
+    predictor = load(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    records, seen = [], set()
+    for path in args.images:
+        try:
+            (e,) = explain_images(
+                predictor, [path], method=args.method, target=args.target, layer=args.layer, threshold=args.threshold
+            )
+        except ImageDecodeError as err:
+            print(f"{path}\tskipped: {err}")
+            records.append({"path": path, "skipped": str(err)})
+            continue
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, i = f"{stem}-{e.method}.png", 1
+        while name in seen:
+            name, i = f"{stem}-{i}-{e.method}.png", i + 1
+        seen.add(name)
+        img = overlay(e.view, e.heatmap, e.box)
+        atomic_write(os.path.join(args.out, name), lambda f, img=img: img.save(f, format="PNG"))
+        records.append({**e.to_dict(), "overlay": name})
+        print(f"{path}\t{e.target_name} {e.probability:.3f}\tbox {e.box_original}\t-> {name}")
+    atomic_write_json(os.path.join(args.out, "explanations.json"), records)
+    return 0
+
+
+def cmd_fixres(args: argparse.Namespace) -> int:
+    from finegrain.evaluate.evaluation import samples_for_model
+    from finegrain.evaluate.fixres import fix_resolution, save_predictor
+    from finegrain.model_io import load
+
+    predictor = load(args.model)
+    paths, labels, _ = samples_for_model(args.data, args.split, predictor.classes)
+    fixed = fix_resolution(
+        predictor, paths, labels, args.size, head_epochs=args.head_epochs, head_lr=args.head_lr, seed=args.seed
+    )
+    save_predictor(fixed, args.out)
+    info = fixed.meta["fixres"]
+    print(
+        f"adapted to {args.size}px: BatchNorm statistics from {info['bn_images']} images, "
+        f"head fine-tuned {info['head_epochs']} epochs -> {args.out}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from finegrain.report.run_report import build_run_report
+
+    path = build_run_report(
+        args.run, data=args.data, out=args.out, split=args.split, tta=args.tta, gallery=args.gallery
+    )
+    print(f"report -> {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     data = args.data or _default_demo_data()
     store = os.path.join(args.out, "store")

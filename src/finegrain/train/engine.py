@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config
+from finegrain.embed.pooling import has_learned_pooling
 from finegrain.errors import FinegrainError
 from finegrain.model_io import save_weights
 from finegrain.train.checkpoint import load_checkpoint, save_checkpoint
@@ -229,6 +230,8 @@ class Trainer:
     # ---- cached trunk (regimes head and last:K) ---------------------------------------------------------------------
     def _trunk_fn(self):
         frozen = self.regime.frozen_stages(self.model)
+        if frozen is None and has_learned_pooling(self.model.pool):
+            return self.model.forward_features  # a learned pooling trains: cache the feature map, not the vector
         if frozen is None:
             return lambda x: self.model.pool(self.model.forward_features(x))
         k = len(stage_view(self.model.backbone.model).stages) - frozen
@@ -236,6 +239,8 @@ class Trainer:
 
     def _tail(self, h: torch.Tensor) -> torch.Tensor:
         frozen = self.regime.frozen_stages(self.model)
+        if frozen is None and has_learned_pooling(self.model.pool):
+            return self.model.forward_head(h)
         if frozen is None:
             return self.model.head(self.model.dropout(h))
         if self.cfg.channels_last:
@@ -544,7 +549,13 @@ class Trainer:
                 final,
                 os.path.join(out, "model"),
                 classes=self.classes,
-                extra={"regime": str(self.regime), "best_epoch": best[0] + 1},
+                extra={
+                    "regime": str(self.regime),
+                    "best_epoch": best[0] + 1,
+                    "train_counts": np.bincount(
+                        [s.label for s in self.splits.train], minlength=len(self.classes)
+                    ).tolist(),
+                },
             )
             summary = {
                 "best_epoch": best[0] + 1,

@@ -69,7 +69,7 @@ class ImageClassifier(nn.Module):
         backbone.reset_classifier(0)
         self.backbone = backbone
         self.pooling_name = pooling
-        self.pool = create_pooling(pooling)
+        self.pool = create_pooling(pooling, channels=backbone.num_features)
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(backbone.num_features, num_classes)
         msra_init_(self.head)

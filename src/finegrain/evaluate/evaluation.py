@@ -1,0 +1,146 @@
+"""`finegrain evaluate MODEL [MODEL...] DATA`: one model or an ensemble, with TTA, on a labelled split.
+
+Writes to the output folder (each file atomically): metrics.json (the summary of evaluate/summary.py, the TTA,
+timing, skipped files, the resolved settings), predictions.csv (path, true, predicted, probability, top-5),
+proba.npz (probabilities, labels, paths: what the report and later analyses read) and config.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
+from finegrain.errors import FinegrainError
+from finegrain.evaluate.tta import TTA
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    models: tuple[str, ...]
+    data: str
+    out: str | None = None
+    split: str = "test"
+    tta: str = "none"
+    sizes: tuple[int, ...] = ()
+    batch_size: int = 32
+    workers: int | None = None
+    precision: str = "auto"
+    device: str = "cpu"
+    bootstrap: int = 1000
+    seed: int = 0
+    many: int = 100
+    few: int = 20
+    extra: dict = field(default_factory=dict)
+
+
+def samples_for_model(data: str, split: str, classes: Sequence[str]):
+    """The `split` of a dataset, with labels re-indexed to the model's class order."""
+    from finegrain.data import load_image_set
+
+    image_set = load_image_set(data)
+    samples = image_set.split(split) if split in image_set.splits else None
+    if samples is None:
+        if image_set.splits == ["all"] and split in ("test", "all"):
+            samples = image_set.split("all")
+        else:
+            raise FinegrainError(f"no split {split!r} in {data}; splits here: {', '.join(image_set.splits)}")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({image_set.classes[s.label] for s in samples} - index.keys())
+    if unknown:
+        raise FinegrainError(
+            f"{len(unknown)} class(es) of {data} are unknown to the model (e.g. {unknown[0]!r}): "
+            "evaluate on data with the classes it was trained on"
+        )
+    paths = [s.path for s in samples]
+    labels = np.array([index[image_set.classes[s.label]] for s in samples], dtype=np.int64)
+    train_counts = None
+    if "train" in image_set.splits:
+        counts = np.zeros(len(classes), dtype=np.int64)
+        for s in image_set.split("train"):
+            name = image_set.classes[s.label]
+            if name in index:
+                counts[index[name]] += 1
+        train_counts = counts
+    return paths, labels, train_counts
+
+
+def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.summary import summarize
+    from finegrain.model_io import load
+
+    if not cfg.models:
+        raise FinegrainError("give at least one model (a run folder of `finegrain train` or its model/ folder)")
+    predictors = [load(m, device=cfg.device) for m in cfg.models]
+    classes = predictors[0].classes
+    tta = TTA.parse(cfg.tta, cfg.sizes)
+    paths, labels, data_counts = samples_for_model(cfg.data, cfg.split, classes)
+    # training counts: what the model saw (saved with it) beats what the data folder holds
+    meta_counts = predictors[0].meta.get("train_counts")
+    train_counts = np.asarray(meta_counts) if meta_counts is not None else data_counts
+    pred = predict_paths(
+        predictors,
+        paths,
+        tta=tta,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        precision=cfg.precision,
+        progress=progress,
+        desc="evaluate",
+    )
+    if len(pred.index) == 0:
+        raise FinegrainError(f"none of the {len(paths)} images of {cfg.data} could be read")
+    y = labels[pred.index]
+    summary = summarize(
+        pred.proba,
+        y,
+        classes,
+        train_counts=train_counts,
+        many=cfg.many,
+        few=cfg.few,
+        n_boot=cfg.bootstrap,
+        seed=cfg.seed,
+    )
+    summary.update(
+        {
+            "models": list(cfg.models),
+            "tta": {"spec": tta.describe(), "views": tta.n_views(), **asdict(tta)},
+            "seconds": round(pred.seconds, 2),
+            "images_per_second": round(pred.images_per_second, 2),
+            "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
+            "train_counts_from": "model" if meta_counts is not None else ("data" if data_counts is not None else None),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        }
+    )
+    if cfg.out:
+        write_evaluation(cfg, summary, pred, paths, y, classes)
+    return summary
+
+
+def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes) -> None:
+    import yaml
+
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(summary["config"], sort_keys=False))
+    atomic_write_json(os.path.join(cfg.out, "metrics.json"), summary)
+    kept = [paths[i] for i in pred.index]
+    top = np.argsort(-pred.proba, axis=1)[:, :5]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true", "predicted", "probability", "correct", "top5"])
+    for path, t, row, p in zip(kept, y, top, pred.proba):
+        w.writerow(
+            [path, classes[t], classes[row[0]], f"{p[row[0]]:.6f}", int(row[0] == t), "|".join(classes[j] for j in row)]
+        )
+    atomic_write_text(os.path.join(cfg.out, "predictions.csv"), buf.getvalue())
+
+    def _npz(f):
+        np.savez_compressed(f, proba=pred.proba, y=y, paths=np.asarray(kept), classes=np.asarray(classes))
+
+    atomic_write(os.path.join(cfg.out, "proba.npz"), _npz)

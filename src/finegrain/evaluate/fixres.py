@@ -1,0 +1,170 @@
+"""FixRes (Touvron et al., 2019): adapt a trained model to a higher test resolution.
+
+Training crops (RandomResizedCrop) show objects larger than the centre crop at the same size does, so a model is
+often better tested at a higher resolution, once the statistics that depend on it are fixed. `fix_resolution`:
+1. sets the preprocessing to the new size (same crop_pct),
+2. re-estimates every BatchNorm's running mean/variance on training images seen as at test time (cumulative
+   average over the images, the rest of the network in eval mode),
+3. fine-tunes the linear classifier on the pooled features of those images at the new size (a few epochs from its
+   current weights, at a small learning rate), unless `head_epochs=0`.
+The result is saved as a new model folder that `finegrain.load` reads like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finegrain.errors import FinegrainError
+
+
+def _loader(paths, pre, batch_size, workers):
+    from finegrain.embed.extract import DecodedImages, collate_decoded
+
+    return DataLoader(
+        DecodedImages(paths, pre),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, paths: Sequence[str], pre, *, batch_size=32, workers=None, flip=True, precision="fp32"
+) -> int:
+    """Re-estimate BatchNorm running statistics on `paths` at `pre`'s geometry; returns the images used."""
+    from finegrain.embed.extract import default_num_workers
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    model.eval()
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch counts equally
+        bn.train()
+    device = next(model.parameters()).device
+    n = 0
+    try:
+        for batch, _, _ in _loader(paths, pre, batch_size, default_num_workers() if workers is None else workers):
+            if batch is None:
+                continue
+            x = pre.normalize(batch.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model(x)
+                if flip:
+                    model(x.flip(-1))
+            n += len(x)
+    finally:
+        for bn, (momentum, _) in zip(bns, saved):
+            bn.momentum = momentum
+        model.eval()
+    if n == 0:
+        raise FinegrainError("no training image could be read to re-estimate BatchNorm statistics")
+    return n
+
+
+@torch.no_grad()
+def _pooled(model, paths, pre, labels, *, batch_size, workers, precision):
+    from finegrain.embed.extract import default_num_workers
+
+    feats, ys = [], []
+    device = next(model.parameters()).device
+    for batch, positions, _ in _loader(paths, pre, batch_size, default_num_workers() if workers is None else workers):
+        if batch is None:
+            continue
+        x = pre.normalize(batch.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            f = model.pool(model.forward_features(x))
+            f2 = model.pool(model.forward_features(x.flip(-1)))
+        feats += [f.float().cpu(), f2.float().cpu()]
+        ys += [torch.as_tensor(labels[positions])] * 2
+    return torch.cat(feats), torch.cat(ys)
+
+
+def finetune_head(model, feats, labels, *, epochs=5, lr=0.01, weight_decay=1e-4, label_smoothing=0.1, seed=0) -> None:
+    """A few epochs of SGD on the head alone, from its current weights, on fixed pooled features."""
+    gen = torch.Generator().manual_seed(seed)
+    head = model.head
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    n = len(feats)
+    steps = epochs * ((n + 63) // 64)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(n, generator=gen).split(64):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(head(feats[idx].to(head.weight.device)), labels[idx].to(head.weight.device)).backward()
+                opt.step()
+                sched.step()
+
+
+def fix_resolution(
+    predictor,
+    train_paths: Sequence[str],
+    train_labels: np.ndarray,
+    size: int,
+    *,
+    head_epochs: int = 5,
+    head_lr: float = 0.01,
+    max_bn_images: int | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+):
+    """A copy of the loaded model adapted to test at `size` pixels: returns a new Predictor (not saved)."""
+    from finegrain.embed.extract import resolve_precision
+    from finegrain.model_io import Predictor
+
+    if size < 32:
+        raise FinegrainError(f"test size must be at least 32 pixels; got {size}")
+    model = copy.deepcopy(predictor.model).eval()
+    pre = predictor.preprocess.with_size(size)
+    model.backbone.preprocess = pre
+    rng = np.random.default_rng(seed)
+    bn_paths = list(train_paths)
+    if max_bn_images and len(bn_paths) > max_bn_images:
+        bn_paths = [bn_paths[i] for i in sorted(rng.choice(len(bn_paths), max_bn_images, replace=False))]
+    prec = resolve_precision(precision, predictor.device)
+    n_bn = recalibrate_batchnorm(model, bn_paths, pre, batch_size=batch_size, workers=workers, precision=prec)
+    info = {"size": size, "bn_images": n_bn, "head_epochs": head_epochs, "head_lr": head_lr}
+    if head_epochs > 0:
+        if not isinstance(model.head, nn.Linear):
+            raise FinegrainError("the FixRes head fine-tuning needs a linear head; pass head_epochs=0")
+        feats, ys = _pooled(
+            model,
+            list(train_paths),
+            pre,
+            np.asarray(train_labels),
+            batch_size=batch_size,
+            workers=workers,
+            precision=prec,
+        )
+        finetune_head(model, feats, ys, epochs=head_epochs, lr=head_lr, seed=seed)
+        info["head_images"] = len(ys) // 2
+    meta = {**predictor.meta, "preprocess": pre.to_dict(), "fixres": info}
+    return Predictor(model, predictor.classes, meta, str(predictor.device))
+
+
+def save_predictor(predictor, folder: str) -> str:
+    """Write a (FixRes-adapted) Predictor as a model folder."""
+    from finegrain.model_io import export_model
+
+    keep = {
+        k: v
+        for k, v in predictor.meta.items()
+        if k not in ("format", "backbone", "source", "preprocess", "pooling", "head", "num_classes", "classes")
+    }
+    os.makedirs(folder, exist_ok=True)
+    return export_model(predictor.model, folder, classes=predictor.classes, extra=keep)
