@@ -79,3 +79,27 @@ def chromium():
     if path is None:
         pytest.skip("Debian's chromium is not installed: apt-get install chromium")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_data, tmp_path_factory):
+    """A real lite0 run (64 px, last:1, 3 epochs) on the tiny three-colour data: shared by the evaluation tests."""
+    out = tmp_path_factory.mktemp("eval-run") / "run"
+    from finegrain.config import TrainConfig
+    from finegrain.train.engine import train
+
+    cfg = TrainConfig(
+        data=train_data,
+        out=str(out),
+        backbone="efficientnet_lite0",
+        image_size=64,
+        regime="last:1",
+        epochs=3,
+        batch_size=8,
+        workers=0,
+        lr=0.05,
+        val_fraction=0.0,
+        warmup_epochs=0.5,
+    )
+    train(cfg, progress=False)
+    return str(out)

@@ -12,32 +12,9 @@ from PIL import Image
 import finegrain
 from finegrain.backbones import Preprocess
 from finegrain.cli.main import main
-from finegrain.config import TrainConfig
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.summary import calibration, summarize
 from finegrain.evaluate.tta import TTA, image_views
-from finegrain.train.engine import train
-
-
-@pytest.fixture(scope="session")
-def trained_run(train_data, tmp_path_factory):
-    """A real lite0 run (64 px, last:1, 3 epochs) on the tiny three-colour data: shared by the evaluation tests."""
-    out = tmp_path_factory.mktemp("eval-run") / "run"
-    cfg = TrainConfig(
-        data=train_data,
-        out=str(out),
-        backbone="efficientnet_lite0",
-        image_size=64,
-        regime="last:1",
-        epochs=3,
-        batch_size=8,
-        workers=0,
-        lr=0.05,
-        val_fraction=0.0,
-        warmup_epochs=0.5,
-    )
-    train(cfg, progress=False)
-    return str(out)
 
 
 # ---- TTA -------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,401 @@
+"""`finegrain report RUN`: one self-contained HTML page about a training run.
+
+Sections: data summary (class-count histogram), resolved config, learning curves, metrics with bootstrap intervals
+and the reliability diagram, confusion-matrix heatmap, per-class accuracy against training frequency, most-confused
+pairs with example images, CAM gallery, nearest training images for mistakes, and a 2-D map of the representations.
+One pass over the test split gives the model's probabilities and pooled features; one over train gives the
+features the nearest-neighbour gallery searches.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from finegrain.errors import FinegrainError
+from finegrain.report.html import (
+    Section,
+    escape,
+    figure_to_img,
+    pil_to_img,
+    png_to_img,
+    raw_table,
+    render_report,
+    table,
+)
+
+
+def _figure(w=6.4, h=4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+@torch.no_grad()
+def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progress=False, desc="report"):
+    """One plain pass: pooled features [N, D], probabilities [N, C], kept positions [N], skipped [(path, why)]."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from finegrain.embed.extract import DecodedImages, collate_decoded, default_num_workers, resolve_precision
+
+    model, pre = predictor.model.eval(), predictor.preprocess
+    prec = resolve_precision("auto", predictor.device)
+    loader = DataLoader(
+        DecodedImages(paths, pre),
+        batch_size=batch_size,
+        num_workers=default_num_workers() if workers is None else workers,
+        collate_fn=collate_decoded,
+    )
+    feats, proba, index, skipped = [], [], [], []
+    for batch, positions, failed in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        skipped += [(paths[i], r) for i, r in failed]
+        if batch is None:
+            continue
+        x = pre.normalize(batch.to(predictor.device))
+        with torch.autocast(predictor.device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+            f = model.pool(model.forward_features(x))
+            logits = model.head(f.to(model.head.weight.dtype))
+        feats.append(f.float().cpu().numpy())
+        proba.append(logits.float().softmax(-1).cpu().numpy())
+        index += positions
+    if not index:
+        raise FinegrainError("no image of the split could be read")
+    return np.concatenate(feats), np.concatenate(proba), np.asarray(index), skipped
+
+
+def _thumb(path, size=128) -> str:
+    from finegrain.data import load_image
+
+    try:
+        return pil_to_img(load_image(path, min_side=size), alt=os.path.basename(path), max_side=size)
+    except Exception:  # noqa: BLE001 - an unreadable file shows as text, the report still renders
+        return escape(f"(unreadable: {os.path.basename(path)})")
+
+
+def _short(name: str) -> str:
+    return name.split(".", 1)[1] if "." in name and name.split(".", 1)[0].isdigit() else name
+
+
+# ---- sections ------------------------------------------------------------------------------------------------------
+def _data_section(classes, train_counts, n_test, skipped) -> Section:
+    rows = [["classes", len(classes)], ["test images evaluated", n_test]]
+    body = ""
+    if train_counts is not None:
+        counts = np.asarray(train_counts)
+        rows += [
+            ["training images", int(counts.sum())],
+            ["images per class (min / median / max)", f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"],
+            ["imbalance ratio (max / min)", round(float(counts.max() / max(counts.min(), 1)), 2)],
+        ]
+        fig = _figure(7.5, 3.2)
+        ax = fig.add_subplot()
+        order = np.argsort(-counts, kind="stable")
+        ax.bar(np.arange(len(counts)), counts[order], width=1.0, color="tab:blue")
+        ax.set_xlabel("classes, sorted by training images")
+        ax.set_ylabel("training images")
+        ax.set_title("class-count histogram", fontsize=10)
+        fig.tight_layout()
+        body = figure_to_img(fig, alt="class-count histogram")
+    rows.append(["files skipped (unreadable)", len(skipped)])
+    html = table(["", ""], rows) + body
+    if skipped:
+        html += "<h3>Skipped files</h3>" + table(["file", "reason"], [[p, r] for p, r in skipped[:50]])
+    return Section("data", "Data", html)
+
+
+def _config_section(run) -> Section:
+    path = os.path.join(run, "config.yaml")
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "(no config.yaml in the run folder)"
+    return Section("config", "Resolved config", f"<pre>{escape(text)}</pre>")
+
+
+def _curves_section(run) -> Section:
+    path = os.path.join(run, "metrics.csv")
+    if not os.path.exists(path):
+        return Section("curves", "Learning curves", "<p>No metrics.csv in the run folder.</p>")
+    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    ep = [int(r["epoch"]) for r in rows]
+
+    def col(k):
+        return [float(r[k]) if r.get(k) not in (None, "", "nan") else np.nan for r in rows]
+
+    fig = _figure(9, 3.4)
+    a1, a2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a1.plot(ep, col("train_loss"), marker="o", label="train loss")
+    if not np.all(np.isnan(col("val_loss"))):
+        a1.plot(ep, col("val_loss"), marker="o", label="val loss")
+    a2.plot(ep, col("train_top1"), marker="o", label="train top-1")
+    if not np.all(np.isnan(col("val_top1"))):
+        a2.plot(ep, col("val_top1"), marker="o", label="val top-1")
+    for a, t in ((a1, "loss"), (a2, "accuracy")):
+        a.set_xlabel("epoch")
+        a.set_title(t, fontsize=10)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    return Section("curves", "Learning curves", figure_to_img(fig, alt="learning curves"))
+
+
+def _metrics_section(summary) -> Section:
+    m, ci = summary["metrics"], summary["intervals"]
+    names = {
+        "top1": "top-1",
+        "top5": "top-5",
+        "mean_per_class": "mean per-class (balanced) accuracy",
+        "macro_f1": "macro F1",
+        "ece": "expected calibration error",
+        "many_shot": "many-shot accuracy",
+        "medium_shot": "medium-shot accuracy",
+        "few_shot": "few-shot accuracy",
+    }
+    rows = []
+    for k, label in names.items():
+        if k in m:
+            lo_hi = ci.get(k)
+            rows.append([label, m[k], f"{lo_hi[0]:.4f} – {lo_hi[1]:.4f}" if lo_hi else None])
+    cal = summary["calibration"]
+    fig = _figure(4.2, 4.0)
+    ax = fig.add_subplot()
+    used = [b for b in cal["bins"] if b["count"]]
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used], width=1 / cal["n_bins"],
+           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram (ECE {cal['ece']:.3f})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    n_boot = summary["bootstrap"]["resamples"]
+    html = table(["metric", "value", f"95% interval ({n_boot} bootstrap resamples)"], rows) + figure_to_img(
+        fig, alt="reliability diagram"
+    )
+    return Section("metrics", "Metrics", html)
+
+
+def _confusion_section(summary, classes) -> Section:
+    cm = np.asarray(summary["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = min(11.0, 3 + 0.08 * len(classes))
+    fig = _figure(size, size * 0.9)
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if len(classes) <= 30:
+        ax.set_xticks(range(len(classes)), [_short(c) for c in classes], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), [_short(c) for c in classes], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.tight_layout()
+    worst = sorted(summary["per_class"], key=lambda r: (r["recall"], r["class"]))[:10]
+    rows = [[_short(r["class"]), r["precision"], r["recall"], r["f1"], r["support"]] for r in worst]
+    html = figure_to_img(fig, alt="confusion matrix") + "<h3>Weakest classes</h3>"
+    html += table(["class", "precision", "recall", "F1", "test images"], rows)
+    return Section("confusion", "Confusion matrix", html)
+
+
+def _frequency_section(summary, train_counts) -> Section:
+    from finegrain.evaluate.longtail import per_class_vs_frequency_plot
+
+    if train_counts is None:
+        return Section("frequency", "Accuracy against training frequency", "<p>Training counts unknown.</p>")
+    acc = [r["recall"] if r["support"] else np.nan for r in summary["per_class"]]
+    many = int(summary["shot_thresholds"]["many"].split()[-1])
+    few = int(summary["shot_thresholds"]["few"].split()[-1])
+    with tempfile.TemporaryDirectory() as d:
+        path = per_class_vs_frequency_plot(acc, train_counts, os.path.join(d, "f.png"), many=many, few=few)
+        png = path.read_bytes()
+    return Section("frequency", "Accuracy against training frequency", png_to_img(png, alt="per-class accuracy"))
+
+
+def _confused_section(summary, classes, test_paths, y, pred, train_by_class) -> Section:
+    rows = []
+    for pair in summary["most_confused"][:8]:
+        t, p = pair["true_index"], pair["predicted_index"]
+        wrong = [i for i in np.nonzero((y == t) & (pred == p))[0][:2]]
+        example = train_by_class.get(p, [])[:1]
+        rows.append(
+            [
+                _short(pair["true"]),
+                _short(pair["predicted"]),
+                pair["count"],
+                " ".join(_thumb(test_paths[i], 112) for i in wrong),
+                " ".join(_thumb(e, 112) for e in example) or "–",
+            ]
+        )
+    if not rows:
+        return Section("confused", "Most-confused pairs", "<p>No mistakes on this split.</p>")
+    header = ["true class", "predicted as", "times", "test images (true class)", "training image of the prediction"]
+    return Section(
+        "confused", "Most-confused pairs", raw_table(header, [[escape(c) for c in r[:3]] + r[3:] for r in rows])
+    )
+
+
+def _cam_section(predictor, test_paths, y, pred, n) -> Section:
+    from finegrain.explain import explain_images, overlay
+
+    wrong = list(np.nonzero(pred != y)[0][: n // 2])
+    right = list(np.nonzero(pred == y)[0][: n - len(wrong)])
+    cells = []
+    for i in wrong + right:
+        try:
+            (e,) = explain_images(predictor, [test_paths[i]])
+        except Exception:  # noqa: BLE001 - skip an unreadable image, keep the gallery
+            continue
+        ok = "✓" if pred[i] == y[i] else "✗"
+        caption = (
+            f"{ok} {_short(e.predicted)} ({e.probability:.2f}); true {_short(predictor.classes[y[i]])} [{e.method}]"
+        )
+        img = pil_to_img(overlay(e.view, e.heatmap, e.box), alt=caption, max_side=160)
+        cells.append(f"<figure class='g'>{img}<figcaption>{escape(caption)}</figcaption></figure>")
+    style = "<style>.g{display:inline-block;margin:4px;width:170px;vertical-align:top;font-size:11px}</style>"
+    return Section("cam", "Where the model looks (CAM gallery)", style + "".join(cells) or "<p>No images.</p>")
+
+
+def _neighbours_section(test_paths, test_feats, y, pred, train_paths, train_feats, train_y, classes, n) -> Section:
+    if train_feats is None or not len(train_feats):
+        return Section("neighbours", "Nearest training images of mistakes", "<p>No training split to search.</p>")
+    a = test_feats / np.maximum(np.linalg.norm(test_feats, axis=1, keepdims=True), 1e-12)
+    b = train_feats / np.maximum(np.linalg.norm(train_feats, axis=1, keepdims=True), 1e-12)
+    rows = []
+    for i in np.nonzero(pred != y)[0][:n]:
+        nn = np.argsort(-(b @ a[i]))[:5]
+        cells = [
+            f"<figure class='g'>{_thumb(train_paths[j], 96)}<figcaption>{escape(_short(classes[train_y[j]]))}"
+            "</figcaption></figure>"
+            for j in nn
+        ]
+        rows.append(
+            [
+                f"{_thumb(test_paths[i], 112)}<br>true {escape(_short(classes[y[i]]))}<br>"
+                f"predicted {escape(_short(classes[pred[i]]))}",
+                "".join(cells),
+            ]
+        )
+    if not rows:
+        return Section("neighbours", "Nearest training images of mistakes", "<p>No mistakes on this split.</p>")
+    return Section(
+        "neighbours",
+        "Nearest training images of mistakes",
+        raw_table(["mistake", "5 nearest training images (cosine, the model's pooled features)"], rows),
+    )
+
+
+def _map_section(feats, y, pred, classes, max_points, seed) -> Section:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(feats), min(max_points, len(feats)), replace=False))
+    x = feats[idx] / np.maximum(np.linalg.norm(feats[idx], axis=1, keepdims=True), 1e-12)
+    if len(x) >= 10:
+        x = PCA(n_components=min(50, x.shape[1], len(x) - 1), random_state=seed).fit_transform(x)
+        perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        how = "t-SNE of the L2-normalised pooled features (PCA to 50 first)"
+    else:
+        xy = PCA(n_components=2).fit_transform(x) if len(x) > 2 else np.zeros((len(x), 2))
+        how = "PCA of the L2-normalised pooled features"
+    fig = _figure(7, 6)
+    ax = fig.add_subplot()
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    ok = pred[idx] == y[idx]
+    ax.scatter(xy[ok, 0], xy[ok, 1], c=[cmap(v % 20) for v in y[idx][ok]], s=8, alpha=0.8, label="correct")
+    ax.scatter(xy[~ok, 0], xy[~ok, 1], c="black", marker="x", s=14, label="mistake")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8)
+    ax.set_title(f"{len(idx)} test images, coloured by true class", fontsize=10)
+    fig.tight_layout()
+    return Section("map", "Map of the representations", f"<p>{escape(how)}.</p>" + figure_to_img(fig, alt="2-D map"))
+
+
+# ---- the report ----------------------------------------------------------------------------------------------------
+def build_run_report(
+    run: str,
+    *,
+    data: str | None = None,
+    out: str | None = None,
+    split: str = "test",
+    tta: str = "none",
+    gallery: int = 12,
+    max_map_points: int = 2000,
+    max_train: int = 5000,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> str:
+    import yaml
+
+    from finegrain.atomic import atomic_write_json
+    from finegrain.evaluate.evaluation import samples_for_model
+    from finegrain.evaluate.summary import summarize
+    from finegrain.model_io import load
+
+    predictor = load(run)
+    cfg_path = os.path.join(run, "config.yaml")
+    run_cfg = yaml.safe_load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+    data = data or run_cfg.get("data")
+    if not data:
+        raise FinegrainError(f"{run} has no config.yaml naming its data: pass --data FOLDER")
+    classes = predictor.classes
+    test_paths, test_labels, data_counts = samples_for_model(data, split, classes)
+    feats, proba, index, skipped = features_and_proba(predictor, test_paths, progress=progress, desc="report: test")
+    if tta and tta != "none":
+        from finegrain.evaluate.inference import predict_paths
+        from finegrain.evaluate.tta import TTA
+
+        p = predict_paths(predictor, [test_paths[i] for i in index], tta=TTA.parse(tta), progress=progress)
+        proba = p.proba
+    test_paths = [test_paths[i] for i in index]
+    y = test_labels[index]
+    pred = proba.argmax(1)
+    counts = predictor.meta.get("train_counts")
+    train_counts = np.asarray(counts) if counts is not None else data_counts
+    summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)
+    summary["tta"] = tta
+
+    train_paths, train_y, train_feats = [], np.zeros(0, int), None
+    if data_counts is not None:
+        tp, ty, _ = samples_for_model(data, "train", classes)
+        if len(tp) > max_train:
+            keep = np.sort(np.random.default_rng(seed).choice(len(tp), max_train, replace=False))
+            tp, ty = [tp[i] for i in keep], ty[keep]
+        train_feats, _, tidx, _ = features_and_proba(predictor, tp, progress=progress, desc="report: train")
+        train_paths, train_y = [tp[i] for i in tidx], ty[tidx]
+    train_by_class: dict[int, list[str]] = {}
+    for p, c in zip(train_paths, train_y):
+        train_by_class.setdefault(int(c), []).append(p)
+
+    sections = [
+        _data_section(classes, train_counts, len(y), skipped),
+        _config_section(run),
+        _curves_section(run),
+        _metrics_section(summary),
+        _confusion_section(summary, classes),
+        _frequency_section(summary, train_counts),
+        _confused_section(summary, classes, test_paths, y, pred, train_by_class),
+        _cam_section(predictor, test_paths, y, pred, gallery),
+        _neighbours_section(test_paths, feats, y, pred, train_paths, train_feats, train_y, classes, gallery),
+        _map_section(feats, y, pred, classes, max_map_points, seed),
+    ]
+    out = out or os.path.join(run, "report.html")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_json(os.path.splitext(out)[0] + "-metrics.json", summary)
+    m = summary["metrics"]
+    subtitle = (
+        f"{predictor.meta.get('backbone')} · regime {predictor.meta.get('regime', '?')} · {split} split, "
+        f"{len(y)} images · top-1 {m['top1']:.3f} · mean per-class {m['mean_per_class']:.3f}"
+    )
+    return render_report(
+        f"finegrain report: {os.path.basename(os.path.abspath(run))}", sections, out, subtitle=subtitle
+    )
