@@ -43,6 +43,7 @@ def accuracy(args) -> None:
         out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}")
         shutil.rmtree(out, ignore_errors=True)
         opts = {**opts, **({"epochs": args.epochs} if args.epochs else {})}
+        opts = {**opts, **({"cache_views": args.cache_views} if args.cache_views is not None else {})}
         cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
         r = train(cfg, progress=False)
         results[name] = {
@@ -58,8 +59,18 @@ def accuracy(args) -> None:
             ],
         }
         print(name, {k: v for k, v in results[name].items() if k != "curve"}, flush=True)
-    probe = _best_probe()
-    record("finetune.json", f"accuracy_budget_{args.budget:g}min", {"regimes": results, "best_probe": probe})
+        probe = _best_probe()
+        key = f"accuracy_budget_{args.budget:g}min"
+        earlier = _load_results().get(key, {}).get("regimes", {})  # other regimes of the same budget (--only runs)
+        record("finetune.json", key, {"regimes": {**earlier, **results}, "best_probe": probe})
+
+
+def _load_results() -> dict:
+    path = os.path.join(ROOT, "bench", "results", "finetune.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _best_probe() -> dict | None:
@@ -202,6 +213,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=10.0, help="minutes per regime")
     p.add_argument("--only", help="comma list of regimes")
     p.add_argument("--epochs", type=int, help="planned epochs for every regime (the budget may plan fewer)")
+    p.add_argument("--cache-views", type=int, help="augmented views the cached trunk runs over (head, last:K)")
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)

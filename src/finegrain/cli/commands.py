@@ -257,7 +257,14 @@ def cmd_fixres(args: argparse.Namespace) -> int:
     predictor = load(args.model)
     paths, labels, _ = samples_for_model(args.data, args.split, predictor.classes)
     fixed = fix_resolution(
-        predictor, paths, labels, args.size, head_epochs=args.head_epochs, head_lr=args.head_lr, seed=args.seed
+        predictor,
+        paths,
+        labels,
+        args.size,
+        head_epochs=args.head_epochs,
+        head_lr=args.head_lr,
+        max_images=args.max_images,
+        seed=args.seed,
     )
     save_predictor(fixed, args.out)
     info = fixed.meta["fixres"]

@@ -85,9 +85,8 @@ def _pooled(model, paths, pre, labels, *, batch_size, workers, precision):
         x = pre.normalize(batch.to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             f = model.pool(model.forward_features(x))
-            f2 = model.pool(model.forward_features(x.flip(-1)))
-        feats += [f.float().cpu(), f2.float().cpu()]
-        ys += [torch.as_tensor(labels[positions])] * 2
+        feats.append(f.float().cpu())
+        ys.append(torch.as_tensor(labels[positions]))
     return torch.cat(feats), torch.cat(ys)
 
 
@@ -117,13 +116,15 @@ def fix_resolution(
     *,
     head_epochs: int = 5,
     head_lr: float = 0.01,
-    max_bn_images: int | None = None,
+    max_images: int | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     precision: str = "auto",
     seed: int = 0,
 ):
-    """A copy of the loaded model adapted to test at `size` pixels: returns a new Predictor (not saved)."""
+    """A copy of the loaded model adapted to test at `size` pixels: returns a new Predictor (not saved).
+
+    max_images: use a seeded random subset of the training images (both steps) to bound the cost."""
     from finegrain.embed.extract import resolve_precision
     from finegrain.model_io import Predictor
 
@@ -133,9 +134,11 @@ def fix_resolution(
     pre = predictor.preprocess.with_size(size)
     model.backbone.preprocess = pre
     rng = np.random.default_rng(seed)
-    bn_paths = list(train_paths)
-    if max_bn_images and len(bn_paths) > max_bn_images:
-        bn_paths = [bn_paths[i] for i in sorted(rng.choice(len(bn_paths), max_bn_images, replace=False))]
+    train_paths, train_labels = list(train_paths), np.asarray(train_labels)
+    if max_images and len(train_paths) > max_images:  # a seeded random subset serves both steps
+        keep = np.sort(rng.choice(len(train_paths), max_images, replace=False))
+        train_paths, train_labels = [train_paths[i] for i in keep], train_labels[keep]
+    bn_paths = train_paths
     prec = resolve_precision(precision, predictor.device)
     n_bn = recalibrate_batchnorm(model, bn_paths, pre, batch_size=batch_size, workers=workers, precision=prec)
     info = {"size": size, "bn_images": n_bn, "head_epochs": head_epochs, "head_lr": head_lr}
@@ -152,7 +155,7 @@ def fix_resolution(
             precision=prec,
         )
         finetune_head(model, feats, ys, epochs=head_epochs, lr=head_lr, seed=seed)
-        info["head_images"] = len(ys) // 2
+        info["head_images"] = len(ys)
     meta = {**predictor.meta, "preprocess": pre.to_dict(), "fixres": info}
     return Predictor(model, predictor.classes, meta, str(predictor.device))
 

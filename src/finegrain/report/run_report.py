@@ -105,7 +105,7 @@ def _data_section(classes, train_counts, n_test, skipped) -> Section:
         fig.tight_layout()
         body = figure_to_img(fig, alt="class-count histogram")
     rows.append(["files skipped (unreadable)", len(skipped)])
-    html = table(["", ""], rows) + body
+    html = table(["statistic", "value"], rows) + body
     if skipped:
         html += "<h3>Skipped files</h3>" + table(["file", "reason"], [[p, r] for p, r in skipped[:50]])
     return Section("data", "Data", html)
