@@ -135,6 +135,7 @@ class TrainConfig:
     clip_grad: float | None = None
     freeze_bn: bool = False
     cache_views: int = 0  # >0: run the frozen trunk once over this many augmented views per image (head, last:K)
+    head_init: str = "msra"  # msra | probe: fit the new head on frozen features first (LP-FT, Kumar et al. 2022)
     val_fraction: float = 0.1  # carved from train (stratified, seeded) when the data has no val split
     early_stop: int | None = None  # patience in epochs on validation top-1
     precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU training

@@ -222,3 +222,29 @@ def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
     assert len(r.history) < 50 and trainer.planned_epochs == len(r.history)
     final_step = trainer.planned_epochs * trainer.steps_per_epoch - 1
     assert trainer.schedule.lr_factor(final_step) < 0.05  # the cosine reached (nearly) its end inside the budget
+
+
+@pytest.mark.parametrize("cache_views", [0, 2])
+def test_probe_head_init_starts_from_a_fitted_linear_probe(data, tmp_path, cache_views):
+    """LP-FT: before any epoch, the head fitted on frozen features already classifies the validation split."""
+    from finegrain.train.engine import Trainer
+
+    cfg = _cfg(data, tmp_path / f"lp{cache_views}", head_init="probe", cache_views=cache_views, val_fraction=0.34)
+    trainer = Trainer(cfg, progress=False)
+    before = trainer.evaluate(trainer.splits.val)["top1"]
+    if cache_views:
+        trainer.build_caches()
+    info = trainer.probe_init_head()
+    after = trainer.evaluate(trainer.splits.val)["top1"]
+    assert info["l2"] in (1e-4, 1e-3, 1e-2) and set(info["val_top1_by_l2"]) == {1e-4, 1e-3, 1e-2}
+    assert after == pytest.approx(info["val_top1"], abs=0.09)  # what the probe scored is what the model now scores
+    assert after >= 0.6 and after > before  # the random MSRA head is at chance (1/3) on the three colours
+    result = trainer.fit()
+    assert result.test_metrics["top1"] >= 0.75
+
+
+def test_head_init_must_be_known(data, tmp_path):
+    from finegrain.train.engine import Trainer
+
+    with pytest.raises(FinegrainError, match="head_init"):
+        Trainer(_cfg(data, tmp_path / "x", head_init="zeros"), progress=False)

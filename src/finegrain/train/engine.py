@@ -89,6 +89,10 @@ class Trainer:
         self.dist = DistContext.from_env(cfg.device)
         self.device = self.dist.device
         self.regime = Regime.parse(cfg.regime)
+        if cfg.head_init not in ("msra", "probe"):
+            raise FinegrainError(
+                f"head_init must be msra or probe (a linear probe on frozen features); got {cfg.head_init!r}"
+            )
         _check_options(cfg)
         seed_all(cfg.seed)
         self.image_set = image_set if image_set is not None else load_image_set(cfg.data)
@@ -226,6 +230,59 @@ class Trainer:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
+
+    # ---- LP-FT: the head starts as a linear probe on the frozen network's features -------------------------------
+    @torch.no_grad()
+    def _head_inputs(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [N, D] and labels of the train or val split through the network as it is now (eval)."""
+        from finegrain.train.augment import build_eval_transform
+
+        model = self.model.eval()
+        cache = self.train_cache if which == "train" else self.val_cache
+        samples = self.splits.train if which == "train" else self.splits.val
+        frozen = self.regime.frozen_stages(model)
+        view = stage_view(model.backbone.model) if frozen else None
+
+        def pooled(x, cached):
+            if not cached:
+                return model.pool(model.forward_features(x))
+            if frozen is None:
+                return model.pool(x) if has_learned_pooling(model.pool) else x
+            for m in view.stages[frozen:] + view.post:
+                x = m(x)
+            return model.pool(x)
+
+        if cache is not None:
+            batches = ((h.to(self.device), y) for h, y in cache.batches(batch_size=self.cfg.batch_size, generator=None))
+        else:
+            loader = self._loader(samples, build_eval_transform(model.preprocess), shuffle=False, epoch=0)
+            batches = ((self._to_input(x), y) for x, y, _, _ in loader if x is not None)
+        feats, ys = [], []
+        for x, y in batches:
+            with self._autocast():
+                feats.append(pooled(x, cache is not None).float().cpu())
+            ys.append(y.cpu())
+        return torch.cat(feats), torch.cat(ys)
+
+    def probe_init_head(self) -> dict:
+        """Fit the head as an L2-regularised logistic regression on frozen features (L-BFGS), the penalty chosen
+        on the validation split when there is one; fine-tuning then starts from it (LP-FT)."""
+        from finegrain.train.probe_init import fit_linear_head
+
+        if self.dist.enabled:
+            raise FinegrainError("head_init=probe runs in a single process; start the run without torchrun")
+        if not isinstance(self.model.head, torch.nn.Linear):
+            raise FinegrainError("head_init=probe needs a linear head (not normed_head=true)")
+        x, y = self._head_inputs("train")
+        val = self._head_inputs("val") if self.splits.val else None
+        w, b, info = fit_linear_head(x, y, len(self.classes), val=val)
+        with torch.no_grad():
+            self.model.head.weight.copy_(w.to(self.model.head.weight))
+            self.model.head.bias.copy_(b.to(self.model.head.bias))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+        self.probe_info = info
+        return info
 
     # ---- cached trunk (regimes head and last:K) ---------------------------------------------------------------------
     def _trunk_fn(self):
@@ -458,6 +515,8 @@ class Trainer:
         t0 = time.perf_counter()
         if self._use_cache():
             self.build_caches()
+        if cfg.head_init == "probe" and start == 0:
+            self.probe_init_head()
         seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
         for epoch in range(start, cfg.epochs):
