@@ -87,12 +87,17 @@ class Predictor:
 
 
 def load(path: str, *, device: str = "cpu") -> Predictor:
-    """Load a model saved by `finegrain train` (its run folder or its model/ folder)."""
+    """Load a model saved by `finegrain train`: its run folder, its model/ folder, or one of the run's weight files
+    (`best.safetensors`, `checkpoint-last.pt`: the same architecture with that checkpoint's weights, e.g. to
+    ensemble checkpoints)."""
     from safetensors.torch import load_file
 
     from finegrain.backbones import Preprocess, create_backbone
     from finegrain.train.model import ImageClassifier
 
+    weights = None
+    if os.path.isfile(path) and path.endswith((".safetensors", ".pt", ".pth")):
+        weights, path = path, os.path.dirname(os.path.abspath(path))
     folder = path if os.path.exists(os.path.join(path, "model.json")) else os.path.join(path, "model")
     meta_path = os.path.join(folder, "model.json")
     if not os.path.exists(meta_path):
@@ -108,8 +113,17 @@ def load(path: str, *, device: str = "cpu") -> Predictor:
         from finegrain.heads.normed_linear import NormedLinear
 
         model.head = NormedLinear(backbone.num_features, meta["num_classes"])
+    weights = weights or os.path.join(folder, "model.safetensors")
     try:
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        if weights.endswith(".safetensors"):
+            state = load_file(weights)
+        else:
+            from finegrain.train.checkpoint import load_checkpoint
+
+            state = load_checkpoint(weights)["model"]
+        model.load_state_dict(state)
     except (OSError, RuntimeError) as e:
-        raise FinegrainError(f"cannot load {folder}/model.safetensors: {str(e).splitlines()[0]}") from None
+        raise FinegrainError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+    if weights != os.path.join(folder, "model.safetensors"):
+        meta = {**meta, "weights": os.path.basename(weights)}
     return Predictor(model, meta["classes"], meta, device)

@@ -205,3 +205,19 @@ def test_fixres_adapts_batchnorm_and_head_and_saves(trained_run, train_data, tmp
 def test_cli_fixres(trained_run, train_data, tmp_path, capsys):
     rc = main(["fixres", trained_run, train_data, "--size", "80", "--out", str(tmp_path / "f"), "--head-epochs", "1"])
     assert rc == 0 and finegrain.load(str(tmp_path / "f")).preprocess.input_size == 80
+
+
+def test_checkpoints_of_a_run_load_and_ensemble(trained_run, train_data):
+    from finegrain.evaluate.inference import predict_paths
+
+    paths = _test_paths(train_data)
+    final = finegrain.load(trained_run)
+    last = finegrain.load(os.path.join(trained_run, "checkpoint-last.pt"))
+    best = finegrain.load(os.path.join(trained_run, "best.safetensors"))
+    assert last.meta["weights"] == "checkpoint-last.pt" and last.classes == final.classes
+    # without a validation split the last epoch is the model: all three hold the same weights here
+    np.testing.assert_allclose(last.predict_proba(paths), final.predict_proba(paths), atol=1e-5)
+    ens = predict_paths([final, last, best], paths, workers=0, precision="fp32")
+    assert ens.models == 3 and np.allclose(ens.proba, final.predict_proba(paths), atol=1e-5)
+    with pytest.raises(FinegrainError):
+        finegrain.load(os.path.join(trained_run, "config.yaml"))
