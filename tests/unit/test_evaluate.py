@@ -221,3 +221,15 @@ def test_checkpoints_of_a_run_load_and_ensemble(trained_run, train_data):
     assert ens.models == 3 and np.allclose(ens.proba, final.predict_proba(paths), atol=1e-5)
     with pytest.raises(FinegrainError):
         finegrain.load(os.path.join(trained_run, "config.yaml"))
+
+
+def test_cli_resolution_sweep(trained_run, train_data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["evaluate", trained_run, train_data, "--out", str(out), "--sweep", "64,96", "--bootstrap", "50",
+               "--workers", "0", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert list(sweep["sizes"]) == ["64", "96"]
+    at96 = json.loads((out / "96" / "metrics.json").read_text())
+    assert at96["tta"]["sizes"] == [96] and at96["metrics"]["top1"] == sweep["sizes"]["96"]["top1"]
+    assert main(["evaluate", trained_run, train_data, "--sweep", "64", "--sizes", "64", "--no-progress"]) == 2

@@ -146,3 +146,15 @@ def test_cli_explain_writes_overlays_boxes_and_skips_bad_files(train_data, tmp_p
         assert overlay.size == (64, 64) and np.asarray(overlay).std() > 0
     assert "skipped" in capsys.readouterr().out
     assert main(["explain", str(run), good[0], "--out", str(out), "--method", "attention"]) == 2
+
+
+def test_gradcam_picks_the_last_stage_of_a_resnet_with_gem():
+    """Any backbone: a timm ResNet (random weights, offline) with GeM pooling gets Grad-CAM on its last stage."""
+    from finegrain.backbones import create_backbone
+
+    torch.manual_seed(0)  # random weights: a seed keeps the map non-trivial (ReLU can zero a random Grad-CAM)
+    model = ImageClassifier(create_backbone("resnet18", pretrained=False), 3, pooling="gem").eval()
+    x = torch.randn(1, 3, 64, 64)
+    heat, t, proba, method, layer = explain_tensor(model, x)
+    assert method == "gradcam" and layer.startswith("backbone.model.layer4")
+    assert heat.shape == (64, 64) and np.isfinite(heat).all() and heat.max() == pytest.approx(1.0)

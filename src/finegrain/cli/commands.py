@@ -199,6 +199,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         many=args.many,
         few=args.few,
     )
+    if args.sweep:
+        return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)
     m, ci = s["metrics"], s["intervals"]
 
@@ -215,6 +217,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for item in s["skipped"][:10]:
         print(f"  skipped {item['path']}: {item['reason']}")
     print(f"-> {out}")
+    return 0
+
+
+def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
+    """The test-resolution sweep: one evaluation per size (each in OUT/<size>/), a table, and sweep.json."""
+    import dataclasses
+
+    from finegrain.atomic import atomic_write_json
+    from finegrain.evaluate.evaluation import evaluate_models
+    from finegrain.evaluate.tta import TTA
+
+    sizes = TTA.parse("none", args.sweep).sizes
+    if cfg.sizes:
+        raise FinegrainError("use --sweep or --sizes, not both")
+    rows = {}
+    print("size  top-1   [95% interval]      mean per-class")
+    for size in sizes:
+        sub = dataclasses.replace(cfg, sizes=(size,), out=os.path.join(cfg.out, str(size)))
+        s = evaluate_models(sub, progress=not args.no_progress)
+        m, ci = s["metrics"], s["intervals"].get("top1") or [float("nan")] * 2
+        rows[str(size)] = {"top1": m["top1"], "top1_ci95": ci, "mean_per_class": m["mean_per_class"]}
+        print(f"{size:4d}  {m['top1']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  {m['mean_per_class']:.4f}")
+    atomic_write_json(os.path.join(cfg.out, "sweep.json"), {"tta": cfg.tta, "sizes": rows})
+    print(f"-> {cfg.out}")
     return 0
 
 

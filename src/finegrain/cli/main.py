@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--tta", default="none", help="none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
     p.add_argument("--sizes", default=None, help="test resolutions to average, e.g. 224,256,288 (multi-scale)")
+    p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the confidence intervals (0: none)")
     p.add_argument("--many", type=int, default=100, help="many-shot: more than this many training images")
     p.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many training images")
