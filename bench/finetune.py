@@ -40,13 +40,16 @@ def accuracy(args) -> None:
     for name, opts in REGIMES.items():
         if args.only and name not in args.only.split(","):
             continue
-        out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}")
+        label = name + (" (LP-FT)" if args.head_init == "probe" else "")
+        suffix = "-lpft" if args.head_init == "probe" else ""
+        out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}{suffix}")
         shutil.rmtree(out, ignore_errors=True)
         opts = {**opts, **({"epochs": args.epochs} if args.epochs else {})}
         opts = {**opts, **({"cache_views": args.cache_views} if args.cache_views is not None else {})}
+        opts = {**opts, **({"head_init": args.head_init} if args.head_init else {})}
         cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
         r = train(cfg, progress=False)
-        results[name] = {
+        results[label] = {
             "test_top1": round(r.test_metrics["top1"], 4),
             "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
             "val_top1": round(r.best_val_top1, 4),
@@ -58,7 +61,7 @@ def accuracy(args) -> None:
                 for h in r.history
             ],
         }
-        print(name, {k: v for k, v in results[name].items() if k != "curve"}, flush=True)
+        print(label, {k: v for k, v in results[label].items() if k != "curve"}, flush=True)
         probe = _best_probe()
         key = f"accuracy_budget_{args.budget:g}min"
         earlier = _load_results().get(key, {}).get("regimes", {})  # other regimes of the same budget (--only runs)
@@ -214,6 +217,7 @@ def main() -> None:
     p.add_argument("--only", help="comma list of regimes")
     p.add_argument("--epochs", type=int, help="planned epochs for every regime (the budget may plan fewer)")
     p.add_argument("--cache-views", type=int, help="augmented views the cached trunk runs over (head, last:K)")
+    p.add_argument("--head-init", choices=["msra", "probe"], help="probe: LP-FT, the head starts as a linear probe")
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)
