@@ -12,6 +12,8 @@ fixres  the test-resolution sweep 224 -> 256 -> 288 -> 320, as is and after `fin
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 from bench.common import record, require_dataset
@@ -44,17 +46,17 @@ def tta(args) -> None:
     data = require_dataset("cub100")
     model = finegrain.load(args.model)
     paths, labels, _ = samples_for_model(data, "test", model.classes)
-    variants = {
-        "plain": TTA(),
-        "flip": TTA(flip=True),
-        "5crop": TTA(crops=5),
-        "10crop (5crop+flip)": TTA(crops=10),
-        "multi-scale 224,288": TTA(sizes=(224, 288)),
-        "flip + multi-scale 224,288": TTA(flip=True, sizes=(224, 288)),
+    variants = {  # id: (label, TTA)
+        "plain": ("plain", TTA()),
+        "flip": ("flip", TTA(flip=True)),
+        "5crop": ("5crop", TTA(crops=5)),
+        "10crop": ("10crop (5crop+flip)", TTA(crops=10)),
+        "ms": ("multi-scale 224,288", TTA(sizes=(224, 288))),
+        "flip+ms": ("flip + multi-scale 224,288", TTA(flip=True, sizes=(224, 288))),
     }
     results, base = {}, None
-    for name, t in variants.items():
-        if args.only and name.split()[0] not in args.only.split(","):
+    for vid, (name, t) in variants.items():
+        if args.only and vid not in args.only.split(","):
             continue
         pred = predict_paths(model, paths, tta=t)
         base = base or pred.seconds
@@ -63,10 +65,15 @@ def tta(args) -> None:
     members = [args.model] + [m for m in (args.ensemble or "").split(",") if m]
     if len(members) > 1:
         singles = {}
-        for m in members[1:]:
-            pred = predict_paths(finegrain.load(m), paths)
-            singles[m] = _score(pred, labels, model.classes, base)
-            print(m, singles[m], flush=True)
+        if args.member_scores:
+            for m in members[1:]:
+                pred = predict_paths(finegrain.load(m), paths)
+                singles[m] = _score(pred, labels, model.classes, base)
+                print(m, singles[m], flush=True)
+        else:  # each member's own plain test score, measured at the end of its training run
+            for m in members[1:]:
+                t = json.load(open(os.path.join(m, "metrics.json")))["test"]
+                singles[m] = {"top1": round(t["top1"], 4), "mean_per_class": round(t["mean_per_class"], 4)}
         pred = predict_paths([finegrain.load(m) for m in members], paths)
         results[f"ensemble of {len(members)}"] = {**_score(pred, labels, model.classes, base), "members": members}
         results[f"ensemble of {len(members)}"]["member_scores"] = singles
@@ -137,7 +144,8 @@ def main() -> None:
     p = sub.add_parser("tta")
     p.add_argument("--model", required=True)
     p.add_argument("--ensemble", help="comma list of other run folders averaged with --model")
-    p.add_argument("--only", help="comma list of variant first words: plain, flip, 5crop, 10crop, multi-scale")
+    p.add_argument("--only", help="comma list of variants: plain, flip, 5crop, 10crop, ms, flip+ms")
+    p.add_argument("--member-scores", action="store_true", help="re-measure each ensemble member alone")
     p = sub.add_parser("fixres")
     p.add_argument("--model", required=True)
     p.add_argument("--sizes", default="224,256,288,320")
