@@ -28,7 +28,7 @@ def _extract(folder, backbone, out, **kw):
 @pytest.mark.parametrize("name", POOLINGS.names())
 def test_every_pooling_maps_a_feature_map_to_one_vector_per_image(name):
     x = torch.rand(3, 7, 5, 4)
-    out = create_pooling(name)(x)
+    out = create_pooling(name, channels=7)(x)  # channels: what a learned pooling (attn) needs to be built
     assert out.shape == (3, 7) and torch.isfinite(out).all()
     assert torch.all(out <= x.amax((2, 3)) + 1e-5) and torch.all(out >= x.mean((2, 3)) - 1e-5)
 

@@ -220,8 +220,10 @@ def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
     trainer = Trainer(_cfg(data, tmp_path / "b", regime="head", epochs=50, time_budget_min=0.05), progress=False)
     r = trainer.fit()
     assert len(r.history) < 50 and trainer.planned_epochs == len(r.history)
-    final_step = trainer.planned_epochs * trainer.steps_per_epoch - 1
-    assert trainer.schedule.lr_factor(final_step) < 0.05  # the cosine reached (nearly) its end inside the budget
+    # the cosine was re-planned to end with the last planned step (how many fit depends on this machine's pace)
+    assert trainer.schedule.total_steps == trainer.planned_epochs * trainer.steps_per_epoch
+    last = trainer.schedule.total_steps - 1
+    assert trainer.schedule.lr_factor(last) < trainer.schedule.lr_factor(trainer.schedule.warmup_steps)
 
 
 @pytest.mark.parametrize("cache_views", [0, 2])
