@@ -181,7 +181,9 @@ def cifar_lt_section(lt: dict) -> list[str]:
             f"{rec['warmup_epochs']} warm-up epochs, "
             f"pad-crop-flip; {r['epochs']} epochs instead of 200 (so that all methods fit in about 90 minutes here), "
             f"DRW from epoch {r['drw_at_epoch']}. Test: the full balanced CIFAR-10 test split "
-            f"({r['test_images']:,} images). Many-shot: > 100 training images, few-shot: < 20.",
+            f"({r['test_images']:,} images). Many-shot: > 100 training images, few-shot: < 20 "
+            f"({c['many']} many-shot, {c['medium']} medium-shot, {c['few']} few-shot classes; the smallest class "
+            f"has {c['min']} images). Train minutes include other jobs sharing the 2 cores at times.",
             "",
             "| method | top-1 error | top-1 | mean per-class | many | medium | few | train minutes |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
