@@ -102,8 +102,39 @@ def search_section(rep: dict) -> list[str]:
     return ["## Similarity search", "", s["table"], "", f"Command: `{s['command']}`", ""]
 
 
+def finetune_overview(ft: dict) -> list[str]:
+    """One table: regime x wall-clock budget -> test top-1 (minutes actually used), beside the best frozen probe."""
+    budgets = sorted((float(k.split("_")[-1].removesuffix("min")), k) for k in ft if k.startswith("accuracy_budget"))
+    if not budgets:
+        return []
+    regimes: list[str] = []
+    for _, k in budgets:
+        regimes += [r for r in ft[k]["regimes"] if r not in regimes]
+    out = [
+        "## Fine-tuning on cub100: which regime wins at which budget",
+        "",
+        "Test top-1 (minutes the run used) for each wall-clock budget; 224 px, centre crop, no TTA. "
+        "A run stops early when its planned epochs end before the budget does.",
+        "",
+        "| regime | " + " | ".join(f"{b:g} min" for b, _ in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for name in regimes:
+        cells = []
+        for _, k in budgets:
+            v = ft[k]["regimes"].get(name)
+            cells.append(f"{v['test_top1']:.3f} ({v['train_minutes']:.0f})" if v else "–")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    probe = next((ft[k].get("best_probe") for _, k in budgets if ft[k].get("best_probe")), None)
+    if probe:
+        out.append(
+            f"| best frozen probe (256 px, flip-averaged features) | {probe['top1']:.3f} |" + " |" * (len(budgets) - 1)
+        )
+    return out + [""]
+
+
 def finetune_section(ft: dict) -> list[str]:
-    out = []
+    out = finetune_overview(ft)
     for key, r in sorted(ft.items()):
         if key.startswith("accuracy_budget"):
             out += [
