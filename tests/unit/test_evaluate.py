@@ -170,6 +170,9 @@ def test_cli_evaluate_writes_consistent_outputs(trained_run, train_data, tmp_pat
     assert m["metrics"]["many_shot"] is None and m["metrics"]["few_shot"] is not None  # 12 train images a class
     npz = np.load(out / "proba.npz")
     assert npz["proba"].shape == (12, 3) and (out / "config.yaml").exists()
+    confusion = list(csv.reader(open(out / "confusion.csv")))
+    assert len(confusion) == 4 and sum(int(v) for row in confusion[1:] for v in row[1:]) == 12
+    assert Image.open(out / "reliability.png").size[0] > 100
     assert "top1" in capsys.readouterr().out
 
 

@@ -2,7 +2,8 @@
 
 Writes to the output folder (each file atomically): metrics.json (the summary of evaluate/summary.py, the TTA,
 timing, skipped files, the resolved settings), predictions.csv (path, true, predicted, probability, top-5),
-proba.npz (probabilities, labels, paths: what the report and later analyses read) and config.yaml.
+confusion.csv, reliability.png (the reliability diagram), proba.npz (probabilities, labels, paths: what the
+report and later analyses read) and config.yaml.
 """
 
 from __future__ import annotations
@@ -144,3 +145,14 @@ def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes
         np.savez_compressed(f, proba=pred.proba, y=y, paths=np.asarray(kept), classes=np.asarray(classes))
 
     atomic_write(os.path.join(cfg.out, "proba.npz"), _npz)
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, summary["confusion_matrix"]):
+        w.writerow([name, *row])
+    atomic_write_text(os.path.join(cfg.out, "confusion.csv"), buf.getvalue())
+    from finegrain.report.run_report import reliability_figure
+
+    fig = reliability_figure(summary["calibration"])
+    atomic_write(os.path.join(cfg.out, "reliability.png"), lambda f: fig.savefig(f, format="png", dpi=100))

@@ -144,6 +144,22 @@ def _curves_section(run) -> Section:
     return Section("curves", "Learning curves", figure_to_img(fig, alt="learning curves"))
 
 
+def reliability_figure(cal: dict):
+    """The reliability diagram of `summarize(...)["calibration"]`: accuracy per confidence bin against the diagonal."""
+    fig = _figure(4.2, 4.0)
+    ax = fig.add_subplot()
+    used = [b for b in cal["bins"] if b["count"]]
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used], width=1 / cal["n_bins"],
+           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram (ECE {cal['ece']:.3f})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def _metrics_section(summary) -> Section:
     m, ci = summary["metrics"], summary["intervals"]
     names = {
@@ -161,18 +177,7 @@ def _metrics_section(summary) -> Section:
         if k in m:
             lo_hi = ci.get(k)
             rows.append([label, m[k], f"{lo_hi[0]:.4f} – {lo_hi[1]:.4f}" if lo_hi else None])
-    cal = summary["calibration"]
-    fig = _figure(4.2, 4.0)
-    ax = fig.add_subplot()
-    used = [b for b in cal["bins"] if b["count"]]
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used], width=1 / cal["n_bins"],
-           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability diagram (ECE {cal['ece']:.3f})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    fig = reliability_figure(summary["calibration"])
     n_boot = summary["bootstrap"]["resamples"]
     html = table(["metric", "value", f"95% interval ({n_boot} bootstrap resamples)"], rows) + figure_to_img(
         fig, alt="reliability diagram"
