@@ -108,7 +108,13 @@ def fixres(args) -> None:
         row["as_is"] = _score(predict_paths(as_is, test_paths), test_labels, model.classes)
         t0 = time.perf_counter()
         fixed = fix_resolution(
-            model, train_paths, train_labels, size, head_epochs=args.head_epochs, max_images=args.fix_images
+            model,
+            train_paths,
+            train_labels,
+            size,
+            head_epochs=args.head_epochs,
+            max_images=args.fix_images,
+            bn_layers=args.bn_layers,
         )
         row["fix_seconds"] = round(time.perf_counter() - t0, 1)
         row["fixed"] = _score(predict_paths(fixed, test_paths), test_labels, model.classes)
@@ -124,6 +130,7 @@ def fixres(args) -> None:
             "sizes": rows,
             "head_epochs": args.head_epochs,
             "fix_images": args.fix_images,
+            "bn_layers": args.bn_layers,
         },
     )
 
@@ -151,6 +158,7 @@ def main() -> None:
     p.add_argument("--sizes", default="224,256,288,320")
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--fix-images", type=int, default=1000, help="train images for BatchNorm and the head")
+    p.add_argument("--bn-layers", default="last", choices=["last", "all"])
     args = ap.parse_args()
     {"tta": tta, "fixres": fixres}[args.what](args)
 

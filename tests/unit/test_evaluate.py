@@ -196,6 +196,10 @@ def test_fixres_adapts_batchnorm_and_head_and_saves(trained_run, train_data, tmp
     before = predictor.model.state_dict()
     assert not torch.allclose(bn_only.model.state_dict()[name], before[name])
     assert torch.equal(bn_only.model.head.weight, predictor.model.head.weight)  # head untouched without epochs
+    first = "backbone.model.bn1.running_mean"  # only the BatchNorm before pooling moves, unless asked for all
+    assert torch.equal(bn_only.model.state_dict()[first], before[first])
+    every = fix_resolution(predictor, paths, labels, 96, head_epochs=0, workers=0, bn_layers="all")
+    assert not torch.equal(every.model.state_dict()[first], before[first])
     assert not torch.equal(both.model.head.weight, predictor.model.head.weight)
     assert bn_only.preprocess.input_size == 96 and predictor.preprocess.input_size == 64  # the original is intact
     save_predictor(both, str(tmp_path / "fixed"))

@@ -289,6 +289,7 @@ def cmd_fixres(args: argparse.Namespace) -> int:
         args.size,
         head_epochs=args.head_epochs,
         head_lr=args.head_lr,
+        bn_layers=args.bn_layers,
         max_images=args.max_images,
         seed=args.seed,
     )

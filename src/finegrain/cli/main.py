@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=5, help="classifier fine-tuning epochs (0: BatchNorm only)")
     p.add_argument("--head-lr", type=float, default=0.01)
     p.add_argument("--max-images", type=int, default=None, help="use a seeded subset of this many train images")
+    p.add_argument("--bn-layers", default="last", choices=["last", "all"], help="BatchNorm layers to re-estimate")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0)
 

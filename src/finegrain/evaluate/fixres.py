@@ -3,8 +3,9 @@
 Training crops (RandomResizedCrop) show objects larger than the centre crop at the same size does, so a model is
 often better tested at a higher resolution, once the statistics that depend on it are fixed. `fix_resolution`:
 1. sets the preprocessing to the new size (same crop_pct),
-2. re-estimates every BatchNorm's running mean/variance on training images seen as at test time (cumulative
-   average over the images, the rest of the network in eval mode),
+2. re-estimates the running mean/variance of the BatchNorm before global pooling (or of every BatchNorm,
+   `bn_layers="all"`) on training images seen as at test time (cumulative average over the images, the rest of
+   the network in eval mode),
 3. fine-tunes the linear classifier on the pooled features of those images at the new size (a few epochs from its
    current weights, at a small learning rate), unless `head_epochs=0`.
 The result is saved as a new model folder that `finegrain.load` reads like any other.
@@ -38,12 +39,28 @@ def _loader(paths, pre, batch_size, workers):
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, paths: Sequence[str], pre, *, batch_size=32, workers=None, flip=True, precision="fp32"
+    model: nn.Module,
+    paths: Sequence[str],
+    pre,
+    *,
+    layers: str = "last",
+    batch_size=32,
+    workers=None,
+    flip=True,
+    precision="fp32",
 ) -> int:
-    """Re-estimate BatchNorm running statistics on `paths` at `pre`'s geometry; returns the images used."""
+    """Re-estimate BatchNorm running statistics on `paths` at `pre`'s geometry; returns the images used.
+
+    layers: "last" (the BatchNorm that precedes global pooling, as FixRes fine-tunes) or "all". Re-estimating
+    every layer also moves the statistics of layers that were frozen while the later ones learned on their
+    outputs, which shifts the features those later layers expect."""
     from finegrain.embed.extract import default_num_workers
 
+    if layers not in ("last", "all"):
+        raise FinegrainError(f"BatchNorm layers to re-estimate must be last or all; got {layers!r}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if layers == "last":
+        bns = bns[-1:]
     if not bns:
         return 0
     model.eval()
@@ -116,6 +133,7 @@ def fix_resolution(
     *,
     head_epochs: int = 5,
     head_lr: float = 0.01,
+    bn_layers: str = "last",
     max_images: int | None = None,
     batch_size: int = 32,
     workers: int | None = None,
@@ -140,8 +158,10 @@ def fix_resolution(
         train_paths, train_labels = [train_paths[i] for i in keep], train_labels[keep]
     bn_paths = train_paths
     prec = resolve_precision(precision, predictor.device)
-    n_bn = recalibrate_batchnorm(model, bn_paths, pre, batch_size=batch_size, workers=workers, precision=prec)
-    info = {"size": size, "bn_images": n_bn, "head_epochs": head_epochs, "head_lr": head_lr}
+    n_bn = recalibrate_batchnorm(
+        model, bn_paths, pre, layers=bn_layers, batch_size=batch_size, workers=workers, precision=prec
+    )
+    info = {"size": size, "bn_layers": bn_layers, "bn_images": n_bn, "head_epochs": head_epochs, "head_lr": head_lr}
     if head_epochs > 0:
         if not isinstance(model.head, nn.Linear):
             raise FinegrainError("the FixRes head fine-tuning needs a linear head; pass head_epochs=0")
