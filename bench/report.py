@@ -283,18 +283,27 @@ def evaluate_section(ev: dict) -> list[str]:
         out += [
             f"## Test resolution and FixRes (model trained at {fx['train_size']} px: `{fx['model']}`)",
             "",
-            f"As is: the same weights fed larger centre crops. FixRes: BatchNorm statistics re-estimated and the "
-            f"classifier fine-tuned ({fx['head_epochs']} epochs) at that size on {fx['fix_images']} training images.",
+            f"As is: the same weights fed larger centre crops. FixRes: the statistics of the BatchNorm before pooling "
+            f"({fx.get('bn_layers', 'all')} BatchNorm layers) re-estimated and the classifier fine-tuned "
+            f"({fx['head_epochs']} epochs) at that size on {fx['fix_images']} training images. Re-estimating every "
+            "BatchNorm instead hurts this partly frozen model (its tail learned on the frozen trunk's ImageNet "
+            "statistics): see below the table.",
             "",
-            "| test size | top-1 as is | top-1 after FixRes | gain | adaptation seconds |",
-            "|---:|---:|---:|---:|---:|",
+            "| test size | top-1 as is | top-1 after FixRes | gain (points) | ECE as is | ECE after | adaptation s |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for size, row in fx["sizes"].items():
             out.append(
                 f"| {size} | {row['as_is']['top1']:.3f} | {row['fixed']['top1']:.3f} | {100 * row['gain']:+.1f} | "
-                f"{row['fix_seconds']:.0f} |"
+                f"{row['as_is']['ece']:.3f} | {row['fixed']['ece']:.3f} | {row['fix_seconds']:.0f} |"
             )
         out += ["", f"Command: `{fx['command']}`", ""]
+        allbn = ev.get("fixres_bn_all")
+        if allbn:
+            cells = ", ".join(
+                f"{k} px {v['as_is']['top1']:.3f} -> {v['fixed']['top1']:.3f}" for k, v in allbn["sizes"].items()
+            )
+            out += [f"Every BatchNorm re-estimated (`--bn-layers all`): {cells} ({allbn['note']}).", ""]
     return out
 
 
