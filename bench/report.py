@@ -284,7 +284,7 @@ def evaluate_section(ev: dict) -> list[str]:
             f"## Test resolution and FixRes (model trained at {fx['train_size']} px: `{fx['model']}`)",
             "",
             f"As is: the same weights fed larger centre crops. FixRes: the statistics of the BatchNorm before pooling "
-            f"({fx.get('bn_layers', 'all')} BatchNorm layers) re-estimated and the classifier fine-tuned "
+            f"(`--bn-layers {fx.get('bn_layers', 'all')}`) re-estimated and the classifier fine-tuned "
             f"({fx['head_epochs']} epochs) at that size on {fx['fix_images']} training images. Re-estimating every "
             "BatchNorm instead hurts this partly frozen model (its tail learned on the frozen trunk's ImageNet "
             "statistics): see below the table.",

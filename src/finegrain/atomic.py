@@ -12,6 +12,12 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary binary file beside `path`, then rename it onto `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -22,6 +28,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written output gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

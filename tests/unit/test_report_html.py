@@ -165,3 +165,13 @@ def test_png_to_img():
     assert img.size == (40, 20)
     with pytest.raises(ValueError):
         png_to_img(b"GIF89a....", alt="x")
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import stat
+
+    from finegrain.atomic import _umask, atomic_write_text
+
+    path = tmp_path / "out.txt"
+    atomic_write_text(str(path), "x")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~_umask()  # not mkstemp's private 0600
