@@ -84,11 +84,6 @@ def _ece_fast(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
     return float(gap.sum() / max(len(conf), 1))
 
 
-def shot_groups_from_counts(counts: Sequence[int], *, many: int, few: int) -> dict[str, np.ndarray]:
-    counts = np.asarray(counts)
-    return {"many": counts > many, "medium": (counts <= many) & (counts >= few), "few": counts < few}
-
-
 def summarize(
     proba: np.ndarray,
     y: np.ndarray,
@@ -126,7 +121,10 @@ def summarize(
     }
     groups = None
     if train_counts is not None:
-        groups = shot_groups_from_counts(train_counts, many=many, few=few)
+        from finegrain.data.longtail import GROUPS, shot_groups
+
+        names = shot_groups(train_counts, many=many, few=few)
+        groups = {g: names == g for g in GROUPS}
         acc = per_class_accuracy(y, pred, n_classes)
         for g, mask in groups.items():
             vals = acc[mask & ~np.isnan(acc)]
