@@ -18,10 +18,11 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from bench.common import ROOT, record, require_dataset
-from finegrain.config import TrainConfig
+from bench.common import ROOT, command_line, record, require_dataset
+from finegrain.config import TrainConfig, parse_overrides
 from finegrain.data import ImageSet, load_image_set
 from finegrain.train.engine import Trainer, train
 
@@ -40,18 +41,24 @@ def accuracy(args) -> None:
     for name, opts in REGIMES.items():
         if args.only and name not in args.only.split(","):
             continue
-        label = name + (" (LP-FT)" if args.head_init == "probe" else "")
-        suffix = "-lpft" if args.head_init == "probe" else ""
+        label = name + (" (LP-FT)" if args.head_init == "probe" else "") + (f" ({args.name})" if args.name else "")
+        suffix = ("-lpft" if args.head_init == "probe" else "") + (f"-{args.name}" if args.name else "")
         out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}{suffix}")
         shutil.rmtree(out, ignore_errors=True)
         opts = {**opts, **({"epochs": args.epochs} if args.epochs else {})}
         opts = {**opts, **({"cache_views": args.cache_views} if args.cache_views is not None else {})}
         opts = {**opts, **({"head_init": args.head_init} if args.head_init else {})}
+        opts = {**opts, **parse_overrides(args.set or [])}
         cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
         r = train(cfg, progress=False)
+        extra = {}
+        if args.tta:  # the saved model again on test, with test-time augmentation (outside the training budget)
+            extra = _test_with_tta(out, data, args.tta)
         results[label] = {
             "test_top1": round(r.test_metrics["top1"], 4),
             "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
+            **extra,
+            "command": command_line(),
             "val_top1": round(r.best_val_top1, 4),
             "epochs_run": len(r.history),
             "train_minutes": round(r.seconds / 60, 1),
@@ -66,6 +73,26 @@ def accuracy(args) -> None:
         key = f"accuracy_budget_{args.budget:g}min"
         earlier = _load_results().get(key, {}).get("regimes", {})  # other regimes of the same budget (--only runs)
         record("finetune.json", key, {"regimes": {**earlier, **results}, "best_probe": probe})
+
+
+def _test_with_tta(run: str, data: str, tta: str) -> dict:
+    import finegrain
+    from finegrain.evaluate.evaluation import samples_for_model
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.tta import TTA
+
+    predictor = finegrain.load(run)
+    paths, labels, _ = samples_for_model(data, "test", predictor.classes)
+    pred = predict_paths(predictor, paths, tta=TTA.parse(tta))
+    labels = labels[pred.index]
+    top1 = float((pred.proba.argmax(1) == labels).mean())
+    per_class = [float((pred.proba[labels == c].argmax(1) == c).mean()) for c in np.unique(labels)]
+    return {
+        "test_tta": tta,
+        "test_top1_tta": round(top1, 4),
+        "test_mean_per_class_tta": round(float(np.mean(per_class)), 4),
+        "test_tta_minutes": round(pred.seconds / 60, 1),
+    }
 
 
 def _load_results() -> dict:
@@ -218,6 +245,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="planned epochs for every regime (the budget may plan fewer)")
     p.add_argument("--cache-views", type=int, help="augmented views the cached trunk runs over (head, last:K)")
     p.add_argument("--head-init", choices=["msra", "probe"], help="probe: LP-FT, the head starts as a linear probe")
+    p.add_argument("--set", nargs="*", help="more training options as key=value (e.g. image_size=256 crop_pct=1.0)")
+    p.add_argument("--name", help="label of a variant (with --set): the run is kept as bench/cache/ft-REGIME-NAME")
+    p.add_argument("--tta", help="also evaluate the saved model on test with this TTA (e.g. flip)")
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)

@@ -111,6 +111,8 @@ class TrainConfig:
     pooling: str = "gap"
     drop_rate: float = 0.2
     image_size: int | None = None  # None: the weights' own resolution
+    crop_pct: float | None = None  # eval center-crop fraction (1.0: the whole short side); None: the weights' own
+    feature_norm: bool = False  # L2-normalize the pooled features (scaled to sqrt(D)) before the head
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.01  # the head's learning rate; the backbone's is lr x backbone_lr_scale
@@ -129,6 +131,7 @@ class TrainConfig:
     normed_head: bool = False  # cosine classifier (NormedLinear), as LDAM expects
     shot_thresholds: tuple[int, int] = (100, 20)  # many-shot: > first; few-shot: < second (Kang et al., 2020)
     augment: str = "crop-flip"  # none | crop-flip | autoaugment | randaugment | trivialaugment
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range, as fractions of the image
     mixup: float = 0.0
     cutmix: float = 0.0
     ema_decay: float | None = None

@@ -32,6 +32,7 @@ def export_model(model, folder: str, *, classes: Sequence[str], extra: dict | No
         "source": model.backbone.source,
         "preprocess": model.preprocess.to_dict(),
         "pooling": model.pooling_name,
+        "feature_norm": bool(getattr(model, "feature_norm", False)),
         "head": "normed" if type(model.head).__name__ == "NormedLinear" else "linear",
         "num_classes": len(classes),
         "classes": list(classes),
@@ -108,7 +109,9 @@ def load(path: str, *, device: str = "cpu") -> Predictor:
         raise FinegrainError(f"{meta_path} is not a {FORMAT} file")
     backbone = create_backbone(meta["backbone"], pretrained=False)
     backbone.preprocess = Preprocess.from_dict(meta["preprocess"])
-    model = ImageClassifier(backbone, meta["num_classes"], pooling=meta["pooling"])
+    model = ImageClassifier(
+        backbone, meta["num_classes"], pooling=meta["pooling"], feature_norm=bool(meta.get("feature_norm", False))
+    )
     if meta.get("head") == "normed":
         from finegrain.heads.normed_linear import NormedLinear
 

@@ -250,3 +250,64 @@ def test_head_init_must_be_known(data, tmp_path):
 
     with pytest.raises(FinegrainError, match="head_init"):
         Trainer(_cfg(data, tmp_path / "x", head_init="zeros"), progress=False)
+
+
+def test_probe_protocol_options_are_trained_saved_and_loaded(data, tmp_path):
+    """crop_pct, crop_scale and feature_norm reach the model, its exported preprocessing, and `finegrain.load`."""
+    import glob
+
+    import finegrain
+    from finegrain.train.engine import Trainer
+    from finegrain.train.model import FeatureNorm
+
+    cfg = _cfg(
+        data,
+        tmp_path / "pp",
+        pooling="gem",
+        crop_pct=1.0,
+        crop_scale=[0.6, 1.0],
+        feature_norm=True,
+        head_init="probe",
+        cache_views=2,
+        val_fraction=0.34,
+    )
+    trainer = Trainer(cfg, progress=False)
+    model = trainer.model
+    assert (
+        isinstance(model.norm, FeatureNorm) and model.preprocess.crop_pct == 1.0 and model.preprocess.input_size == 64
+    )
+    with torch.no_grad():
+        z = model.embed(model.forward_features(torch.randn(3, 3, 64, 64)))
+    torch.testing.assert_close(z.norm(dim=1), torch.full((3,), z.shape[1] ** 0.5))  # unit size per dimension
+    trainer.build_caches()
+    info = trainer.probe_init_head()  # fitted on the normalized features: the model classifies with it at once
+    assert trainer.evaluate(trainer.splits.val)["top1"] == pytest.approx(info["val_top1"], abs=0.09)
+    assert info["val_top1"] >= 0.9
+    trainer.fit()
+    pred = finegrain.load(str(tmp_path / "pp"))
+    assert pred.model.feature_norm and pred.preprocess.crop_pct == 1.0
+    images = sorted(glob.glob(os.path.join(data, "test", "*", "*")))[:4]
+    model.eval()
+    from finegrain.data import load_image
+    from finegrain.train.augment import build_eval_transform
+
+    x = torch.stack([build_eval_transform(model.preprocess)(load_image(p)) for p in images])
+    with torch.no_grad():
+        expected = model(model.preprocess.normalize(x)).softmax(-1).numpy()
+    assert abs(pred.predict_proba(images) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"crop_pct": 1.5}, "crop_pct"),
+        ({"crop_scale": [0.8, 0.2]}, "crop_scale"),
+        ({"crop_scale": [0.5]}, "crop_scale"),
+    ],
+)
+def test_crop_options_are_checked(data, tmp_path, bad, match):
+    from finegrain.train.engine import Trainer
+
+    with pytest.raises(FinegrainError, match=match):
+        Trainer(_cfg(data, tmp_path / "x", **bad), progress=False)
+

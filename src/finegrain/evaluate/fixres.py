@@ -101,7 +101,7 @@ def _pooled(model, paths, pre, labels, *, batch_size, workers, precision):
             continue
         x = pre.normalize(batch.to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            f = model.pool(model.forward_features(x))
+            f = model.embed(model.forward_features(x))
         feats.append(f.float().cpu())
         ys.append(torch.as_tensor(labels[positions]))
     return torch.cat(feats), torch.cat(ys)

@@ -91,13 +91,16 @@ def _resolve_method(model, method: str) -> str:
 
     if method not in METHODS:
         raise FinegrainError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")
-    linear = type(model.head) is torch.nn.Linear
+    # CAM is exact for GAP -> linear; a feature norm rescales each image's logits, so Grad-CAM explains it instead
+    linear = type(model.head) is torch.nn.Linear and not getattr(model, "feature_norm", False)
     if method == "auto":
         if isinstance(model.pool, AttentionPool):
             return "attention"
         return "cam" if isinstance(model.pool, GlobalAvgPool) and linear else "gradcam"
     if method == "cam" and not (isinstance(model.pool, GlobalAvgPool) and linear):
-        raise FinegrainError("CAM needs a model with GAP pooling and a linear head; use --method gradcam")
+        raise FinegrainError(
+            "CAM needs a model with GAP pooling and a linear head (no feature_norm); use --method gradcam"
+        )
     if method == "attention" and not isinstance(model.pool, AttentionPool):
         raise FinegrainError("this model has no attention pooling (train with pooling=attn); use --method gradcam")
     return method

@@ -61,7 +61,7 @@ def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progres
             continue
         x = pre.normalize(batch.to(predictor.device))
         with torch.autocast(predictor.device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-            f = model.pool(model.forward_features(x))
+            f = model.embed(model.forward_features(x))
             logits = model.head(f.to(model.head.weight.dtype))
         feats.append(f.float().cpu().numpy())
         proba.append(logits.float().softmax(-1).cpu().numpy())

@@ -134,16 +134,20 @@ class Trainer:
 
     # ---- construction ---------------------------------------------------------------------------------------------
     def _build_model(self) -> ImageClassifier:
-        from finegrain.backbones import create_backbone
+        from finegrain.backbones import Preprocess, create_backbone
 
         cfg = self.cfg
         pretrained = self.regime.pretrained and cfg.pretrained
         backbone = create_backbone(cfg.backbone, pretrained=pretrained, checkpoint=cfg.checkpoint)
         if self.regime.kind == "scratch":
             msra_init_(backbone)
-        if cfg.image_size:
-            backbone.preprocess = backbone.preprocess.with_size(cfg.image_size)
-        model = ImageClassifier(backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate)
+        if cfg.image_size or cfg.crop_pct:
+            pre = backbone.preprocess.to_dict()
+            pre.update(input_size=cfg.image_size or pre["input_size"], crop_pct=cfg.crop_pct or pre["crop_pct"])
+            backbone.preprocess = Preprocess.from_dict(pre)
+        model = ImageClassifier(
+            backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate, feature_norm=cfg.feature_norm
+        )
         if cfg.normed_head:
             from finegrain.heads.normed_linear import NormedLinear
 
@@ -245,12 +249,12 @@ class Trainer:
 
         def pooled(x, cached):
             if not cached:
-                return model.pool(model.forward_features(x))
+                return model.embed(model.forward_features(x))
             if frozen is None:
-                return model.pool(x) if has_learned_pooling(model.pool) else x
+                return model.embed(x) if has_learned_pooling(model.pool) else x
             for m in view.stages[frozen:] + view.post:
                 x = m(x)
-            return model.pool(x)
+            return model.embed(x)
 
         if cache is not None:
             batches = ((h.to(self.device), y) for h, y in cache.batches(batch_size=self.cfg.batch_size, generator=None))
@@ -290,7 +294,7 @@ class Trainer:
         if frozen is None and has_learned_pooling(self.model.pool):
             return self.model.forward_features  # a learned pooling trains: cache the feature map, not the vector
         if frozen is None:
-            return lambda x: self.model.pool(self.model.forward_features(x))
+            return lambda x: self.model.embed(self.model.forward_features(x))
         k = len(stage_view(self.model.backbone.model).stages) - frozen
         return lambda x: self.model.trunk(x, k)
 
@@ -321,7 +325,7 @@ class Trainer:
         if self.regime.kind not in ("head", "last") or cfg.mixup > 0 or cfg.cutmix > 0 or self.dist.enabled:
             raise FinegrainError("cache_views needs regime head or last:K, no mixup/cutmix and a single process")
         self.model.eval()
-        train_tf = build_train_transform(cfg.augment, self.model.preprocess)
+        train_tf = build_train_transform(cfg.augment, self.model.preprocess, scale=cfg.crop_scale)
         n_views = 1 if cfg.augment == "none" else max(cfg.cache_views, 1)
         from finegrain.embed.extract import resolve_precision
 
@@ -364,7 +368,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1))
             loader = [(h, y, None, []) for h, y in self.train_cache.batches(batch_size=cfg.batch_size, generator=gen)]
         else:
-            transform = build_train_transform(cfg.augment, self.model.preprocess)
+            transform = build_train_transform(cfg.augment, self.model.preprocess, scale=cfg.crop_scale)
             loader = self._loader(self.splits.train, transform, shuffle=True, epoch=epoch)
         self._set_train_mode()
         step0 = epoch * self.steps_per_epoch
@@ -680,6 +684,15 @@ def _check_options(cfg: TrainConfig) -> None:
         raise FinegrainError(f"precision must be fp32, bf16 or amp (CUDA), got {cfg.precision!r}")
     if cfg.lr <= 0:
         raise FinegrainError("lr must be positive")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise FinegrainError(
+            f"crop_pct must be in (0, 1], e.g. 0.875 or 1.0 (the whole short side); got {cfg.crop_pct}"
+        )
+    scale = tuple(cfg.crop_scale) if isinstance(cfg.crop_scale, list | tuple) else ()
+    if len(scale) != 2 or not all(isinstance(v, int | float) for v in scale) or not 0 < scale[0] <= scale[1] <= 1:
+        raise FinegrainError(
+            f"crop_scale must be [min, max] with 0 < min <= max <= 1, e.g. [0.25, 1]; got {cfg.crop_scale}"
+        )
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:

@@ -6,6 +6,7 @@ and the frozen prefix can be run once and cached.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,15 +62,32 @@ def msra_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ImageClassifier(nn.Module):
-    """backbone.forward_features -> pooling -> dropout -> Linear(num_features, num_classes)."""
+class FeatureNorm(nn.Module):
+    """L2-normalize each feature vector and scale it to norm sqrt(D) (unit size per dimension, so an MSRA head
+    starts with ordinary logits): the probe's best normalization, kept inside the fine-tuned model."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, *, pooling: str = "gap", drop_rate: float = 0.0) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) * math.sqrt(x.shape[1])
+
+
+class ImageClassifier(nn.Module):
+    """backbone.forward_features -> pooling -> [feature norm] -> dropout -> Linear(num_features, num_classes)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        pooling: str = "gap",
+        drop_rate: float = 0.0,
+        feature_norm: bool = False,
+    ) -> None:
         super().__init__()
         backbone.reset_classifier(0)
         self.backbone = backbone
         self.pooling_name = pooling
         self.pool = create_pooling(pooling, channels=backbone.num_features)
+        self.norm = FeatureNorm() if feature_norm else nn.Identity()
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(backbone.num_features, num_classes)
         msra_init_(self.head)
@@ -81,8 +99,16 @@ class ImageClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
+    @property
+    def feature_norm(self) -> bool:
+        return isinstance(self.norm, FeatureNorm)
+
+    def embed(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> the vector the head sees (pooled, then normalized when feature_norm)."""
+        return self.norm(self.pool(fmap))
+
     def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.pool(fmap).to(self.head.weight.dtype)))
+        return self.head(self.dropout(self.embed(fmap).to(self.head.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
