@@ -236,6 +236,22 @@ def cache(args) -> None:
     )
 
 
+def tta(args) -> None:
+    """Add the TTA test score of an already trained run (bench/cache/ft-*) to its entry in finetune.json."""
+    key = f"accuracy_budget_{args.budget:g}min"
+    results = _load_results()
+    entry = results.get(key, {}).get("regimes", {}).get(args.label)
+    if entry is None:
+        raise SystemExit(f"no regime {args.label!r} under {key} in bench/results/finetune.json")
+    extra = _test_with_tta(args.run, require_dataset("cub100"), args.tta)
+    print(args.label, extra, flush=True)
+    entry.update(extra, tta_command=command_line())
+    # written in place: record() would stamp this command on the whole budget entry
+    from finegrain.atomic import atomic_write_json
+
+    atomic_write_json(os.path.join(ROOT, "bench", "results", "finetune.json"), results)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -251,13 +267,18 @@ def main() -> None:
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)
+    p = sub.add_parser("tta", help="test-time augmentation score of a trained run, added to its entry")
+    p.add_argument("--run", required=True, help="run folder, e.g. bench/cache/ft-last2")
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--label", required=True, help="regime label in finetune.json, e.g. last:2")
+    p.add_argument("--tta", default="flip")
     p = sub.add_parser("cache")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--regime", default="last:2")
     args = ap.parse_args()
-    {"accuracy": accuracy, "throughput": throughput, "cache": cache}[args.what](args)
+    {"accuracy": accuracy, "throughput": throughput, "cache": cache, "tta": tta}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def finetune_overview(ft: dict) -> list[str]:
     out = [
         "## Fine-tuning on cub100: which regime wins at which budget",
         "",
-        "Test top-1 (minutes the run used) for each wall-clock budget; 224 px, centre crop, no TTA. "
+        "Test top-1 (minutes the run used) for each wall-clock budget, at the model's own test view (224 px centre "
+        "crop unless the variant says otherwise); after the dot, the same model with test-time augmentation (flip: "
+        "probabilities of the image and its mirror averaged — the probe's features are flip-averaged too). "
         "A run stops early when its planned epochs end before the budget does.",
         "",
         "| regime | " + " | ".join(f"{b:g} min" for b, _ in budgets) + " |",
@@ -123,7 +125,10 @@ def finetune_overview(ft: dict) -> list[str]:
         cells = []
         for _, k in budgets:
             v = ft[k]["regimes"].get(name)
-            cells.append(f"{v['test_top1']:.3f} ({v['train_minutes']:.0f})" if v else "–")
+            cell = f"{v['test_top1']:.3f} ({v['train_minutes']:.0f})" if v else "–"
+            if v and v.get("test_top1_tta") is not None:
+                cell += f" · {v['test_tta']} **{v['test_top1_tta']:.3f}**"
+            cells.append(cell)
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     probe = next((ft[k].get("best_probe") for _, k in budgets if ft[k].get("best_probe")), None)
     if probe:
@@ -140,17 +145,23 @@ def finetune_section(ft: dict) -> list[str]:
             out += [
                 f"## Fine-tuning by regime on cub100, budget {key.split('_')[-1]} per regime",
                 "",
-                "| regime | test top-1 | test mean per-class | best val top-1 | epochs | minutes |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| regime | test top-1 | test mean per-class | with TTA: top-1 / mean per-class | best val top-1 "
+                "| epochs | minutes |",
+                "|---|---:|---:|---:|---:|---:|---:|",
             ]
+            commands = []
             for name, v in r["regimes"].items():
+                tta = "–"
+                if v.get("test_top1_tta") is not None:
+                    tta = f"{v['test_tta']}: {v['test_top1_tta']:.3f} / {v['test_mean_per_class_tta']:.3f}"
                 out.append(
-                    f"| {name} | {v['test_top1']:.3f} | {v['test_mean_per_class']:.3f} | {v['val_top1']:.3f} | "
+                    f"| {name} | {v['test_top1']:.3f} | {v['test_mean_per_class']:.3f} | {tta} | {v['val_top1']:.3f} | "
                     f"{v['epochs_run']} | {v['train_minutes']:.1f} |"
                 )
+                commands += [f"- {name}: `{c}`" for c in (v.get("command"), v.get("tta_command")) if c]
             if r.get("best_probe"):
-                out.append(f"| best frozen probe (representations) | {r['best_probe']['top1']:.3f} | | | | |")
-            out += ["", f"Command: `{r['command']}`", ""]
+                out.append(f"| best frozen probe (representations) | {r['best_probe']['top1']:.3f} | | | | | |")
+            out += ["", *(commands or [f"Command: `{r['command']}`"]), ""]
         elif key == "training_throughput":
             ips = r["images_per_second"]
             out += [
