@@ -106,7 +106,7 @@ class TrainConfig:
     out: str = ""
     backbone: str = "efficientnet_lite0"
     checkpoint: str | None = None
-    regime: str = "last:2"  # head | last:K | full | scratch
+    regime: str = "auto"  # auto | head | last:K | full | scratch (auto: from images a class and the time budget)
     pretrained: bool = True  # False: random init, for tests and ablations (scratch is always random)
     pooling: str = "gap"
     drop_rate: float = 0.2

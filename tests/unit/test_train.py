@@ -311,3 +311,50 @@ def test_crop_options_are_checked(data, tmp_path, bad, match):
     with pytest.raises(FinegrainError, match=match):
         Trainer(_cfg(data, tmp_path / "x", **bad), progress=False)
 
+
+def test_choose_regime_follows_data_and_compute():
+    from finegrain.train.regimes import auto_cache_views, choose_regime
+
+    few = choose_regime([3] * 10)
+    assert few.regime == "head" and "too few" in few.reason
+    assert choose_regime([26] * 100).regime == "last:2"  # cub100-sized, no budget
+    assert choose_regime([500] * 10).regime == "full"
+    # 2,600 images at 13 images/s (lite0 on this CPU): 2, 5, 10 and 30 minutes
+    picks = [choose_regime([26] * 100, images_per_second=13, budget_min=m) for m in (2, 5, 10, 30)]
+    assert [p.regime for p in picks] == ["head", "last:1", "last:1", "last:2"]
+    assert picks[2].passes == pytest.approx(600 * 13 / 2600) and "passes" in picks[2].reason
+    assert choose_regime([500] * 10, images_per_second=13, budget_min=30).regime == "last:1"  # data, but no time
+    assert choose_regime([500] * 10, images_per_second=1000, budget_min=30).regime == "full"  # a GPU's speed
+    assert [auto_cache_views(p) for p in (None, 0.2, 3.0, 9.0)] == [8, 1, 6, 16]
+
+
+def test_measure_training_speed_leaves_the_model_untouched(lite0):
+    from finegrain.train.engine import measure_training_speed
+    from finegrain.train.model import ImageClassifier
+
+    model = ImageClassifier(lite0, 3)
+    model.backbone.preprocess = model.backbone.preprocess.with_size(64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert measure_training_speed(model, batch_size=4, steps=1) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_auto_regime_is_explained_saved_and_kept_on_resume(data, tmp_path, capsys):
+    import yaml
+
+    from finegrain.train.engine import Trainer
+
+    cfg = _cfg(data, tmp_path / "auto", regime="auto", epochs=1)
+    train(cfg, progress=True)
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    # 9 training images a class and no time budget: the last two stages, a cached trunk on the CPU
+    assert saved["regime"] == "last:2" and saved["cache_views"] == 8
+    assert (
+        saved["resolved"]["regime_auto"]["images_per_class"] == 9 and "regime auto -> last:2" in capsys.readouterr().out
+    )
+    resumed = Trainer(_cfg(data, tmp_path / "auto", regime="auto", epochs=2, resume=True), progress=False)
+    assert str(resumed.regime) == "last:2" and resumed.cfg.cache_views == 8
+    tight = Trainer(_cfg(data, tmp_path / "tight", regime="auto", time_budget_min=0.001), progress=False)
+    assert str(tight.regime) == "head" and tight.regime_choice.passes < 1

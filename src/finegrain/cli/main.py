@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
     p.add_argument("--out", required=True, help="run folder (config, logs, checkpoints, model/)")
-    p.add_argument("--regime", default=None, help="head | last:K | full | scratch (default last:2)")
+    p.add_argument(
+        "--regime",
+        default=None,
+        help="auto | head | last:K | full | scratch (default auto: chosen from the data and time_budget_min)",
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")

@@ -8,6 +8,7 @@ from its last checkpoint ends exactly where an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -88,7 +89,9 @@ class Trainer:
         self.progress = progress
         self.dist = DistContext.from_env(cfg.device)
         self.device = self.dist.device
-        self.regime = Regime.parse(cfg.regime)
+        # regime=auto is settled once the data is known; auto never picks scratch, so the model is built the same way
+        self.regime = Regime.parse("last:2" if cfg.regime == "auto" else cfg.regime)
+        self.regime_choice = None
         if cfg.head_init not in ("msra", "probe"):
             raise FinegrainError(
                 f"head_init must be msra or probe (a linear probe on frozen features); got {cfg.head_init!r}"
@@ -103,10 +106,12 @@ class Trainer:
         self.model = self._build_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.regime.apply(self.model)
         self.train_counts = [0] * len(self.classes)
         for sample in self.splits.train:
             self.train_counts[sample.label] += 1
+        if cfg.regime == "auto":
+            cfg = self.cfg = self._settle_auto_regime()
+        self.regime.apply(self.model)
         self.loss_fn = create_loss(
             cfg.loss, label_smoothing=cfg.label_smoothing, class_counts=self.train_counts, **(cfg.loss_options or {})
         )
@@ -133,6 +138,36 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None  # fp16 needs loss scaling; bf16 does not
 
     # ---- construction ---------------------------------------------------------------------------------------------
+    def _settle_auto_regime(self) -> TrainConfig:
+        """regime=auto: choose the regime (and, on a CPU, cached views) from the data and the measured speed; the
+        choice replaces `auto` in the config, so the saved config is concrete and a resumed run keeps it."""
+        from finegrain.train.regimes import auto_cache_views, choose_regime
+
+        cfg = self.cfg
+        if cfg.resume:
+            saved = _saved_config(cfg.out)
+            if saved.get("regime", "auto") == "auto":
+                raise FinegrainError(f"cannot resume {cfg.out}: its config.yaml does not say which regime auto chose")
+            self.regime = Regime.parse(saved["regime"])
+            return dataclasses.replace(cfg, regime=saved["regime"], cache_views=int(saved.get("cache_views", 0)))
+        counts = self.train_counts
+        choice = None
+        if self.dist.is_main:
+            speed = (
+                measure_training_speed(self.model, batch_size=min(cfg.batch_size, 16)) if cfg.time_budget_min else None
+            )
+            choice = choose_regime(counts, images_per_second=speed, budget_min=cfg.time_budget_min)
+        choice = self.dist.broadcast_object(choice)
+        self.regime, self.regime_choice = Regime.parse(choice.regime), choice
+        views = cfg.cache_views
+        cacheable = choice.regime != "full" and cfg.mixup == 0 and cfg.cutmix == 0 and not self.dist.enabled
+        if views == 0 and cacheable and self.device.type == "cpu":
+            views = auto_cache_views(choice.passes)
+        if self.progress and self.dist.is_main:
+            extra = f"; the frozen trunk is cached over {views} augmented views" if views != cfg.cache_views else ""
+            print(f"regime auto -> {choice.regime}: {choice.reason}{extra}", flush=True)
+        return dataclasses.replace(cfg, regime=choice.regime, cache_views=views)
+
     def _build_model(self) -> ImageClassifier:
         from finegrain.backbones import Preprocess, create_backbone
 
@@ -640,8 +675,10 @@ class Trainer:
 
     def _resolved(self) -> dict:
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        auto = dataclasses.asdict(self.regime_choice) if self.regime_choice is not None else None
         return {
             "regime": str(self.regime),
+            "regime_auto": auto,
             "trainable_parameters": n_train,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "backbone": self.model.backbone.describe(),
@@ -673,6 +710,48 @@ def _write_history(path: str, history: list[dict]) -> None:
         for r in history
     ]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _saved_config(out: str) -> dict:
+    import yaml
+
+    path = os.path.join(out, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise FinegrainError(f"cannot resume {out}: {path} is missing or unreadable ({e})") from None
+
+
+@torch.no_grad()
+def _no_grad_copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def measure_training_speed(model: ImageClassifier, *, batch_size: int = 16, steps: int = 2) -> float:
+    """Images/s of full-network training steps (forward + backward) on this device, timed on a copy of the model
+    (its BatchNorm statistics and the global RNG stay untouched). A few seconds on a CPU."""
+    probe = _no_grad_copy(model).train()
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    param = next(probe.parameters())
+    size = probe.preprocess.input_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, size, size, generator=g).to(param.device)
+    if param.is_contiguous(memory_format=torch.channels_last) and param.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):
+        best = float("inf")
+        for i in range(steps + 1):  # the first step warms up
+            t0 = time.perf_counter()
+            probe(x).float().logsumexp(-1).mean().backward()
+            if param.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    return batch_size / best
 
 
 def _check_options(cfg: TrainConfig) -> None:
