@@ -313,7 +313,7 @@ def test_crop_options_are_checked(data, tmp_path, bad, match):
 
 
 def test_choose_regime_follows_data_and_compute():
-    from finegrain.train.regimes import auto_cache_views, choose_regime
+    from finegrain.recipe import auto_cache_views, choose_regime
 
     few = choose_regime([3] * 10)
     assert few.regime == "head" and "too few" in few.reason
@@ -329,7 +329,7 @@ def test_choose_regime_follows_data_and_compute():
 
 
 def test_measure_training_speed_leaves_the_model_untouched(lite0):
-    from finegrain.train.engine import measure_training_speed
+    from finegrain.recipe import measure_training_speed
     from finegrain.train.model import ImageClassifier
 
     model = ImageClassifier(lite0, 3)

@@ -141,7 +141,7 @@ class Trainer:
     def _settle_auto_regime(self) -> TrainConfig:
         """regime=auto: choose the regime (and, on a CPU, cached views) from the data and the measured speed; the
         choice replaces `auto` in the config, so the saved config is concrete and a resumed run keeps it."""
-        from finegrain.train.regimes import auto_cache_views, choose_regime
+        from finegrain.recipe import auto_cache_views, choose_regime, measure_training_speed
 
         cfg = self.cfg
         if cfg.resume:
@@ -721,37 +721,6 @@ def _saved_config(out: str) -> dict:
             return yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise FinegrainError(f"cannot resume {out}: {path} is missing or unreadable ({e})") from None
-
-
-@torch.no_grad()
-def _no_grad_copy(model):
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def measure_training_speed(model: ImageClassifier, *, batch_size: int = 16, steps: int = 2) -> float:
-    """Images/s of full-network training steps (forward + backward) on this device, timed on a copy of the model
-    (its BatchNorm statistics and the global RNG stay untouched). A few seconds on a CPU."""
-    probe = _no_grad_copy(model).train()
-    for p in probe.parameters():
-        p.requires_grad_(True)
-    param = next(probe.parameters())
-    size = probe.preprocess.input_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, size, size, generator=g).to(param.device)
-    if param.is_contiguous(memory_format=torch.channels_last) and param.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.random.fork_rng(devices=[]):
-        best = float("inf")
-        for i in range(steps + 1):  # the first step warms up
-            t0 = time.perf_counter()
-            probe(x).float().logsumexp(-1).mean().backward()
-            if param.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                best = min(best, time.perf_counter() - t0)
-    return batch_size / best
 
 
 def _check_options(cfg: TrainConfig) -> None:
