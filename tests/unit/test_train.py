@@ -243,6 +243,11 @@ def test_probe_head_init_starts_from_a_fitted_linear_probe(data, tmp_path, cache
     assert after >= 0.6 and after > before  # the random MSRA head is at chance (1/3) on the three colours
     result = trainer.fit()
     assert result.test_metrics["top1"] >= 0.75
+    # the probe-initialised model is the first candidate: the kept model is never worse on val than the start
+    start = trainer.probe_info["val_top1_model"]
+    assert start == pytest.approx(after) and result.best_val_top1 >= start
+    saved = json.loads((tmp_path / f"lp{cache_views}" / "metrics.json").read_text())
+    assert saved["head_init_probe"]["val_top1_model"] == start and saved["best_epoch"] >= 0
 
 
 def test_head_init_must_be_known(data, tmp_path):

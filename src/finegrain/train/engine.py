@@ -556,6 +556,12 @@ class Trainer:
             self.build_caches()
         if cfg.head_init == "probe" and start == 0:
             self.probe_init_head()
+            if self.splits.val:  # the probe is the first candidate: fine-tuning must beat it on val to replace it
+                eval_model = self.ema.module if self.ema is not None else self.model
+                best = (-1, self.evaluate(self.splits.val, model=eval_model)["top1"])
+                self.probe_info["val_top1_model"] = best[1]
+                if self.dist.is_main:
+                    save_weights(eval_model, os.path.join(out, "best.safetensors"))
         seconds_before = history[-1]["seconds"] if history else 0.0  # wall time of the epochs before a resume
         patience = 0
         for epoch in range(start, cfg.epochs):
@@ -658,6 +664,7 @@ class Trainer:
             summary = {
                 "best_epoch": best[0] + 1,
                 "best_val_top1": best[1],
+                "head_init_probe": getattr(self, "probe_info", None),  # best_epoch 0: the probe itself won on val
                 "test": test,
                 "skipped": [{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
                 "splits": {
