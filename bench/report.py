@@ -135,6 +135,14 @@ def finetune_overview(ft: dict) -> list[str]:
         out.append(
             f"| best frozen probe (256 px, flip-averaged features) | {probe['top1']:.3f} |" + " |" * (len(budgets) - 1)
         )
+    variants = {}
+    for _, k in budgets:
+        for name, v in ft[k]["regimes"].items():
+            if "(" in name:  # a variant: say what differs from the regime's preset
+                variants.setdefault(name, " ".join(f"{a}={b}" for a, b in v["config"].items() if a != "regime"))
+    if variants:
+        out += ["", "Variants (options on top of the regime's preset in bench/finetune.py):", ""]
+        out += [f"- {name}: `{opts}`" for name, opts in variants.items()]
     return out + [""]
 
 
