@@ -322,14 +322,17 @@ def test_choose_regime_follows_data_and_compute():
 
     few = choose_regime([3] * 10)
     assert few.regime == "head" and "too few" in few.reason
-    assert choose_regime([26] * 100).regime == "last:2"  # cub100-sized, no budget
+    assert choose_regime([26] * 100).regime == "last:1"  # cub100-sized, no budget: last:1 won there
+    assert choose_regime([60] * 100).regime == "last:2"
     assert choose_regime([500] * 10).regime == "full"
-    # 2,600 images at 13 images/s (lite0 on this CPU): 2, 5, 10 and 30 minutes
-    picks = [choose_regime([26] * 100, images_per_second=13, budget_min=m) for m in (2, 5, 10, 30)]
-    assert [p.regime for p in picks] == ["head", "last:1", "last:1", "last:2"]
-    assert picks[2].passes == pytest.approx(600 * 13 / 2600) and "passes" in picks[2].reason
-    assert choose_regime([500] * 10, images_per_second=13, budget_min=30).regime == "last:1"  # data, but no time
-    assert choose_regime([500] * 10, images_per_second=1000, budget_min=30).regime == "full"  # a GPU's speed
+    # 2,600 images at 13 images/s (lite0 on this CPU): 2, 5 and 30 minutes
+    picks = [choose_regime([26] * 100, images_per_second=13, budget_min=m) for m in (2, 5, 30)]
+    assert [p.regime for p in picks] == ["head", "last:1", "last:1"]
+    assert picks[2].passes == pytest.approx(1800 * 13 / 2600) and "9.0 full passes" in picks[2].reason
+    big = [500] * 10  # 5,000 images: the time decides
+    assert choose_regime(big, images_per_second=13, budget_min=15).regime == "last:1"  # 2.3 passes
+    assert choose_regime(big, images_per_second=13, budget_min=60).regime == "last:2"  # 9.4 passes
+    assert choose_regime(big, images_per_second=1000, budget_min=30).regime == "full"  # a GPU's speed
     assert [auto_cache_views(p) for p in (None, 0.2, 3.0, 9.0)] == [8, 1, 6, 16]
 
 
@@ -354,12 +357,12 @@ def test_auto_regime_is_explained_saved_and_kept_on_resume(data, tmp_path, capsy
     cfg = _cfg(data, tmp_path / "auto", regime="auto", epochs=1)
     train(cfg, progress=True)
     saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
-    # 9 training images a class and no time budget: the last two stages, a cached trunk on the CPU
-    assert saved["regime"] == "last:2" and saved["cache_views"] == 8
+    # 9 training images a class and no time budget: the last stage, a cached trunk on the CPU
+    assert saved["regime"] == "last:1" and saved["cache_views"] == 8
     assert (
-        saved["resolved"]["regime_auto"]["images_per_class"] == 9 and "regime auto -> last:2" in capsys.readouterr().out
+        saved["resolved"]["regime_auto"]["images_per_class"] == 9 and "regime auto -> last:1" in capsys.readouterr().out
     )
     resumed = Trainer(_cfg(data, tmp_path / "auto", regime="auto", epochs=2, resume=True), progress=False)
-    assert str(resumed.regime) == "last:2" and resumed.cfg.cache_views == 8
+    assert str(resumed.regime) == "last:1" and resumed.cfg.cache_views == 8
     tight = Trainer(_cfg(data, tmp_path / "tight", regime="auto", time_budget_min=0.001), progress=False)
     assert str(tight.regime) == "head" and tight.regime_choice.passes < 1
