@@ -230,6 +230,7 @@ def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
 def test_probe_head_init_starts_from_a_fitted_linear_probe(data, tmp_path, cache_views):
     """LP-FT: before any epoch, the head fitted on frozen features already classifies the validation split."""
     from finegrain.train.engine import Trainer
+    from finegrain.train.probe_init import L2_GRID
 
     cfg = _cfg(data, tmp_path / f"lp{cache_views}", head_init="probe", cache_views=cache_views, val_fraction=0.34)
     trainer = Trainer(cfg, progress=False)
@@ -238,7 +239,7 @@ def test_probe_head_init_starts_from_a_fitted_linear_probe(data, tmp_path, cache
         trainer.build_caches()
     info = trainer.probe_init_head()
     after = trainer.evaluate(trainer.splits.val)["top1"]
-    assert info["l2"] in (1e-4, 1e-3, 1e-2) and set(info["val_top1_by_l2"]) == {1e-4, 1e-3, 1e-2}
+    assert info["l2"] in L2_GRID and set(info["val_top1_by_l2"]) == set(L2_GRID)
     assert after == pytest.approx(info["val_top1"], abs=0.09)  # what the probe scored is what the model now scores
     assert after >= 0.6 and after > before  # the random MSRA head is at chance (1/3) on the three colours
     result = trainer.fit()

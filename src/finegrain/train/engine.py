@@ -272,12 +272,13 @@ class Trainer:
 
     # ---- LP-FT: the head starts as a linear probe on the frozen network's features -------------------------------
     @torch.no_grad()
-    def _head_inputs(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features [N, D] and labels of the train or val split through the network as it is now (eval)."""
+    def _head_inputs(self, which: str, *, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [N, D] and labels of the train or val split through the network as it is now (eval);
+        from the trunk cache when there is one (its first view) and `use_cache`, else from the eval view."""
         from finegrain.train.augment import build_eval_transform
 
         model = self.model.eval()
-        cache = self.train_cache if which == "train" else self.val_cache
+        cache = (self.train_cache if which == "train" else self.val_cache) if use_cache else None
         samples = self.splits.train if which == "train" else self.splits.val
         frozen = self.regime.frozen_stages(model)
         view = stage_view(model.backbone.model) if frozen else None
@@ -312,7 +313,9 @@ class Trainer:
             raise FinegrainError("head_init=probe runs in a single process; start the run without torchrun")
         if not isinstance(self.model.head, torch.nn.Linear):
             raise FinegrainError("head_init=probe needs a linear head (not normed_head=true)")
-        x, y = self._head_inputs("train")
+        # the train features come from the eval view, as in a representations probe, not from a cached random crop
+        # (cub100, 256 px: fitted on a cached crop it scored 0.881 val top-1; the frozen probe on clean views 0.920 test)
+        x, y = self._head_inputs("train", use_cache=False)
         val = self._head_inputs("val") if self.splits.val else None
         w, b, info = fit_linear_head(x, y, len(self.classes), val=val)
         with torch.no_grad():
