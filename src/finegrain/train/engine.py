@@ -314,7 +314,7 @@ class Trainer:
         if not isinstance(self.model.head, torch.nn.Linear):
             raise FinegrainError("head_init=probe needs a linear head (not normed_head=true)")
         # the train features come from the eval view, as in a representations probe, not from a cached random crop
-        # (cub100, 256 px: fitted on a cached crop it scored 0.881 val top-1; the frozen probe on clean views 0.920 test)
+        # (cub100, 256 px: fitted on a cached crop it scored 0.881 val top-1; frozen probe on clean views 0.920 test)
         x, y = self._head_inputs("train", use_cache=False)
         val = self._head_inputs("val") if self.splits.val else None
         w, b, info = fit_linear_head(x, y, len(self.classes), val=val)
