@@ -174,8 +174,8 @@ def finetune_reading(ft: dict) -> list[str]:
         f"{100 * (probe['top1'] - top):.1f} points under the frozen probe ({probe['top1']:.3f}); the goal was "
         f"{goal:.3f}. Moving the probe's protocol into fine-tuning (256 px, whole short side, GeM + L2-normalized "
         "features, LP-FT head, gentle rates, frozen BatchNorm) did not carry the probe's lead: the fine-tuned tail "
-        "fits the 2,613 training images (train top-1 1.00) and, as we read it, gives back some of the generality of the "
-        "ImageNet features. "
+        "fits the 2,613 training images (train top-1 1.00) and, as we read it, gives back some of the "
+        "generality of the ImageNet features. "
         "On this data and CPU: the frozen probe (minutes), then `last:1` on a cached trunk; `regime=auto` follows this "
         "(last:1 below 50 images a class, head below one full pass of the budget).",
         "",
