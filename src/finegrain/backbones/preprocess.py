@@ -58,6 +58,16 @@ class Preprocess:
     def with_size(self, input_size: int) -> Preprocess:
         return Preprocess(**{**self.to_dict(), "input_size": int(input_size)})
 
+    def with_geometry(self, input_size: int | None = None, crop_pct: float | None = None) -> Preprocess:
+        """A copy with another resolution and/or center-crop fraction; None keeps the current value."""
+        return Preprocess(
+            **{
+                **self.to_dict(),
+                "input_size": int(input_size or self.input_size),
+                "crop_pct": crop_pct or self.crop_pct,
+            }
+        )
+
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 

@@ -22,17 +22,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
-    from finegrain.backbones import Preprocess, create_backbone
+    from finegrain.backbones import create_backbone
     from finegrain.data import load_image_set
     from finegrain.embed import extract_to_store
 
     image_set = load_image_set(cfg.data)
     backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
-    if cfg.image_size or cfg.crop_pct:
-        pp = backbone.preprocess.to_dict()
-        backbone.preprocess = Preprocess.from_dict(
-            {**pp, "input_size": cfg.image_size or pp["input_size"], "crop_pct": cfg.crop_pct or pp["crop_pct"]}
-        )
+    backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
     result = extract_to_store(
         image_set,
         backbone,

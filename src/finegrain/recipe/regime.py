@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch
 
 FEW_SHOT = 5  # images a class below which only a new classifier is trained
-DEEPER_DATA = (
-    50  # images a class from which two stages beat one (cub100, 26 a class: last:1 >= last:2 at 10 and 30 min)
-)
+DEEPER_DATA = 50  # images a class from which two stages pay (cub100, 26 a class: last:1 >= last:2 at 10 and 30 min)
 FULL_DATA = 100  # images a class from which the whole network is worth training (given the compute)
 HEAD_PASSES = 1.0  # full training passes over the train set the budget allows: below, only the head (cached)
 LAST2_PASSES = 5.0  # two stages need at least this many passes
@@ -58,10 +56,8 @@ def choose_regime(
     elif per_class < DEEPER_DATA or not enough(LAST2_PASSES):
         regime, why = "last:1", "the last stage adapts; deeper stages would overfit this data or outrun the budget"
     else:
-        regime, why = (
-            "last:2",
-            (f"the last two stages adapt; every layer needs {FULL_DATA}+ images a class and {FULL_PASSES:g}+ passes"),
-        )
+        why = f"the last two stages adapt; every layer needs {FULL_DATA}+ images a class and {FULL_PASSES:g}+ passes"
+        regime = "last:2"
     return RegimeChoice(regime, f"{data}, {compute}: {why}", per_class, passes)
 
 

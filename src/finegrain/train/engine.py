@@ -169,17 +169,14 @@ class Trainer:
         return dataclasses.replace(cfg, regime=choice.regime, cache_views=views)
 
     def _build_model(self) -> ImageClassifier:
-        from finegrain.backbones import Preprocess, create_backbone
+        from finegrain.backbones import create_backbone
 
         cfg = self.cfg
         pretrained = self.regime.pretrained and cfg.pretrained
         backbone = create_backbone(cfg.backbone, pretrained=pretrained, checkpoint=cfg.checkpoint)
         if self.regime.kind == "scratch":
             msra_init_(backbone)
-        if cfg.image_size or cfg.crop_pct:
-            pre = backbone.preprocess.to_dict()
-            pre.update(input_size=cfg.image_size or pre["input_size"], crop_pct=cfg.crop_pct or pre["crop_pct"])
-            backbone.preprocess = Preprocess.from_dict(pre)
+        backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
         model = ImageClassifier(
             backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate, feature_norm=cfg.feature_norm
         )
@@ -272,13 +269,13 @@ class Trainer:
 
     # ---- LP-FT: the head starts as a linear probe on the frozen network's features -------------------------------
     @torch.no_grad()
-    def _head_inputs(self, which: str, *, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _head_inputs(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [N, D] and labels of the train or val split through the network as it is now (eval);
-        from the trunk cache when there is one (its first view) and `use_cache`, else from the eval view."""
+        from the trunk cache when there is one (its first view), else from the eval view."""
         from finegrain.train.augment import build_eval_transform
 
         model = self.model.eval()
-        cache = (self.train_cache if which == "train" else self.val_cache) if use_cache else None
+        cache = self.train_cache if which == "train" else self.val_cache
         samples = self.splits.train if which == "train" else self.splits.val
         frozen = self.regime.frozen_stages(model)
         view = stage_view(model.backbone.model) if frozen else None
