@@ -138,11 +138,11 @@ def fixres(args) -> None:
 def _resized(predictor, size):
     import copy
 
-    from finegrain.model_io import Predictor
+    from finegrain.evaluate.predictor import Predictor
 
     m = copy.deepcopy(predictor.model)
     m.backbone.preprocess = predictor.preprocess.with_size(size)
-    return Predictor(m, predictor.classes, predictor.meta)
+    return Predictor(m, predictor.spec.replace(preprocess=m.backbone.preprocess))
 
 
 def main() -> None:

@@ -152,7 +152,7 @@ def test_ensemble_members_must_share_classes(trained_run, train_data, tmp_path):
 
     a = finegrain.load(trained_run)
     b = finegrain.load(trained_run)
-    b.classes = list(reversed(b.classes))
+    b.spec = b.spec.replace(classes=tuple(reversed(b.classes)))
     with pytest.raises(FinegrainError, match="same classes"):
         predict_paths([a, b], _test_paths(train_data)[:2], workers=0)
 

@@ -10,12 +10,12 @@ import torch
 import finegrain
 from finegrain.cli.main import main
 from finegrain.config import TrainConfig
-from finegrain.embed.pooling import AttentionPool, create_pooling
 from finegrain.errors import FinegrainError
 from finegrain.explain import box_from_map, explain_tensor
 from finegrain.explain.cam import auto_target_layer, view_to_original
+from finegrain.models import ImageClassifier
+from finegrain.models.pooling import AttentionPool, create_pooling
 from finegrain.train.engine import train
-from finegrain.train.model import ImageClassifier
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from finegrain.data import load_image_set
 from finegrain.embed import FeatureStore, create_pooling, embed_images, extract_to_store
-from finegrain.embed.pooling import POOLINGS
+from finegrain.models.pooling import POOLINGS
 from finegrain.errors import FinegrainError
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.errors import FinegrainError
-from finegrain.heads.normed_linear import NormedLinear
 from finegrain.losses import LOSSES, CrossEntropy, LDAMLoss, create_loss
 from finegrain.losses.class_balanced import effective_number_weights
 from finegrain.losses.ldam import ldam_margins
+from finegrain.models import NormedLinear
 from finegrain.train.mixing import smooth_one_hot
 
 B, C = 6, 5

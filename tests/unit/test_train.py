@@ -48,7 +48,7 @@ def test_regime_parsing_and_errors():
 
 
 def test_trunk_then_tail_equals_forward(lite0):
-    from finegrain.train.model import ImageClassifier
+    from finegrain.models import ImageClassifier
 
     model = ImageClassifier(lite0, 5).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -201,7 +201,7 @@ def test_long_tail_losses_and_samplers_plug_into_the_engine(data, tmp_path):
     import finegrain
 
     assert finegrain.load(str(tmp_path / "ldam")).predict([os.path.join(data, "test", "red", "000.jpg")])[0]
-    from finegrain.heads.normed_linear import NormedLinear
+    from finegrain.models import NormedLinear
     from finegrain.train.engine import Trainer
 
     t = Trainer(_cfg(data, tmp_path / "la", regime="head", loss="logit-adjusted", normed_head=True), progress=False)
@@ -263,8 +263,8 @@ def test_probe_protocol_options_are_trained_saved_and_loaded(data, tmp_path):
     import glob
 
     import finegrain
+    from finegrain.models import FeatureNorm
     from finegrain.train.engine import Trainer
-    from finegrain.train.model import FeatureNorm
 
     cfg = _cfg(
         data,
@@ -338,8 +338,8 @@ def test_choose_regime_follows_data_and_compute():
 
 
 def test_measure_training_speed_leaves_the_model_untouched(lite0):
+    from finegrain.models import ImageClassifier
     from finegrain.recipe import measure_training_speed
-    from finegrain.train.model import ImageClassifier
 
     model = ImageClassifier(lite0, 3)
     model.backbone.preprocess = model.backbone.preprocess.with_size(64)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from finegrain.backbones.preprocess import Preprocess
-from finegrain.embed.pooling import GeM
+from finegrain.models.pooling import GeM
 from finegrain.errors import FinegrainError
 from finegrain.train.augment import AUGMENTATIONS, build_eval_transform, build_train_transform
 from finegrain.train.mixing import MixConfig, mix_batch, smooth_one_hot

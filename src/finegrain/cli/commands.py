@@ -130,7 +130,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from finegrain.search import search_store
+    from finegrain.heads.search import search_store
 
     results = search_store(args.index, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
     for query, hits in results.items():
@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from finegrain.data import ImageDecodeError
-    from finegrain.model_io import load
+    from finegrain.evaluate.predictor import load
 
     predictor = load(args.model)
     for path in args.images:
@@ -244,7 +244,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from finegrain.atomic import atomic_write, atomic_write_json
     from finegrain.data import ImageDecodeError
     from finegrain.explain import explain_images, overlay
-    from finegrain.model_io import load
+    from finegrain.evaluate.predictor import load
 
     predictor = load(args.model)
     os.makedirs(args.out, exist_ok=True)
@@ -274,7 +274,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_fixres(args: argparse.Namespace) -> int:
     from finegrain.evaluate.evaluation import samples_for_model
     from finegrain.evaluate.fixres import fix_resolution, save_predictor
-    from finegrain.model_io import load
+    from finegrain.evaluate.predictor import load
 
     predictor = load(args.model)
     paths, labels, _ = samples_for_model(args.data, args.split, predictor.classes)

@@ -1,6 +1,6 @@
 from finegrain.embed.extract import Embedder, ExtractResult, embed_images, extract_to_store, resolve_precision
 from finegrain.embed.normalize import NORMALIZERS, create_normalizer
-from finegrain.embed.pooling import POOLINGS, GeM, create_pooling
+from finegrain.models.pooling import POOLINGS, GeM, create_pooling
 from finegrain.embed.store import FeatureStore
 
 __all__ = [

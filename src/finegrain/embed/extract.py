@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finegrain.backbones import Backbone, Preprocess
 from finegrain.data import ImageDecodeError, ImageSet, load_image
-from finegrain.embed.pooling import create_pooling
+from finegrain.models.pooling import create_pooling
 from finegrain.embed.store import FeatureStore, IndexEntry
 
 PRECISIONS = ("auto", "fp32", "bf16")

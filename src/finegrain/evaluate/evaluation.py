@@ -74,7 +74,7 @@ def samples_for_model(data: str, split: str, classes: Sequence[str]):
 def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
     from finegrain.evaluate.inference import predict_paths
     from finegrain.evaluate.summary import summarize
-    from finegrain.model_io import load
+    from finegrain.evaluate.predictor import load
 
     if not cfg.models:
         raise FinegrainError("give at least one model (a run folder of `finegrain train` or its model/ folder)")

@@ -14,7 +14,6 @@ The result is saved as a new model folder that `finegrain.load` reads like any o
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -144,7 +143,7 @@ def fix_resolution(
 
     max_images: use a seeded random subset of the training images (both steps) to bound the cost."""
     from finegrain.embed.extract import resolve_precision
-    from finegrain.model_io import Predictor
+    from finegrain.evaluate.predictor import Predictor
 
     if size < 32:
         raise FinegrainError(f"test size must be at least 32 pixels; got {size}")
@@ -176,18 +175,12 @@ def fix_resolution(
         )
         finetune_head(model, feats, ys, epochs=head_epochs, lr=head_lr, seed=seed)
         info["head_images"] = len(ys)
-    meta = {**predictor.meta, "preprocess": pre.to_dict(), "fixres": info}
-    return Predictor(model, predictor.classes, meta, str(predictor.device))
+    spec = predictor.spec.replace(preprocess=pre, extra={**predictor.spec.extra, "fixres": info})
+    return Predictor(model, spec, str(predictor.device))
 
 
 def save_predictor(predictor, folder: str) -> str:
     """Write a (FixRes-adapted) Predictor as a model folder."""
-    from finegrain.model_io import export_model
+    from finegrain.models import save_model
 
-    keep = {
-        k: v
-        for k, v in predictor.meta.items()
-        if k not in ("format", "backbone", "source", "preprocess", "pooling", "head", "num_classes", "classes")
-    }
-    os.makedirs(folder, exist_ok=True)
-    return export_model(predictor.model, folder, classes=predictor.classes, extra=keep)
+    return save_model(predictor.model, folder, predictor.spec)

@@ -87,7 +87,7 @@ def _normalise(cam: torch.Tensor, size: int) -> np.ndarray:
 
 
 def _resolve_method(model, method: str) -> str:
-    from finegrain.embed.pooling import AttentionPool, GlobalAvgPool
+    from finegrain.models.pooling import AttentionPool, GlobalAvgPool
 
     if method not in METHODS:
         raise FinegrainError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")

@@ -1,6 +1,6 @@
 """LDAM loss with deferred re-weighting (Cao et al., NeurIPS 2019, LDAM-DRW).
 
-LDAM expects cosine logits in [-1, 1], from `finegrain.heads.normed_linear.NormedLinear` (both features and class
+LDAM expects cosine logits in [-1, 1], from `finegrain.models.NormedLinear` (both features and class
 weights L2-normalised, as in the reference code), and scales them by `s` itself.
 """
 

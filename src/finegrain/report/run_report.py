@@ -344,7 +344,7 @@ def build_run_report(
     from finegrain.atomic import atomic_write_json
     from finegrain.evaluate.evaluation import samples_for_model
     from finegrain.evaluate.summary import summarize
-    from finegrain.model_io import load
+    from finegrain.evaluate.predictor import load
 
     predictor = load(run)
     cfg_path = os.path.join(run, "config.yaml")

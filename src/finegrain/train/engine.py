@@ -21,13 +21,21 @@ from torch.utils.data import DataLoader, Sampler
 
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config
-from finegrain.embed.pooling import has_learned_pooling
 from finegrain.errors import FinegrainError
-from finegrain.model_io import save_weights
-from finegrain.train.checkpoint import load_checkpoint, save_checkpoint
+from finegrain.models import (
+    ImageClassifier,
+    ModelSpec,
+    build_model,
+    has_learned_pooling,
+    load_checkpoint,
+    msra_init_,
+    save_checkpoint,
+    save_model,
+    save_weights,
+    stage_view,
+)
 from finegrain.train.data import ImageDataset, Splits, collate_skip_bad, make_splits
 from finegrain.train.distributed import DistContext
-from finegrain.train.model import ImageClassifier, msra_init_, stage_view
 from finegrain.train.regimes import Regime
 
 CHECKPOINT = "checkpoint-last.pt"
@@ -176,15 +184,16 @@ class Trainer:
         backbone = create_backbone(cfg.backbone, pretrained=pretrained, checkpoint=cfg.checkpoint)
         if self.regime.kind == "scratch":
             msra_init_(backbone)
-        backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
-        model = ImageClassifier(
-            backbone, len(self.classes), pooling=cfg.pooling, drop_rate=cfg.drop_rate, feature_norm=cfg.feature_norm
+        spec = ModelSpec(
+            backbone=backbone.name,
+            source=backbone.source,
+            preprocess=backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct),
+            pooling=cfg.pooling,
+            normalizer="l2" if cfg.feature_norm else "none",
+            head="normed" if cfg.normed_head else "linear",
+            classes=tuple(self.classes),
         )
-        if cfg.normed_head:
-            from finegrain.heads.normed_linear import NormedLinear
-
-            model.head = NormedLinear(backbone.num_features, len(self.classes))
-        return model
+        return build_model(spec, backbone=backbone, drop_rate=cfg.drop_rate)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         from finegrain.train.optim import build_optimizer, build_param_groups
@@ -626,8 +635,6 @@ class Trainer:
             self.schedule = self._build_schedule(plan)
 
     def _finish(self, history, best, writer, seconds) -> TrainResult:
-        from finegrain.model_io import export_model
-
         out = self.cfg.out
         best_path = os.path.join(out, "best.safetensors")
         self.dist.barrier()
@@ -649,18 +656,13 @@ class Trainer:
                 test[f"{g}_shot"] = float(vals.mean()) if len(vals) else None
             test["per_class_top1"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(self.classes, acc)}
         if self.dist.is_main:
-            export_model(
+            spec = ModelSpec.of(
                 final,
-                os.path.join(out, "model"),
                 classes=self.classes,
-                extra={
-                    "regime": str(self.regime),
-                    "best_epoch": best[0] + 1,
-                    "train_counts": np.bincount(
-                        [s.label for s in self.splits.train], minlength=len(self.classes)
-                    ).tolist(),
-                },
+                train_counts=self.train_counts,
+                extra={"regime": str(self.regime), "best_epoch": best[0] + 1},
             )
+            save_model(final, os.path.join(out, "model"), spec)
             summary = {
                 "best_epoch": best[0] + 1,
                 "best_val_top1": best[1],

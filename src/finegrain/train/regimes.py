@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.train.model import ImageClassifier, stage_view
+from finegrain.models.classifier import ImageClassifier, stage_view
 
 REGIME_KINDS = ("head", "last", "full", "scratch")
 

@@ -1,4 +1,4 @@
-"""The model that fine-tuning trains: backbone trunk, pooling, dropout, a new MSRA-initialised linear head.
+"""THE model: backbone trunk -> pooling -> [feature norm] -> dropout -> head (linear, MSRA-initialised, or cosine).
 
 The trunk is seen as stem -> stages -> post, so a regime can freeze a prefix (`last:K` trains the last K stages)
 and the frozen prefix can be run once and cached.
@@ -6,15 +6,17 @@ and the frozen prefix can be run once and cached.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from finegrain.backbones import Backbone
-from finegrain.embed.pooling import create_pooling
 from finegrain.errors import FinegrainError
+from finegrain.models.layers import FeatureNorm, NormedLinear, msra_init_
+from finegrain.models.pooling import create_pooling
+
+HEADS = ("linear", "normed")
 
 
 @dataclass
@@ -46,32 +48,10 @@ def stage_view(model: nn.Module) -> StageView:
     )
 
 
-def msra_init_(module: nn.Module) -> None:
-    """Kaiming/MSRA initialisation (He et al., 2015) of conv and linear layers; norms to identity."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-class FeatureNorm(nn.Module):
-    """L2-normalize each feature vector and scale it to norm sqrt(D) (unit size per dimension, so an MSRA head
-    starts with ordinary logits): the probe's best normalization, kept inside the fine-tuned model."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(x, dim=1) * math.sqrt(x.shape[1])
-
-
 class ImageClassifier(nn.Module):
-    """backbone.forward_features -> pooling -> [feature norm] -> dropout -> Linear(num_features, num_classes)."""
+    """backbone.forward_features -> pooling -> [feature norm] -> dropout -> head [B, num_classes].
+
+    head: "linear" (nn.Linear, MSRA init) or "normed" (NormedLinear: cosine logits, for LDAM)."""
 
     def __init__(
         self,
@@ -81,6 +61,7 @@ class ImageClassifier(nn.Module):
         pooling: str = "gap",
         drop_rate: float = 0.0,
         feature_norm: bool = False,
+        head: str = "linear",
     ) -> None:
         super().__init__()
         backbone.reset_classifier(0)
@@ -89,8 +70,13 @@ class ImageClassifier(nn.Module):
         self.pool = create_pooling(pooling, channels=backbone.num_features)
         self.norm = FeatureNorm() if feature_norm else nn.Identity()
         self.dropout = nn.Dropout(drop_rate)
-        self.head = nn.Linear(backbone.num_features, num_classes)
-        msra_init_(self.head)
+        if head not in HEADS:
+            raise FinegrainError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
+        if head == "normed":
+            self.head = NormedLinear(backbone.num_features, num_classes)
+        else:
+            self.head = nn.Linear(backbone.num_features, num_classes)
+            msra_init_(self.head)
 
     @property
     def preprocess(self):
@@ -102,6 +88,15 @@ class ImageClassifier(nn.Module):
     @property
     def feature_norm(self) -> bool:
         return isinstance(self.norm, FeatureNorm)
+
+    @property
+    def head_kind(self) -> str:
+        return "normed" if isinstance(self.head, NormedLinear) else "linear"
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, S, S] -> (the vector the head sees [B, D], logits [B, C]) in one pass."""
+        feats = self.embed(self.forward_features(x))
+        return feats, self.head(self.dropout(feats.to(self.head.weight.dtype)))
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         """Feature map -> the vector the head sees (pooled, then normalized when feature_norm)."""

@@ -8,15 +8,10 @@ from finegrain.errors import FinegrainError
 
 
 def backbone_from_meta(meta: dict):
-    """Rebuild the backbone a store was made with, with the exact preprocessing it recorded."""
-    from finegrain.backbones import Preprocess, create_backbone
+    """Rebuild the backbone a store was made with (its recorded weights source), with the exact preprocessing."""
+    from finegrain.models import ModelSpec, build_backbone
 
-    info = meta["backbone"]
-    source = info.get("source", "")
-    checkpoint = source.split(":", 1)[1] if source.startswith("checkpoint:") else None
-    backbone = create_backbone(info["name"], pretrained=source != "random", checkpoint=checkpoint)
-    backbone.preprocess = Preprocess.from_dict(info["preprocess"])
-    return backbone
+    return build_backbone(ModelSpec.from_backbone_info(meta["backbone"]), pretrained=True)
 
 
 def search_store(

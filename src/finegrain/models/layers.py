@@ -1,6 +1,8 @@
-"""Cosine classifier head: both features and class weights L2-normalised (the LDAM-DRW reference's NormedLinear)."""
+"""Layers the models are made of besides the backbone: the cosine head, the feature normalization, MSRA init."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,3 +35,27 @@ class NormedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def msra_init_(module: nn.Module) -> None:
+    """Kaiming/MSRA initialisation (He et al., 2015) of conv and linear layers; norms to identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class FeatureNorm(nn.Module):
+    """L2-normalize each feature vector and scale it to norm sqrt(D) (unit size per dimension, so an MSRA head
+    starts with ordinary logits): the probe's best normalization, kept inside the fine-tuned model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) * math.sqrt(x.shape[1])

@@ -1,0 +1,145 @@
+"""One model spec: what a model is (backbone, pooling, normalizer, head), how to feed it, what it knows.
+
+Like torchvision's weights objects, the spec travels with the weights: `model.json` is `ModelSpec.to_dict()`, a
+feature store's meta records the spec of the backbone it was made with, and `build_model(spec)` is the one place a
+model is constructed — for training, loading, search, FixRes and the report alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from finegrain.backbones import Backbone, Preprocess, create_backbone
+from finegrain.errors import FinegrainError
+from finegrain.models.classifier import HEADS, ImageClassifier
+
+FORMAT = "finegrain-classifier/1"
+NORMALIZERS = ("none", "l2")  # in-model normalizers ("l2": FeatureNorm, L2 then x sqrt(D))
+# model.json keys that the spec owns; every other key is kept as `extra` (regime, best_epoch, fixres, ...)
+_OWN = {"format", "backbone", "source", "preprocess", "pooling", "normalizer", "feature_norm", "head", "num_classes"}
+_OWN |= {"classes", "train_counts"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """backbone: a name `create_backbone` knows; source: where its pretrained weights come from ("offline-package",
+    "timm-hub", "checkpoint:<path>", "random"); preprocess: the eval geometry and normalization; classes: names in
+    output order (empty for a feature model: no head); train_counts: images a class the model trained on."""
+
+    backbone: str
+    preprocess: Preprocess
+    source: str = "offline-package"
+    pooling: str = "gap"
+    normalizer: str = "none"
+    head: str = "linear"
+    classes: tuple[str, ...] = ()
+    train_counts: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in NORMALIZERS:
+            raise FinegrainError(f"normalizer must be one of {', '.join(NORMALIZERS)}; got {self.normalizer!r}")
+        if self.head not in HEADS:
+            raise FinegrainError(f"head must be one of {', '.join(HEADS)}; got {self.head!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of(cls, model: ImageClassifier, *, classes, train_counts=None, extra: dict | None = None) -> ModelSpec:
+        """The spec of a built model (its backbone id, geometry, pooling, normalizer and head kind)."""
+        return cls(
+            backbone=model.backbone.name,
+            source=model.backbone.source,
+            preprocess=model.preprocess,
+            pooling=model.pooling_name,
+            normalizer="l2" if model.feature_norm else "none",
+            head=model.head_kind,
+            classes=tuple(classes),
+            train_counts=None if train_counts is None else tuple(int(c) for c in train_counts),
+            extra=dict(extra or {}),
+        )
+
+    def to_dict(self) -> dict:
+        """model.json's content; `feature_norm` is kept beside `normalizer` so older readers still understand it."""
+        d = {
+            "format": FORMAT,
+            "backbone": self.backbone,
+            "source": self.source,
+            "preprocess": self.preprocess.to_dict(),
+            "pooling": self.pooling,
+            "normalizer": self.normalizer,
+            "feature_norm": self.normalizer == "l2",
+            "head": self.head,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+        }
+        if self.train_counts is not None:
+            d["train_counts"] = list(self.train_counts)
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        if d.get("format") != FORMAT:
+            raise FinegrainError(f"not a {FORMAT} model description (format: {d.get('format')!r})")
+        normalizer = d.get("normalizer") or ("l2" if d.get("feature_norm") else "none")
+        counts = d.get("train_counts")
+        return cls(
+            backbone=d["backbone"],
+            source=d.get("source", "random"),
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            pooling=d.get("pooling", "gap"),
+            normalizer=normalizer,
+            head=d.get("head", "linear"),
+            classes=tuple(d.get("classes", ())),
+            train_counts=None if counts is None else tuple(int(c) for c in counts),
+            extra={k: v for k, v in d.items() if k not in _OWN},
+        )
+
+    @classmethod
+    def from_backbone_info(cls, info: dict, **kwargs: Any) -> ModelSpec:
+        """The spec of a feature model from `Backbone.describe()` (what a feature store records)."""
+        return cls(
+            backbone=info["name"], source=info.get("source", ""), preprocess=Preprocess.from_dict(info["preprocess"])
+        ).replace(**kwargs)
+
+
+def build_backbone(spec: ModelSpec, *, pretrained: bool = True, checkpoint: str | None = None) -> Backbone:
+    """The spec's backbone with the spec's preprocessing. pretrained: load the weights its source names (a
+    checkpoint source is read again); False when the weights come from a saved model instead."""
+    source = spec.source or ""
+    if checkpoint is None and pretrained and source.startswith("checkpoint:"):
+        checkpoint = source.split(":", 1)[1]
+    backbone = create_backbone(spec.backbone, pretrained=pretrained and source != "random", checkpoint=checkpoint)
+    backbone.preprocess = spec.preprocess
+    return backbone
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    backbone: Backbone | None = None,
+    drop_rate: float = 0.0,
+) -> ImageClassifier:
+    """The classifier a spec describes. Default: untrained weights, to be loaded from a saved model;
+    `pretrained=True` starts from the backbone's own weights (training). `backbone`: one already built."""
+    if not spec.classes:
+        raise FinegrainError("a classifier needs classes: this spec describes a feature model (no head)")
+    backbone = backbone or build_backbone(spec, pretrained=pretrained, checkpoint=checkpoint)
+    backbone.preprocess = spec.preprocess
+    return ImageClassifier(
+        backbone,
+        spec.num_classes,
+        pooling=spec.pooling,
+        drop_rate=drop_rate,
+        feature_norm=spec.normalizer == "l2",
+        head=spec.head,
+    )
