@@ -108,6 +108,8 @@ def test_sampler_registry():
         create_sampler("instance", LABELS, rank=2, world_size=2)
     with pytest.raises(ValueError, match="labels"):
         create_sampler("instance", [])
+    with pytest.raises(ValueError, match="no parameter epochs; valid: labels, seed, num_samples, total_epochs"):
+        create_sampler("progressive", LABELS, epochs=3)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from finegrain.embed import NORMALIZERS, create_normalizer
+from finegrain.errors import FinegrainError
 
 
 def _l2(x):
@@ -111,3 +112,14 @@ def test_bad_parameters_raise_in_fit(data):
     w = create_normalizer("pca-whiten", shrinkage=-1.0)  # construction never validates, like scikit-learn
     with pytest.raises(ValueError, match="shrinkage"):
         w.fit(X)
+
+
+def test_factory_drops_none_and_rejects_unknown_keywords():
+    assert create_normalizer("pca-whiten", n_components=None, shrinkage=None).get_params()["n_components"] == 256
+    assert create_normalizer("pca-whiten:3", n_components=None).n_components == 3
+    with pytest.raises(ValueError, match="n_component.*valid: n_components, shrinkage, eps, l2_after"):
+        create_normalizer("pca-whiten", n_component=3)
+    with pytest.raises(TypeError, match="no parameter n_components"):  # Python's convention holds too
+        create_normalizer("l2", n_components=3)
+    with pytest.raises(FinegrainError, match="cl2n, l2, none, pca-whiten"):
+        create_normalizer("zscore")

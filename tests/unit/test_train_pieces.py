@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from finegrain.backbones.preprocess import Preprocess
-from finegrain.models.pooling import GeM
 from finegrain.errors import FinegrainError
+from finegrain.models.pooling import GeM
 from finegrain.train.augment import AUGMENTATIONS, build_eval_transform, build_train_transform
 from finegrain.train.mixing import MixConfig, mix_batch, smooth_one_hot
 from finegrain.train.optim import PrefixLRScale, build_optimizer, build_param_groups, layer_decay_scales
@@ -248,6 +248,21 @@ def test_optim_rejects_bad_input():
         layer_decay_scales(["a", "b"], 0.0)
     with pytest.raises(ValueError, match="lr_scale"):
         build_param_groups(_Tiny(), lr=0.1, weight_decay=0.0, lr_scale=lambda name: -1.0)
+
+
+def test_each_optimizer_gets_only_its_own_options():
+    groups = build_param_groups(_Tiny(), lr=0.1, weight_decay=0.0)
+    options = {"momentum": 0.5, "nesterov": False, "betas": (0.8, 0.9)}  # one config serves every optimizer
+    sgd = build_optimizer("sgd", groups, lr=0.1, **options).defaults
+    assert sgd["momentum"] == 0.5 and sgd["nesterov"] is False
+    assert build_optimizer("adamw", groups, lr=0.1, **options).defaults["betas"] == (0.8, 0.9)
+    unset = build_optimizer("sgd", groups, lr=0.1, momentum=None, nesterov=None, betas=None).defaults
+    assert unset["momentum"] == 0.9 and unset["nesterov"] is True  # None keeps the optimizer's default
+    assert build_optimizer("adamw", groups, lr=0.1, momentum=1.5).defaults["betas"] == (0.9, 0.999)  # not AdamW's
+    with pytest.raises(ValueError, match="betas"):
+        build_optimizer("adamw", groups, lr=0.1, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="no optimizer takes momentun"):
+        build_optimizer("sgd", groups, lr=0.1, momentun=0.9)
 
 
 # ---------------------------------------------------------------- schedules

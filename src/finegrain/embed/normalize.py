@@ -114,7 +114,6 @@ class PCAWhitening(Normalizer):
 
 def create_normalizer(name: str, **kwargs) -> Normalizer:
     """`none`, `l2`, `cl2n`, `pca-whiten` or `pca-whiten:K` (K components); kwargs set to None are ignored."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if name.startswith("pca-whiten:"):
         name, kwargs["n_components"] = "pca-whiten", int(name.split(":", 1)[1])
-    return NORMALIZERS.get(name)(**kwargs)
+    return NORMALIZERS.create(name, **kwargs)

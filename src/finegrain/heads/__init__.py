@@ -18,13 +18,7 @@ CLASSIFIERS.register("probe")(LogisticProbe)
 
 def create_classifier(name: str, **kwargs: Any) -> KNNClassifier | NearestClassMean | LogisticProbe:
     """Build the classifier registered as name; keyword arguments set to None keep the classifier's default."""
-    cls = CLASSIFIERS.get(name)
-    params = {key: value for key, value in kwargs.items() if value is not None}
-    valid = cls._get_param_names()  # scikit-learn's list of __init__ parameters
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"classifier {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return cls(**params)
+    return CLASSIFIERS.create(name, **kwargs)
 
 
 __all__ = [

@@ -29,8 +29,7 @@ LOSSES.register("balanced-softmax")(BalancedSoftmaxLoss)
 
 def create_loss(name: str, *, class_counts: Sequence[int] | None = None, **kwargs) -> nn.Module:
     """Loss `name` (see LOSSES); kwargs set to None are ignored, so unset options keep the loss's defaults."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return LOSSES.get(name)(**kwargs, class_counts=class_counts)
+    return LOSSES.create(name, class_counts=class_counts, **kwargs)
 
 
 __all__ = [

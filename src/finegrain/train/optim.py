@@ -1,13 +1,14 @@
-"""Optimizer parameter groups (no decay on norms / biases / 1-D params, per-prefix LR scales) and optimizers."""
+"""Optimizer parameter groups (no decay on norms / biases / 1-D params, an LR scale per parameter) and optimizers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from finegrain.registry import Registry
+from finegrain.registry import ParameterError, Registry
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -62,34 +63,35 @@ def build_param_groups(
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(groups: list[dict], *, lr: float, momentum: float, nesterov: bool, betas: tuple[float, float]):
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+def _sgd(groups: list[dict], *, lr: float, momentum: float = 0.9, nesterov: bool = True) -> torch.optim.SGD:
+    momentum = float(momentum)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(nesterov) and momentum > 0)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(groups: list[dict], *, lr: float, momentum: float, nesterov: bool, betas: tuple[float, float]):
+def _adamw(groups: list[dict], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    betas = (float(betas[0]), float(betas[1]))
+    if not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be in [0, 1), got {betas}")
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def build_optimizer(
-    name: str,
-    groups: list[dict],
-    *,
-    lr: float,
-    momentum: float | None = 0.9,
-    nesterov: bool | None = True,
-    betas: tuple[float, float] | None = (0.9, 0.999),
-) -> torch.optim.Optimizer:
-    """`sgd` (momentum, nesterov) or `adamw` (betas) over `groups`; a group's own lr / weight_decay win over `lr`.
-    Options set to None keep these defaults."""
-    momentum = 0.9 if momentum is None else float(momentum)
-    nesterov = True if nesterov is None else bool(nesterov)
-    betas = (0.9, 0.999) if betas is None else (float(betas[0]), float(betas[1]))
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must be in [0, 1), got {betas}")
-    return OPTIMIZERS.get(name)(groups, lr=lr, momentum=momentum, nesterov=nesterov, betas=betas)
+def build_optimizer(name: str, groups: list[dict], *, lr: float, **options: Any) -> torch.optim.Optimizer:
+    """Optimizer `name` (see OPTIMIZERS: `sgd` takes momentum, nesterov; `adamw` takes betas) over `groups`.
+
+    Each optimizer gets only the options it takes, so one set of options (a config) serves them all; options set
+    to None keep the optimizer's defaults, and an option no optimizer takes is an error. A group's own lr and
+    weight_decay win over `lr`.
+    """
+    taken = set(OPTIMIZERS.params(name) or ())
+    options = {k: v for k, v in options.items() if v is not None}
+    known = {p for other in OPTIMIZERS for p in OPTIMIZERS.params(other) or ()} - {"groups", "lr"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ParameterError(f"no optimizer takes {', '.join(unknown)}; options: {', '.join(sorted(known))}")
+    return OPTIMIZERS.create(name, groups, lr=lr, **{k: v for k, v in options.items() if k in taken})
 
 
 def layer_decay_scales(stage_names_in_order: Iterable[str], decay: float) -> dict[str, float]:

@@ -144,7 +144,7 @@ SAMPLERS.register("progressive")(ProgressiveSampler)
 
 def create_sampler(name: str, labels: Sequence[int], **kwargs: Any) -> LabelSampler:
     """Sampler `name` (see SAMPLERS) over labels [N]; kwargs set to None keep the sampler's defaults."""
-    return SAMPLERS.get(name)(labels, **{k: v for k, v in kwargs.items() if v is not None})
+    return SAMPLERS.create(name, labels, **kwargs)
 
 
 __all__ = [
