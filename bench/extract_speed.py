@@ -22,8 +22,9 @@ import torch
 from bench.common import record, require_dataset
 from finegrain.backbones import create_backbone
 from finegrain.data import ImageSet, load_image, load_image_set
-from finegrain.embed import extract_to_store, resolve_precision
+from finegrain.embed import extract_to_store
 from finegrain.models.pooling import create_pooling
+from finegrain.runtime import resolve_precision
 
 
 def bare_forward(backbone, x_uint8: torch.Tensor, batch_size: int, precision: str) -> float:

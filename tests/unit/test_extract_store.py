@@ -7,8 +7,8 @@ import torch
 
 from finegrain.data import load_image_set
 from finegrain.embed import FeatureStore, create_pooling, embed_images, extract_to_store
-from finegrain.models.pooling import POOLINGS
 from finegrain.errors import FinegrainError
+from finegrain.models.pooling import POOLINGS
 
 
 def _extract(folder, backbone, out, **kw):

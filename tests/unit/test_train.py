@@ -319,7 +319,7 @@ def test_crop_options_are_checked(data, tmp_path, bad, match):
 
 
 def test_choose_regime_follows_data_and_compute():
-    from finegrain.recipe import auto_cache_views, choose_regime
+    from finegrain.train.auto_regime import auto_cache_views, choose_regime
 
     few = choose_regime([3] * 10)
     assert few.regime == "head" and "too few" in few.reason
@@ -339,7 +339,7 @@ def test_choose_regime_follows_data_and_compute():
 
 def test_measure_training_speed_leaves_the_model_untouched(lite0):
     from finegrain.models import ImageClassifier
-    from finegrain.recipe import measure_training_speed
+    from finegrain.train.auto_regime import measure_training_speed
 
     model = ImageClassifier(lite0, 3)
     model.backbone.preprocess = model.backbone.preprocess.with_size(64)

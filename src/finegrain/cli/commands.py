@@ -243,8 +243,8 @@ def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from finegrain.atomic import atomic_write, atomic_write_json
     from finegrain.data import ImageDecodeError
-    from finegrain.explain import explain_images, overlay
     from finegrain.evaluate.predictor import load
+    from finegrain.explain import explain_images, overlay
 
     predictor = load(args.model)
     os.makedirs(args.out, exist_ok=True)

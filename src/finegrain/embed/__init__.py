@@ -1,7 +1,7 @@
-from finegrain.embed.extract import Embedder, ExtractResult, embed_images, extract_to_store, resolve_precision
+from finegrain.embed.extract import Embedder, ExtractResult, embed_images, extract_to_store
 from finegrain.embed.normalize import NORMALIZERS, create_normalizer
-from finegrain.models.pooling import POOLINGS, GeM, create_pooling
 from finegrain.embed.store import FeatureStore
+from finegrain.models.pooling import POOLINGS, GeM, create_pooling
 
 __all__ = [
     "NORMALIZERS",
@@ -14,5 +14,4 @@ __all__ = [
     "create_pooling",
     "embed_images",
     "extract_to_store",
-    "resolve_precision",
 ]

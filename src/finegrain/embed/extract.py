@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,14 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from finegrain.backbones import Backbone, Preprocess
-from finegrain.data import ImageDecodeError, ImageSet, load_image
-from finegrain.models.pooling import create_pooling
+from finegrain.backbones import Backbone
+from finegrain.data import ImageSet
 from finegrain.embed.store import FeatureStore, IndexEntry
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from finegrain.models.pooling import create_pooling
+from finegrain.runtime import ImageFiles, Runtime, collate_images, forward, image_loader
 
 
 def file_sha1(path: str) -> str | None:
@@ -30,49 +27,6 @@ def file_sha1(path: str) -> str | None:
         return h.hexdigest()
     except OSError:
         return None
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 or AMX), else fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "bf16" if cap in ("AVX512", "AMX") or "AVX512" in cap else "fp32"
-
-
-def default_num_workers() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # One decoding worker per two cores: on small machines the model's threads need the rest.
-    return max(1, min(8, n // 2))
-
-
-class DecodedImages(Dataset):
-    """Samples -> ([3, S, S] uint8, position) or (None, position, reason) for files that fail to decode."""
-
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img = load_image(self.paths[i], min_side=self.preprocess.resize_size)
-            return self.preprocess.pil_to_uint8(img), i, ""
-        except ImageDecodeError as e:
-            return None, i, str(e)
-
-
-def collate_decoded(items):
-    good = [(t, i) for t, i, _ in items if t is not None]
-    failed = [(i, reason) for t, i, reason in items if t is None]
-    batch = torch.stack([t for t, _ in good]) if good else None
-    return batch, [i for _, i in good], failed
 
 
 class Embedder(torch.nn.Module):
@@ -111,23 +65,6 @@ class ExtractResult:
         return self.n_extracted / self.seconds if self.seconds > 0 else float("nan")
 
 
-def run_embedder(
-    embedder: Embedder,
-    batch: torch.Tensor,
-    *,
-    preprocess: Preprocess,
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-) -> dict[str, np.ndarray]:
-    x = preprocess.normalize(batch.to(device, non_blocking=True))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = embedder(x)
-    return {k: v.cpu().numpy() for k, v in out.items()}
-
-
 def extract_to_store(
     image_set: ImageSet,
     backbone: Backbone,
@@ -150,10 +87,9 @@ def extract_to_store(
     """
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    workers = default_num_workers() if num_workers is None else num_workers
-    backbone = backbone.to(device).eval()
+    rt = Runtime(str(device), precision, channels_last, num_workers)
+    precision = rt.resolved_precision
+    backbone = backbone.to(rt.torch_device).eval()
     meta = _store_meta(image_set, backbone, poolings, precision, flip)
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
@@ -169,34 +105,24 @@ def extract_to_store(
             todo[h] = p
     todo_items = list(todo.items())
 
-    embedder = Embedder(backbone, poolings, flip=flip).to(device)
-    if channels_last:
-        embedder = embedder.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        DecodedImages([p for _, p in todo_items], backbone.preprocess),
+    embedder = rt.prepare(Embedder(backbone, poolings, flip=flip))
+    pre = backbone.preprocess
+    loader = image_loader(
+        ImageFiles([p for _, p in todo_items], pre.pil_to_uint8, min_side=pre.resize_size),
         batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        workers=rt.num_workers,
+        pin_memory=rt.torch_device.type == "cuda",
+        prefetch_factor=4,
     )
     bad_sha: set[str] = set()
     bar = tqdm(total=len(todo_items), desc="extract", unit="img", disable=not progress, dynamic_ncols=True)
     n_done = 0
-    for batch, positions, failed in loader:
+    for batch, _, positions, failed in loader:
         for pos, reason in failed:
             skipped.append((todo_items[pos][1], reason))
             bad_sha.add(todo_items[pos][0])
         if batch is not None:
-            feats = run_embedder(
-                embedder,
-                batch,
-                preprocess=backbone.preprocess,
-                device=device,
-                precision=precision,
-                channels_last=channels_last,
-            )
+            feats = {k: v.cpu().numpy() for k, v in forward(embedder, batch, pre, rt).features.items()}
             rows = store.append(feats, [todo_items[p][0] for p in positions])
             done.update({todo_items[p][0]: r for p, r in zip(positions, rows)})
             n_done += len(positions)
@@ -255,28 +181,17 @@ def embed_images(
     channels_last: bool = True,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """In-memory features [N, D] of a few images (queries, predictions); returns (features, skipped)."""
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    embedder = Embedder(backbone.to(device).eval(), [pooling], flip=flip).to(device)
-    if channels_last:
-        embedder = embedder.to(memory_format=torch.channels_last)
-    data = DecodedImages(paths, backbone.preprocess)
+    rt = Runtime(str(device), precision, channels_last, workers=0)
+    embedder = rt.prepare(Embedder(backbone, [pooling], flip=flip))
+    pre = backbone.preprocess
+    data = ImageFiles(paths, pre.pil_to_uint8, min_side=pre.resize_size)
     feats, skipped = [], []
     for start in range(0, len(data), batch_size):
-        batch, _, failed = collate_decoded([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        batch, _, _, failed = collate_images([data[i] for i in range(start, min(start + batch_size, len(data)))])
         skipped += [(paths[start + i], r) for i, r in failed]
         if batch is not None:
-            feats.append(
-                run_embedder(
-                    embedder,
-                    batch,
-                    preprocess=backbone.preprocess,
-                    device=device,
-                    precision=precision,
-                    channels_last=channels_last,
-                )[pooling]
-            )
+            feats.append(forward(embedder, batch, pre, rt).features[pooling].cpu().numpy())
     return (np.concatenate(feats) if feats else np.zeros((0, backbone.num_features), np.float32)), skipped
 
 
-__all__ = ["ExtractResult", "Embedder", "embed_images", "extract_to_store", "file_sha1", "resolve_precision"]
+__all__ = ["ExtractResult", "Embedder", "embed_images", "extract_to_store", "file_sha1"]

@@ -73,8 +73,8 @@ def samples_for_model(data: str, split: str, classes: Sequence[str]):
 
 def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
     from finegrain.evaluate.inference import predict_paths
-    from finegrain.evaluate.summary import summarize
     from finegrain.evaluate.predictor import load
+    from finegrain.evaluate.summary import summarize
 
     if not cfg.models:
         raise FinegrainError("give at least one model (a run folder of `finegrain train` or its model/ folder)")

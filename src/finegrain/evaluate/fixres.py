@@ -19,21 +19,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from finegrain.errors import FinegrainError
+from finegrain.runtime import ImageFiles, Runtime, forward, image_loader
 
 
-def _loader(paths, pre, batch_size, workers):
-    from finegrain.embed.extract import DecodedImages, collate_decoded
-
-    return DataLoader(
-        DecodedImages(paths, pre),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        prefetch_factor=2 if workers else None,
-    )
+def _batches(paths, pre, batch_size, rt: Runtime):
+    """(uint8 [B, 3, S, S], positions) of the images that decode, at `pre`'s eval geometry."""
+    data = ImageFiles(paths, pre.pil_to_uint8, min_side=pre.resize_size)
+    for x, _, positions, _ in image_loader(data, batch_size=batch_size, workers=rt.num_workers):
+        if x is not None:
+            yield x, positions
 
 
 @torch.no_grad()
@@ -53,8 +49,6 @@ def recalibrate_batchnorm(
     layers: "last" (the BatchNorm that precedes global pooling, as FixRes fine-tunes) or "all". Re-estimating
     every layer also moves the statistics of layers that were frozen while the later ones learned on their
     outputs, which shifts the features those later layers expect."""
-    from finegrain.embed.extract import default_num_workers
-
     if layers not in ("last", "all"):
         raise FinegrainError(f"BatchNorm layers to re-estimate must be last or all; got {layers!r}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -68,17 +62,13 @@ def recalibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average: every batch counts equally
         bn.train()
-    device = next(model.parameters()).device
+    rt = Runtime(str(next(model.parameters()).device), precision, channels_last=False, workers=workers)
     n = 0
     try:
-        for batch, _, _ in _loader(paths, pre, batch_size, default_num_workers() if workers is None else workers):
-            if batch is None:
-                continue
-            x = pre.normalize(batch.to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                model(x)
-                if flip:
-                    model(x.flip(-1))
+        for x, _ in _batches(paths, pre, batch_size, rt):
+            forward(model, x, pre, rt)  # BatchNorm in train mode: the pass updates the running statistics
+            if flip:
+                forward(model, x.flip(-1), pre, rt)
             n += len(x)
     finally:
         for bn, (momentum, _) in zip(bns, saved):
@@ -91,17 +81,10 @@ def recalibrate_batchnorm(
 
 @torch.no_grad()
 def _pooled(model, paths, pre, labels, *, batch_size, workers, precision):
-    from finegrain.embed.extract import default_num_workers
-
+    rt = Runtime(str(next(model.parameters()).device), precision, channels_last=False, workers=workers)
     feats, ys = [], []
-    device = next(model.parameters()).device
-    for batch, positions, _ in _loader(paths, pre, batch_size, default_num_workers() if workers is None else workers):
-        if batch is None:
-            continue
-        x = pre.normalize(batch.to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            f = model.embed(model.forward_features(x))
-        feats.append(f.float().cpu())
+    for x, positions in _batches(paths, pre, batch_size, rt):
+        feats.append(forward(model, x, pre, rt).features.cpu())
         ys.append(torch.as_tensor(labels[positions]))
     return torch.cat(feats), torch.cat(ys)
 
@@ -142,8 +125,8 @@ def fix_resolution(
     """A copy of the loaded model adapted to test at `size` pixels: returns a new Predictor (not saved).
 
     max_images: use a seeded random subset of the training images (both steps) to bound the cost."""
-    from finegrain.embed.extract import resolve_precision
     from finegrain.evaluate.predictor import Predictor
+    from finegrain.runtime import resolve_precision
 
     if size < 32:
         raise FinegrainError(f"test size must be at least 32 pixels; got {size}")

@@ -1,7 +1,7 @@
 """Predict a list of images with one model or an ensemble, with test-time augmentation.
 
-Layered like DINOv2's evaluation: `run_views` works on tensors, `predict_paths` on files (decoding in DataLoader
-workers, bad files skipped and reported), `evaluate_models` (in evaluate/evaluation.py) on a dataset.
+Layered like DINOv2's evaluation: `runtime.forward` works on tensors, `predict_paths` on files (decoding in
+DataLoader workers, bad files skipped and reported), `evaluate_models` (in evaluate/evaluation.py) on a dataset.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from finegrain.backbones import Preprocess
-from finegrain.data import ImageDecodeError, load_image
 from finegrain.errors import FinegrainError
-from finegrain.evaluate.tta import TTA, image_views
+from finegrain.evaluate.tta import TTA, TTAViews
+from finegrain.runtime import ImageFiles, Runtime, forward, image_loader
 
 
 @dataclass
 class Predictions:
-    """Probabilities [N_ok, C] for the images that decoded, in input order; `index` maps rows to input positions."""
+    """Probabilities [N_ok, C] for the images that decoded, in input order; `index` maps rows to input positions.
+    features [N_ok, D]: the vectors the head saw (view-averaged), when asked for (one model only)."""
 
     proba: np.ndarray
     index: np.ndarray
@@ -30,47 +28,35 @@ class Predictions:
     seconds: float = 0.0
     views: int = 1
     models: int = 1
+    features: np.ndarray | None = None
 
     @property
     def images_per_second(self) -> float:
         return len(self.index) / self.seconds if self.seconds else float("nan")
 
 
-class _ViewSet(Dataset):
-    def __init__(self, paths: Sequence[str], pres: list[Preprocess], tta: TTA) -> None:
-        self.paths, self.pres, self.tta = list(paths), pres, tta
+def _predict_one(predictor, paths, tta: TTA, rt: Runtime, *, batch_size, progress, desc, features):
+    """(proba [N_ok, C], features [N_ok, D] or None, kept positions, {position: reason})."""
+    from tqdm.auto import tqdm
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img = load_image(self.paths[i], min_side=max(p.resize_size for p in self.pres))
-        except ImageDecodeError as e:
-            return None, i, str(e)
-        return [image_views(img, p, self.tta) for p in self.pres], i, ""
-
-
-def _collate(items):
-    good = [(v, i) for v, i, _ in items if v is not None]
-    failed = [(i, reason) for v, i, reason in items if v is None]
-    if not good:
-        return None, [], failed
-    per_size = [torch.stack([v[s] for v, _ in good]) for s in range(len(good[0][0]))]  # [B, V, 3, S, S] each
-    return per_size, [i for _, i in good], failed
-
-
-@torch.no_grad()
-def run_views(model, views: torch.Tensor, pre: Preprocess, *, precision: str = "fp32", channels_last: bool = True):
-    """[B, V, 3, S, S] uint8 -> mean softmax over the V views [B, C] (float32)."""
-    b, v = views.shape[:2]
-    device = next(model.parameters()).device
-    x = pre.normalize(views.flatten(0, 1).to(device))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(x)
-    return logits.float().softmax(-1).view(b, v, -1).mean(1)
+    model = rt.prepare(predictor.model)
+    pres = tta.preprocesses(predictor.preprocess)
+    data = ImageFiles(paths, TTAViews(pres, tta), min_side=max(p.resize_size for p in pres))
+    loader = image_loader(data, batch_size=batch_size, workers=rt.num_workers)
+    proba, feats, index, skipped = [], [], [], {}
+    for per_size, _, positions, failed in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        skipped.update(failed)
+        if per_size is None:
+            continue
+        outs = [forward(model, views, pre, rt) for views, pre in zip(per_size, pres)]
+        proba.append((sum(o.proba for o in outs) / len(outs)).cpu().numpy())
+        if features:
+            feats.append((sum(o.features for o in outs) / len(outs)).cpu().numpy())
+        index.extend(positions)
+    n_classes = len(predictor.classes)
+    proba = np.concatenate(proba) if proba else np.zeros((0, n_classes), np.float32)
+    feats = (np.concatenate(feats) if feats else None) if features else None
+    return proba, feats, index, skipped
 
 
 def predict_paths(
@@ -84,60 +70,36 @@ def predict_paths(
     channels_last: bool = True,
     progress: bool = False,
     desc: str = "predict",
+    features: bool = False,
 ) -> Predictions:
     """Average the (TTA-averaged) probabilities of one Predictor or several (an ensemble) over image files.
 
     Every model must know the same classes in the same order. Undecodable files are skipped and listed.
     """
-    from tqdm.auto import tqdm
-
-    from finegrain.embed.extract import default_num_workers, resolve_precision
-
     predictors = list(predictors) if isinstance(predictors, list | tuple) else [predictors]
     if not predictors:
         raise FinegrainError("no model to predict with")
+    if features and len(predictors) > 1:
+        raise FinegrainError("features come from one model: an ensemble has no single feature space")
     classes = predictors[0].classes
     for p in predictors[1:]:
         if list(p.classes) != list(classes):
             raise FinegrainError("ensemble members must share the same classes in the same order")
     tta = tta or TTA()
-    workers = default_num_workers() if workers is None else workers
     t0 = time.perf_counter()
-    total: np.ndarray | None = None
-    ok: list[int] = []
-    skipped: dict[int, str] = {}
+    total, feats, ok, skipped = None, None, [], {}
     for m, predictor in enumerate(predictors):
-        model = predictor.model.eval()
-        prec = resolve_precision(precision, predictor.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        pres = tta.preprocesses(predictor.preprocess)
-        loader = DataLoader(
-            _ViewSet(paths, pres, tta),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=_collate,
-            prefetch_factor=2 if workers else None,
-        )
-        rows, index = [], []
+        rt = Runtime(str(predictor.device), precision, channels_last, workers)
         label = desc if len(predictors) == 1 else f"{desc} [{m + 1}/{len(predictors)}]"
-        for per_size, positions, failed in tqdm(loader, desc=label, unit="batch", disable=not progress):
-            for i, reason in failed:
-                skipped[i] = reason
-            if per_size is None:
-                continue
-            p = sum(
-                run_views(model, v, pre, precision=prec, channels_last=channels_last) for v, pre in zip(per_size, pres)
-            )
-            rows.append((p / len(pres)).cpu().numpy())
-            index.extend(positions)
-        proba = np.concatenate(rows) if rows else np.zeros((0, len(classes)), np.float32)
+        proba, feats, index, bad = _predict_one(
+            predictor, paths, tta, rt, batch_size=batch_size, progress=progress, desc=label, features=features
+        )
+        skipped.update(bad)
         if total is None:
             total, ok = proba, index
         else:
             keep = np.isin(ok, index)  # a file one member could not read is dropped for all
             total, ok = total[keep] + proba[np.isin(index, ok)], list(np.asarray(ok)[keep])
-    assert total is not None
     return Predictions(
         proba=(total / len(predictors)).astype(np.float32),
         index=np.asarray(ok, dtype=np.int64),
@@ -145,4 +107,5 @@ def predict_paths(
         seconds=time.perf_counter() - t0,
         views=tta.n_views(),
         models=len(predictors),
+        features=feats,
     )

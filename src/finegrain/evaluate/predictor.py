@@ -32,28 +32,27 @@ class Predictor:
         return self.model.preprocess
 
     @torch.no_grad()
-    def predict_proba(self, images: Sequence, *, batch_size: int = 32, tta=None) -> np.ndarray:
+    def predict_proba(self, images: Sequence, *, batch_size: int = 32, tta=None, runtime=None) -> np.ndarray:
         """Paths or PIL images -> probabilities [N, C]. Undecodable files raise ImageDecodeError.
 
-        tta: a `finegrain.evaluate.TTA` (or its text, e.g. "flip+5crop"): probabilities averaged over the views."""
+        tta: a `finegrain.evaluate.TTA` (or its text, e.g. "flip+5crop"): probabilities averaged over the views.
+        runtime: a `finegrain.runtime.Runtime` (default: fp32, contiguous layout, on the predictor's device)."""
         from PIL import Image
 
         from finegrain.data import load_image
-        from finegrain.evaluate.inference import run_views
-        from finegrain.evaluate.tta import TTA, image_views
+        from finegrain.evaluate.tta import TTA, TTAViews
+        from finegrain.runtime import Runtime, forward
 
         tta = TTA.parse(tta) if isinstance(tta, str) or tta is None else tta
+        rt = runtime or Runtime(str(self.device), "fp32", channels_last=False, workers=0)
         pres = tta.preprocesses(self.preprocess)
+        views = TTAViews(pres, tta)
         out = []
         for i in range(0, len(images), batch_size):
             batch = [im if isinstance(im, Image.Image) else load_image(im) for im in images[i : i + batch_size]]
-            batch = [im.convert("RGB") for im in batch]
-            p = sum(
-                run_views(
-                    self.model, torch.stack([image_views(im, pre, tta) for im in batch]), pre, channels_last=False
-                )
-                for pre in pres
-            )
+            per_image = [views(im.convert("RGB")) for im in batch]
+            per_size = [torch.stack([v[s] for v in per_image]) for s in range(len(pres))]
+            p = sum(forward(self.model, x, pre, rt).proba for x, pre in zip(per_size, pres))
             out.append((p / len(pres)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 

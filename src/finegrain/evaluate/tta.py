@@ -105,3 +105,13 @@ def image_views(img: Image.Image, pre: Preprocess, tta: TTA) -> torch.Tensor:
     if tta.flip or tta.crops == 10:
         views = views + [v.flip(-1) for v in views]
     return torch.stack(views)
+
+
+class TTAViews:
+    """A picklable transform for `runtime.ImageFiles`: one RGB image -> [V, 3, S, S] uint8 per test size."""
+
+    def __init__(self, pres: list[Preprocess], tta: TTA) -> None:
+        self.pres, self.tta = pres, tta
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [image_views(img, p, self.tta) for p in self.pres]

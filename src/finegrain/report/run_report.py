@@ -14,7 +14,6 @@ import os
 import tempfile
 
 import numpy as np
-import torch
 
 from finegrain.errors import FinegrainError
 from finegrain.report.html import (
@@ -38,37 +37,23 @@ def _figure(w=6.4, h=4.0):
     return fig
 
 
-@torch.no_grad()
 def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progress=False, desc="report"):
     """One plain pass: pooled features [N, D], probabilities [N, C], kept positions [N], skipped [(path, why)]."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from finegrain.evaluate.inference import predict_paths
 
-    from finegrain.embed.extract import DecodedImages, collate_decoded, default_num_workers, resolve_precision
-
-    model, pre = predictor.model.eval(), predictor.preprocess
-    prec = resolve_precision("auto", predictor.device)
-    loader = DataLoader(
-        DecodedImages(paths, pre),
+    p = predict_paths(
+        predictor,
+        paths,
         batch_size=batch_size,
-        num_workers=default_num_workers() if workers is None else workers,
-        collate_fn=collate_decoded,
+        workers=workers,
+        channels_last=False,
+        progress=progress,
+        desc=desc,
+        features=True,
     )
-    feats, proba, index, skipped = [], [], [], []
-    for batch, positions, failed in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        skipped += [(paths[i], r) for i, r in failed]
-        if batch is None:
-            continue
-        x = pre.normalize(batch.to(predictor.device))
-        with torch.autocast(predictor.device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-            f = model.embed(model.forward_features(x))
-            logits = model.head(f.to(model.head.weight.dtype))
-        feats.append(f.float().cpu().numpy())
-        proba.append(logits.float().softmax(-1).cpu().numpy())
-        index += positions
-    if not index:
+    if not len(p.index):
         raise FinegrainError("no image of the split could be read")
-    return np.concatenate(feats), np.concatenate(proba), np.asarray(index), skipped
+    return p.features, p.proba, p.index, p.skipped
 
 
 def _thumb(path, size=128) -> str:
@@ -267,11 +252,13 @@ def _cam_section(predictor, test_paths, y, pred, n) -> Section:
 def _neighbours_section(test_paths, test_feats, y, pred, train_paths, train_feats, train_y, classes, n) -> Section:
     if train_feats is None or not len(train_feats):
         return Section("neighbours", "Nearest training images of mistakes", "<p>No training split to search.</p>")
-    a = test_feats / np.maximum(np.linalg.norm(test_feats, axis=1, keepdims=True), 1e-12)
-    b = train_feats / np.maximum(np.linalg.norm(train_feats, axis=1, keepdims=True), 1e-12)
+    from finegrain.heads.index import build_index
+
+    mistakes = np.nonzero(pred != y)[0][:n]
+    index = build_index(np.asarray(train_feats, np.float32), metric="cosine", backend="numpy")
+    _, near = index.search(np.asarray(test_feats[mistakes], np.float32), min(5, len(train_feats)))
     rows = []
-    for i in np.nonzero(pred != y)[0][:n]:
-        nn = np.argsort(-(b @ a[i]))[:5]
+    for i, nn in zip(mistakes, near):
         cells = [
             f"<figure class='g'>{_thumb(train_paths[j], 96)}<figcaption>{escape(_short(classes[train_y[j]]))}"
             "</figcaption></figure>"
@@ -343,8 +330,8 @@ def build_run_report(
 
     from finegrain.atomic import atomic_write_json
     from finegrain.evaluate.evaluation import samples_for_model
-    from finegrain.evaluate.summary import summarize
     from finegrain.evaluate.predictor import load
+    from finegrain.evaluate.summary import summarize
 
     predictor = load(run)
     cfg_path = os.path.join(run, "config.yaml")

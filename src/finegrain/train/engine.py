@@ -149,7 +149,7 @@ class Trainer:
     def _settle_auto_regime(self) -> TrainConfig:
         """regime=auto: choose the regime (and, on a CPU, cached views) from the data and the measured speed; the
         choice replaces `auto` in the config, so the saved config is concrete and a resumed run keeps it."""
-        from finegrain.recipe import auto_cache_views, choose_regime, measure_training_speed
+        from finegrain.train.auto_regime import auto_cache_views, choose_regime, measure_training_speed
 
         cfg = self.cfg
         if cfg.resume:
@@ -213,7 +213,7 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def _loader(self, samples, transform, *, shuffle: bool, epoch: int) -> DataLoader:
-        from finegrain.embed.extract import default_num_workers
+        from finegrain.runtime import default_num_workers
 
         if shuffle and self.cfg.sampler != "instance":
             from finegrain.train.samplers import create_sampler
@@ -361,7 +361,7 @@ class Trainer:
 
     def build_caches(self) -> None:
         """Run the frozen trunk once: cache_views augmented views of train, one eval view of val."""
-        from finegrain.embed.extract import default_num_workers
+        from finegrain.runtime import default_num_workers
         from finegrain.train.augment import build_eval_transform, build_train_transform
         from finegrain.train.cache import build_trunk_cache
 
@@ -371,7 +371,7 @@ class Trainer:
         self.model.eval()
         train_tf = build_train_transform(cfg.augment, self.model.preprocess, scale=cfg.crop_scale)
         n_views = 1 if cfg.augment == "none" else max(cfg.cache_views, 1)
-        from finegrain.embed.extract import resolve_precision
+        from finegrain.runtime import resolve_precision
 
         # The frozen trunk only runs forward: bf16 autocast where the hardware makes it faster (the cache is
         # stored in bf16 anyway), whatever precision the trained tail uses.
