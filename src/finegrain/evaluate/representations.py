@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
+from finegrain.data.splits import stratified_split
 from finegrain.embed.normalize import create_normalizer
 from finegrain.embed.store import FeatureStore
 from finegrain.errors import FinegrainError
@@ -20,19 +21,6 @@ class SplitData:
     X: np.ndarray  # [N, D]
     y: np.ndarray  # [N]
     paths: list[str]
-
-
-def holdout_split(y: np.ndarray, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (train_idx, test_idx); classes with a single image stay in train."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_test = int(round(len(idx) * test_size)) if len(idx) > 1 else 0
-        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        test += idx[:n_test].tolist()
-        train += idx[n_test:].tolist()
-    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(test, dtype=np.int64))
 
 
 def train_test_from_store(
@@ -48,7 +36,7 @@ def train_test_from_store(
     splits = sorted({e.split for e in store.index()})
     if splits == ["all"]:
         X, y, paths = store.split("all", pooling)
-        tr, te = holdout_split(y, test_size=test_size, seed=seed)
+        tr, te = stratified_split(y, test_size=test_size, seed=seed)
         if len(te) == 0:
             raise FinegrainError("too few images to hold any out for testing: add images or a test/ folder")
         return (

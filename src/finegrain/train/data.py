@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from finegrain.data import ImageDecodeError, ImageSet, Sample, load_image
-from finegrain.evaluate.representations import holdout_split
+from finegrain.data.splits import stratified_split
 
 
 @dataclass
@@ -33,14 +33,14 @@ def make_splits(image_set: ImageSet, *, val_fraction: float, seed: int) -> Split
     else:
         pool = by.get("all", [])
         y = np.array([s.label for s in pool])
-        tr, te = holdout_split(y, test_size=val_fraction, seed=seed + 1)
+        tr, te = stratified_split(y, test_size=val_fraction, seed=seed + 1)
         train, test = [pool[i] for i in tr], [pool[i] for i in te]
     if "val" in by:
         return Splits(train, by["val"], test, "val folder")
     if val_fraction == 0:
         return Splits(train, [], test, "no validation split: the last epoch's model is kept")
     y = np.array([s.label for s in train])
-    tr, va = holdout_split(y, test_size=val_fraction, seed=seed)
+    tr, va = stratified_split(y, test_size=val_fraction, seed=seed)
     note = f"val = {val_fraction:.0%} of train, stratified, seed {seed}"
     return Splits([train[i] for i in tr], [train[i] for i in va], test, note)
 
