@@ -34,10 +34,13 @@ STORE = os.path.join(ROOT, "bench", "cache", "cub100-lite0-finegrain")
 TAUS = [round(t, 2) for t in np.linspace(0.0, 2.0, 11)]
 
 
-def _shots(y_true, y_pred, counts, many, few) -> dict:
+def _shots(y_true, y_pred, counts, many, few, missing=float("nan")) -> dict:
+    """{"many", "medium", "few"}: shot-group accuracies rounded to 4 decimals, `missing` for an empty group."""
     from finegrain.evaluate.longtail import shot_accuracy
+    from finegrain.evaluate.metrics import per_class_accuracy
 
-    return {k: round(float(v), 4) for k, v in shot_accuracy(y_true, y_pred, counts, many=many, few=few).items()}
+    shots = shot_accuracy(per_class_accuracy(y_true, y_pred, len(counts)), counts, many=many, few=few)
+    return {k.removesuffix("_shot"): missing if v is None else round(v, 4) for k, v in shots.items()}
 
 
 def cub(args) -> None:
@@ -111,7 +114,6 @@ def cifar(args) -> None:
     from finegrain.config import TrainConfig
     from finegrain.data import ImageSet, load_image_set
     from finegrain.data.longtail import make_longtailed
-    from finegrain.evaluate.longtail import shot_accuracy
     from finegrain.train.engine import Trainer
 
     full = load_image_set(require_dataset("cifar10"))
@@ -149,13 +151,12 @@ def cifar(args) -> None:
 
     def scores(y, logits) -> dict:
         pred = logits.argmax(1)
-        shots = shot_accuracy(y, pred, counts, many=100, few=20)
         per_class = [np.mean(pred[y == c] == c) for c in range(len(counts))]
         return {
             "top1": round(float(np.mean(pred == y)), 4),
             "top1_error": round(100 * (1 - float(np.mean(pred == y))), 2),
             "mean_per_class": round(float(np.mean(per_class)), 4),
-            **{k: (None if np.isnan(v) else round(float(v), 4)) for k, v in shots.items()},
+            **_shots(y, pred, counts, 100, 20, missing=None),
         }
 
     for name, opts in methods.items():

@@ -9,6 +9,7 @@ from finegrain.data import Sample
 from finegrain.data.longtail import describe_counts, exponential_profile, make_longtailed, shot_groups
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.longtail import per_class_vs_frequency_plot, shot_accuracy
+from finegrain.evaluate.metrics import per_class_accuracy
 from finegrain.train.samplers import SAMPLERS, InstanceSampler, create_sampler
 
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -182,10 +183,17 @@ def test_shot_accuracy_by_hand():
     counts = [150, 120, 50, 10, 3, 30]  # many: 0, 1; medium: 2, 5 (absent from test); few: 3, 4
     y = np.array([0, 0, 1, 1, 1, 1, 2, 2, 3, 4, 4])
     pred = np.array([0, 1, 1, 1, 1, 0, 2, 0, 3, 0, 0])
-    out = shot_accuracy(y, pred, counts)
-    assert out == pytest.approx({"many": (0.5 + 0.75) / 2, "medium": 0.5, "few": (1.0 + 0.0) / 2})
-    empty = shot_accuracy(np.array([0, 1]), np.array([0, 0]), [150, 120])
-    assert empty["many"] == 0.5 and np.isnan(empty["medium"]) and np.isnan(empty["few"])
+    acc = per_class_accuracy(y, pred, len(counts))  # class 5 has no test image: NaN, left out of its group
+    out = shot_accuracy(acc, counts)
+    assert out == pytest.approx({"many_shot": (0.5 + 0.75) / 2, "medium_shot": 0.5, "few_shot": (1.0 + 0.0) / 2})
+    assert list(out) == ["many_shot", "medium_shot", "few_shot"]
+    assert shot_accuracy(acc, counts, many=40, few=5) == pytest.approx(
+        {"many_shot": (0.5 + 0.75 + 0.5) / 3, "medium_shot": 1.0, "few_shot": 0.0}
+    )
+    empty = shot_accuracy([0.5, np.nan], [150, 3])
+    assert empty == {"many_shot": 0.5, "medium_shot": None, "few_shot": None}  # None: no class with test images
+    with pytest.raises(ValueError, match="same length"):
+        shot_accuracy(acc[:-1], counts)
 
 
 def test_per_class_vs_frequency_plot_writes_a_png(tmp_path):

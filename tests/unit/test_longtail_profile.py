@@ -3,6 +3,7 @@ import numpy as np
 from finegrain.data import Sample
 from finegrain.data.longtail import describe_counts, exponential_profile, make_longtailed, shot_groups
 from finegrain.evaluate.longtail import shot_accuracy
+from finegrain.evaluate.metrics import per_class_accuracy
 
 
 def test_cifar10_lt_profile_matches_the_literature():
@@ -25,4 +26,4 @@ def test_shot_groups_and_accuracy():
     assert shot_groups(counts).tolist() == ["many", "medium", "few"]
     y = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 0, 1, 0, 0, 0])
-    assert shot_accuracy(y, pred, counts) == {"many": 1.0, "medium": 0.5, "few": 0.0}
+    assert shot_accuracy(per_class_accuracy(y, pred), counts) == {"many_shot": 1.0, "medium_shot": 0.5, "few_shot": 0.0}

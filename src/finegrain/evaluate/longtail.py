@@ -9,20 +9,22 @@ import numpy as np
 
 from finegrain.atomic import atomic_write
 from finegrain.data.longtail import GROUPS, shot_groups
-from finegrain.evaluate.metrics import per_class_accuracy
 
 
 def shot_accuracy(
-    y_true: np.ndarray, y_pred: np.ndarray, train_counts: Sequence[int], *, many: int = 100, few: int = 20
-) -> dict[str, float]:
-    """Labels [N] and training images per class [C] -> {"many", "medium", "few"}: the mean of the per-class
-    accuracies of the group's classes (those present in y_true); NaN for a group with no such class."""
-    acc = per_class_accuracy(y_true, y_pred, n_classes=len(train_counts))
+    per_class_acc: Sequence[float] | np.ndarray, train_counts: Sequence[int], *, many: int = 100, few: int = 20
+) -> dict[str, float | None]:
+    """Per-class accuracy [C] (NaN for a class without test images, as `per_class_accuracy` gives) and training
+    images per class [C] -> {"many_shot", "medium_shot", "few_shot"}: the mean accuracy of the group's classes
+    that have test images (many: n > many, few: n < few); None for a group without any."""
+    acc = np.asarray(per_class_acc, dtype=np.float64)
     groups = shot_groups(train_counts, many=many, few=few)
-    out = {}
+    if acc.shape != groups.shape:
+        raise ValueError(f"per_class_acc and train_counts must have the same length; got {acc.shape}, {groups.shape}")
+    out: dict[str, float | None] = {}
     for g in GROUPS:
         values = acc[(groups == g) & ~np.isnan(acc)]
-        out[g] = float(values.mean()) if len(values) else float("nan")
+        out[f"{g}_shot"] = float(values.mean()) if len(values) else None
     return out
 
 

@@ -7,9 +7,11 @@ resamples for every metric), because a test set of a few thousand images moves t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
+from finegrain.evaluate.longtail import shot_accuracy
 from finegrain.evaluate.metrics import classification_metrics, per_class_accuracy, true_class_rank
 
 
@@ -119,18 +121,12 @@ def summarize(
         "macro_f1": float(prf["f1"][present].mean()),
         "ece": cal["ece"],
     }
-    groups = None
+    shots = None
     if train_counts is not None:
-        from finegrain.data.longtail import GROUPS, shot_groups
+        shots = partial(shot_accuracy, train_counts=train_counts, many=many, few=few)
+        headline.update(shots(per_class_accuracy(y, pred, n_classes)))
 
-        names = shot_groups(train_counts, many=many, few=few)
-        groups = {g: names == g for g in GROUPS}
-        acc = per_class_accuracy(y, pred, n_classes)
-        for g, mask in groups.items():
-            vals = acc[mask & ~np.isnan(acc)]
-            headline[f"{g}_shot"] = float(vals.mean()) if len(vals) else None
-
-    intervals = _bootstrap(proba, y, pred, n_classes, groups, n_boot=n_boot, seed=seed, ece_bins=ece_bins)
+    intervals = _bootstrap(proba, y, pred, n_classes, shots, n_boot=n_boot, seed=seed, ece_bins=ece_bins)
     per_class = [
         {
             "class": c,
@@ -156,8 +152,11 @@ def summarize(
     }
 
 
-def _bootstrap(proba, y, pred, n_classes, groups, *, n_boot, seed, ece_bins) -> dict[str, list[float]]:
-    """95% percentile intervals of the headline metrics over `n_boot` resamples of the images."""
+def _bootstrap(proba, y, pred, n_classes, shots, *, n_boot, seed, ece_bins) -> dict[str, list[float]]:
+    """95% percentile intervals of the headline metrics over `n_boot` resamples of the images.
+
+    shots: per-class accuracy [C] -> the shot-group accuracies (shot_accuracy with the training counts), or None.
+    """
     if n_boot <= 0 or len(y) == 0:
         return {}
     rng = np.random.default_rng(seed)
@@ -165,8 +164,6 @@ def _bootstrap(proba, y, pred, n_classes, groups, *, n_boot, seed, ece_bins) -> 
     hit1, hit5 = rank < 1, rank < min(5, n_classes)
     conf = proba.max(1)
     stats: dict[str, list[float]] = {k: [] for k in ("top1", "top5", "mean_per_class", "ece")}
-    if groups is not None:
-        stats.update({f"{g}_shot": [] for g in groups})
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
         yy, h1 = y[idx], hit1[idx]
@@ -178,10 +175,9 @@ def _bootstrap(proba, y, pred, n_classes, groups, *, n_boot, seed, ece_bins) -> 
             acc = np.where(total > 0, hits / np.maximum(total, 1), np.nan)
         stats["mean_per_class"].append(np.nanmean(acc))
         stats["ece"].append(_ece_fast(conf[idx], h1.astype(float), ece_bins))
-        if groups is not None:
-            for g, mask in groups.items():
-                vals = acc[mask & ~np.isnan(acc)]
-                stats[f"{g}_shot"].append(vals.mean() if len(vals) else np.nan)
+        if shots is not None:
+            for k, v in shots(acc).items():
+                stats.setdefault(k, []).append(np.nan if v is None else v)
     out = {}
     for k, v in stats.items():
         v = np.asarray(v, dtype=float)
