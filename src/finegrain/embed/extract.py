@@ -85,8 +85,6 @@ def extract_to_store(
     Images already in the store (same file content, backbone, preprocessing, precision, poolings) are reused,
     so an interrupted run resumes where it stopped. Undecodable files are skipped and listed in skipped.csv.
     """
-    from tqdm.auto import tqdm
-
     rt = Runtime(str(device), precision, channels_last, num_workers)
     precision = rt.resolved_precision
     backbone = backbone.to(rt.torch_device).eval()
@@ -103,10 +101,32 @@ def extract_to_store(
     for p, h in zip(paths, sha1s):
         if h is not None and h not in done and h not in todo:
             todo[h] = p
-    todo_items = list(todo.items())
-
     embedder = rt.prepare(Embedder(backbone, poolings, flip=flip))
-    pre = backbone.preprocess
+    n_done, bad_sha = _extract_new(embedder, list(todo.items()), store, done, skipped, rt, batch_size, progress)
+    seconds = time.perf_counter() - t0
+
+    entries = [
+        IndexEntry(s.path, s.label, s.split, done[h], h)
+        for s, h in zip(image_set.samples, sha1s)
+        if h is not None and h in done
+    ]
+    # A file whose content duplicates a bad file is bad too; list each bad path once.
+    skipped_paths = {p for p, _ in skipped}
+    skipped += [
+        (s.path, "cannot decode (same content as a skipped file)")
+        for s, h in zip(image_set.samples, sha1s)
+        if h in bad_sha and s.path not in skipped_paths
+    ]
+    store.write_index(entries, skipped)
+    return ExtractResult(store, len(image_set.samples), n_done, len(entries) - n_done, skipped, seconds)
+
+
+def _extract_new(embedder, todo_items, store, done, skipped, rt: Runtime, batch_size: int, progress: bool):
+    """Embed [(sha1, path)] into the store, recording rows in `done` and failures in `skipped`;
+    returns (images embedded, sha1s of the files that failed)."""
+    from tqdm.auto import tqdm
+
+    pre = embedder.backbone.preprocess
     loader = image_loader(
         ImageFiles([p for _, p in todo_items], pre.pil_to_uint8, min_side=pre.resize_size),
         batch_size=batch_size,
@@ -128,22 +148,7 @@ def extract_to_store(
             n_done += len(positions)
         bar.update(len(positions) + len(failed))
     bar.close()
-    seconds = time.perf_counter() - t0
-
-    entries = [
-        IndexEntry(s.path, s.label, s.split, done[h], h)
-        for s, h in zip(image_set.samples, sha1s)
-        if h is not None and h in done
-    ]
-    # A file whose content duplicates a bad file is bad too; list each bad path once.
-    skipped_paths = {p for p, _ in skipped}
-    skipped += [
-        (s.path, "cannot decode (same content as a skipped file)")
-        for s, h in zip(image_set.samples, sha1s)
-        if h in bad_sha and s.path not in skipped_paths
-    ]
-    store.write_index(entries, skipped)
-    return ExtractResult(store, len(image_set.samples), n_done, len(entries) - n_done, skipped, seconds)
+    return n_done, bad_sha
 
 
 def _store_meta(image_set: ImageSet, backbone: Backbone, poolings: Sequence[str], precision: str, flip: bool) -> dict:

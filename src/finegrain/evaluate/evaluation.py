@@ -152,7 +152,7 @@ def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes
     for name, row in zip(classes, summary["confusion_matrix"]):
         w.writerow([name, *row])
     atomic_write_text(os.path.join(cfg.out, "confusion.csv"), buf.getvalue())
-    from finegrain.report.run_report import reliability_figure
+    from finegrain.evaluate.plots import reliability_figure
 
     fig = reliability_figure(summary["calibration"])
     atomic_write(os.path.join(cfg.out, "reliability.png"), lambda f: fig.savefig(f, format="png", dpi=100))

@@ -15,7 +15,18 @@ import tempfile
 
 import numpy as np
 
+from finegrain.atomic import atomic_write_json
+from finegrain.data import load_image
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.evaluation import samples_for_model
+from finegrain.evaluate.inference import predict_paths
+from finegrain.evaluate.longtail import per_class_vs_frequency_plot
+from finegrain.evaluate.plots import new_figure, reliability_figure
+from finegrain.evaluate.predictor import load
+from finegrain.evaluate.summary import summarize
+from finegrain.evaluate.tta import TTA
+from finegrain.explain import explain_images, overlay
+from finegrain.heads.index import build_index
 from finegrain.report.html import (
     Section,
     escape,
@@ -28,18 +39,8 @@ from finegrain.report.html import (
 )
 
 
-def _figure(w=6.4, h=4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progress=False, desc="report"):
     """One plain pass: pooled features [N, D], probabilities [N, C], kept positions [N], skipped [(path, why)]."""
-    from finegrain.evaluate.inference import predict_paths
 
     p = predict_paths(
         predictor,
@@ -57,8 +58,6 @@ def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progres
 
 
 def _thumb(path, size=128) -> str:
-    from finegrain.data import load_image
-
     try:
         return pil_to_img(load_image(path, min_side=size), alt=os.path.basename(path), max_side=size)
     except Exception:  # noqa: BLE001 - an unreadable file shows as text, the report still renders
@@ -80,7 +79,7 @@ def _data_section(classes, train_counts, n_test, skipped) -> Section:
             ["images per class (min / median / max)", f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"],
             ["imbalance ratio (max / min)", round(float(counts.max() / max(counts.min(), 1)), 2)],
         ]
-        fig = _figure(7.5, 3.2)
+        fig = new_figure(7.5, 3.2)
         ax = fig.add_subplot()
         order = np.argsort(-counts, kind="stable")
         ax.bar(np.arange(len(counts)), counts[order], width=1.0, color="tab:blue")
@@ -112,7 +111,7 @@ def _curves_section(run) -> Section:
     def col(k):
         return [float(r[k]) if r.get(k) not in (None, "", "nan") else np.nan for r in rows]
 
-    fig = _figure(9, 3.4)
+    fig = new_figure(9, 3.4)
     a1, a2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     a1.plot(ep, col("train_loss"), marker="o", label="train loss")
     if not np.all(np.isnan(col("val_loss"))):
@@ -127,22 +126,6 @@ def _curves_section(run) -> Section:
         a.legend(fontsize=8)
     fig.tight_layout()
     return Section("curves", "Learning curves", figure_to_img(fig, alt="learning curves"))
-
-
-def reliability_figure(cal: dict):
-    """The reliability diagram of `summarize(...)["calibration"]`: accuracy per confidence bin against the diagonal."""
-    fig = _figure(4.2, 4.0)
-    ax = fig.add_subplot()
-    used = [b for b in cal["bins"] if b["count"]]
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used], width=1 / cal["n_bins"],
-           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability diagram (ECE {cal['ece']:.3f})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
 
 
 def _metrics_section(summary) -> Section:
@@ -174,7 +157,7 @@ def _confusion_section(summary, classes) -> Section:
     cm = np.asarray(summary["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = min(11.0, 3 + 0.08 * len(classes))
-    fig = _figure(size, size * 0.9)
+    fig = new_figure(size, size * 0.9)
     ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -192,8 +175,6 @@ def _confusion_section(summary, classes) -> Section:
 
 
 def _frequency_section(summary, train_counts) -> Section:
-    from finegrain.evaluate.longtail import per_class_vs_frequency_plot
-
     if train_counts is None:
         return Section("frequency", "Accuracy against training frequency", "<p>Training counts unknown.</p>")
     acc = [r["recall"] if r["support"] else np.nan for r in summary["per_class"]]
@@ -229,8 +210,6 @@ def _confused_section(summary, classes, test_paths, y, pred, train_by_class) -> 
 
 
 def _cam_section(predictor, test_paths, y, pred, n) -> Section:
-    from finegrain.explain import explain_images, overlay
-
     wrong = list(np.nonzero(pred != y)[0][: n // 2])
     right = list(np.nonzero(pred == y)[0][: n - len(wrong)])
     cells = []
@@ -252,8 +231,6 @@ def _cam_section(predictor, test_paths, y, pred, n) -> Section:
 def _neighbours_section(test_paths, test_feats, y, pred, train_paths, train_feats, train_y, classes, n) -> Section:
     if train_feats is None or not len(train_feats):
         return Section("neighbours", "Nearest training images of mistakes", "<p>No training split to search.</p>")
-    from finegrain.heads.index import build_index
-
     mistakes = np.nonzero(pred != y)[0][:n]
     index = build_index(np.asarray(train_feats, np.float32), metric="cosine", backend="numpy")
     _, near = index.search(np.asarray(test_feats[mistakes], np.float32), min(5, len(train_feats)))
@@ -295,7 +272,7 @@ def _map_section(feats, y, pred, classes, max_points, seed) -> Section:
     else:
         xy = PCA(n_components=2).fit_transform(x) if len(x) > 2 else np.zeros((len(x), 2))
         how = "PCA of the L2-normalised pooled features"
-    fig = _figure(7, 6)
+    fig = new_figure(7, 6)
     ax = fig.add_subplot()
     from matplotlib import colormaps
 
@@ -309,6 +286,28 @@ def _map_section(feats, y, pred, classes, max_points, seed) -> Section:
     ax.set_title(f"{len(idx)} test images, coloured by true class", fontsize=10)
     fig.tight_layout()
     return Section("map", "Map of the representations", f"<p>{escape(how)}.</p>" + figure_to_img(fig, alt="2-D map"))
+
+
+def _test_pass(predictor, data, split, tta, progress):
+    """The split's kept paths, labels [N], features [N, D], probabilities [N, C] (with TTA when asked), skipped
+    files and the data folder's training counts."""
+
+    paths, labels, data_counts = samples_for_model(data, split, predictor.classes)
+    feats, proba, index, skipped = features_and_proba(predictor, paths, progress=progress, desc="report: test")
+    if tta and tta != "none":
+        proba = predict_paths(predictor, [paths[i] for i in index], tta=TTA.parse(tta), progress=progress).proba
+    return [paths[i] for i in index], labels[index], feats, proba, skipped, data_counts
+
+
+def _train_pass(predictor, data, max_train, seed, progress):
+    """Training paths, labels and features (a seeded subset of at most max_train images)."""
+
+    tp, ty, _ = samples_for_model(data, "train", predictor.classes)
+    if len(tp) > max_train:
+        keep = np.sort(np.random.default_rng(seed).choice(len(tp), max_train, replace=False))
+        tp, ty = [tp[i] for i in keep], ty[keep]
+    train_feats, _, tidx, _ = features_and_proba(predictor, tp, progress=progress, desc="report: train")
+    return [tp[i] for i in tidx], ty[tidx], train_feats
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
@@ -328,11 +327,6 @@ def build_run_report(
 ) -> str:
     import yaml
 
-    from finegrain.atomic import atomic_write_json
-    from finegrain.evaluate.evaluation import samples_for_model
-    from finegrain.evaluate.predictor import load
-    from finegrain.evaluate.summary import summarize
-
     predictor = load(run)
     cfg_path = os.path.join(run, "config.yaml")
     run_cfg = yaml.safe_load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
@@ -340,30 +334,15 @@ def build_run_report(
     if not data:
         raise FinegrainError(f"{run} has no config.yaml naming its data: pass --data FOLDER")
     classes = predictor.classes
-    test_paths, test_labels, data_counts = samples_for_model(data, split, classes)
-    feats, proba, index, skipped = features_and_proba(predictor, test_paths, progress=progress, desc="report: test")
-    if tta and tta != "none":
-        from finegrain.evaluate.inference import predict_paths
-        from finegrain.evaluate.tta import TTA
-
-        p = predict_paths(predictor, [test_paths[i] for i in index], tta=TTA.parse(tta), progress=progress)
-        proba = p.proba
-    test_paths = [test_paths[i] for i in index]
-    y = test_labels[index]
+    test_paths, y, feats, proba, skipped, data_counts = _test_pass(predictor, data, split, tta, progress)
     pred = proba.argmax(1)
     counts = predictor.meta.get("train_counts")
     train_counts = np.asarray(counts) if counts is not None else data_counts
     summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)
     summary["tta"] = tta
-
     train_paths, train_y, train_feats = [], np.zeros(0, int), None
     if data_counts is not None:
-        tp, ty, _ = samples_for_model(data, "train", classes)
-        if len(tp) > max_train:
-            keep = np.sort(np.random.default_rng(seed).choice(len(tp), max_train, replace=False))
-            tp, ty = [tp[i] for i in keep], ty[keep]
-        train_feats, _, tidx, _ = features_and_proba(predictor, tp, progress=progress, desc="report: train")
-        train_paths, train_y = [tp[i] for i in tidx], ty[tidx]
+        train_paths, train_y, train_feats = _train_pass(predictor, data, max_train, seed, progress)
     train_by_class: dict[int, list[str]] = {}
     for p, c in zip(train_paths, train_y):
         train_by_class.setdefault(int(c), []).append(p)
