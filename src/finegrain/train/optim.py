@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,36 +92,3 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, **options: Any)
     if unknown:
         raise ParameterError(f"no optimizer takes {', '.join(unknown)}; options: {', '.join(sorted(known))}")
     return OPTIMIZERS.create(name, groups, lr=lr, **{k: v for k, v in options.items() if k in taken})
-
-
-def layer_decay_scales(stage_names_in_order: Iterable[str], decay: float) -> dict[str, float]:
-    """Layer-wise LR decay: {stage prefix: decay ** (stages after it)}; the last stage gets 1."""
-    names = list(stage_names_in_order)
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"stage names must be non-empty and unique, got {names}")
-    if not 0 < decay <= 1:
-        raise ValueError(f"decay must be in (0, 1], got {decay}")
-    return {name: decay ** (len(names) - 1 - i) for i, name in enumerate(names)}
-
-
-class PrefixLRScale:
-    """`lr_scale` for build_param_groups: the scale of the longest prefix of a param name, else `default`.
-
-    A prefix is a module path ("backbone.layer1", matching whole path parts) or ends in "." ("layer1.").
-    Picklable, so it can be saved with a run's config."""
-
-    def __init__(self, scales: Mapping[str, float], *, default: float = 1.0) -> None:
-        self.scales = dict(scales)
-        self.default = float(default)
-        self._by_length = sorted(self.scales, key=len, reverse=True)
-
-    def __call__(self, name: str) -> float:
-        for prefix in self._by_length:
-            if not name.startswith(prefix):
-                continue
-            if prefix.endswith(".") or len(name) == len(prefix) or name[len(prefix)] == ".":
-                return self.scales[prefix]
-        return self.default
-
-    def __repr__(self) -> str:
-        return f"PrefixLRScale({self.scales}, default={self.default})"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from finegrain.errors import FinegrainError
 from finegrain.models.classifier import ImageClassifier, stage_view
 
@@ -89,11 +87,3 @@ class Regime:
             return backbone_lr_scale * layer_decay ** (n - 1 - depth)
 
         return scale
-
-
-def set_bn_eval(module: nn.Module, frozen_prefix_only: list[nn.Module] | None = None) -> None:
-    """Put BatchNorm layers in eval mode: frozen statistics (tiny batches, or frozen stages)."""
-    for m in frozen_prefix_only or [module]:
-        for bn in m.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                bn.eval()
