@@ -233,3 +233,40 @@ def test_importing_finegrain_keeps_truncated_images_an_error():
                     if re.search(r"LOAD_TRUNCATED_IMAGES\s*=(?!=)", f.read()):
                         setters.append(fname)
     assert not setters, f"these modules set Pillow's global LOAD_TRUNCATED_IMAGES: {setters}"
+
+
+def _int32_tiff(path, arr: np.ndarray) -> str:
+    img = Image.fromarray(arr.astype(np.int32))
+    assert img.mode == "I"
+    img.save(path)
+    with Image.open(path) as check:  # a real 32-bit signed integer TIFF, read back as mode I
+        assert check.mode == "I" and np.array_equal(np.asarray(check), arr)
+    return str(path)
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 1_000_000), (-500_000, 500_000)])
+def test_int32_tiff_beyond_16_bits_is_scaled_by_its_range(tmp_path, lo, hi):
+    """Issue 10: values above 65535 came out 92% white (divided by 65535, then clipped)."""
+    w, h = SIZE
+    ramp = np.rint(np.linspace(lo, hi, w)).astype(np.int64)
+    path = _int32_tiff(tmp_path / "ramp.tif", np.tile(ramp, (h, 1)))
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == SIZE
+    a = np.asarray(img).astype(int)
+    assert (a == a[:1, :, :]).all() and (a[..., 0] == a[..., 2]).all()  # every row the same gray ramp
+    row = a[0, :, 0]
+    assert abs(a.mean() - 127.5) <= 3, a.mean()  # mid-gray on average, not mostly white
+    assert (a == 255).mean() <= 1.5 / w  # only the brightest column is white
+    assert row[0] == 0 and row[-1] == 255
+    assert (np.diff(row) > 0).all(), row  # the gradient keeps its order, no flat clipped run
+    assert np.abs(row - np.linspace(0, 255, w)).max() <= 1.5, row
+
+
+def test_int32_tiff_in_16_bit_range_keeps_the_absolute_scale(tmp_path):
+    """Mode-I data that fits 16 bits is still divided by 65535: a dark image stays dark, not stretched."""
+    w, h = SIZE
+    ramp = np.rint(np.linspace(0, 32768, w)).astype(np.int64)  # 0 .. half of 16-bit white
+    img = load_image(_int32_tiff(tmp_path / "dark.tif", np.tile(ramp, (h, 1))))
+    row = np.asarray(img).astype(int)[0, :, 0]
+    assert np.abs(row - np.rint(ramp / 65535 * 255)).max() <= 1, row
+    assert row.max() <= 128

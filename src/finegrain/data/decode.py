@@ -25,12 +25,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit / 32-bit grayscale: scale to 8 bits instead of clipping (convert("L") would saturate).
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if mode == "F":
-            lo, hi = float(arr.min()), float(arr.max()) or 1.0
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode == "F" or lo < 0 or hi > 65535:
+            # Float data, and 32-bit integers outside the 16-bit range, have no fixed white point:
+            # stretch the image's own min..max (dividing by 65535 and clipping would turn them mostly white).
             arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
         else:
-            arr = arr / hi * 255.0
+            # 8- or 16-bit data (mode "I" is also how Pillow stores 16-bit PNGs): keep the absolute scale.
+            arr = arr / (65535.0 if mode.startswith("I;16") or hi > 255 else 255.0) * 255.0
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
