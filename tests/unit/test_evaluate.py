@@ -87,6 +87,20 @@ def test_summary_matches_scikit_learn():
     assert worst["count"] == cm.max() and cm[worst["true_index"], worst["predicted_index"]] == cm.max()
 
 
+def test_summary_keeps_classes_absent_from_labels_and_predictions():
+    proba, y = _random_predictions(n=300, c=4)
+    proba = np.concatenate([proba, np.zeros((len(y), 2))], axis=1)  # classes 4, 5: never true, never predicted
+    s = summarize(proba, y, list("abcdef"), n_boot=0)
+    assert np.shape(s["confusion_matrix"]) == (6, 6) and np.sum(s["confusion_matrix"]) == len(y)
+    assert [c["support"] for c in s["per_class"][4:]] == [0, 0]
+    assert all(c[k] == 0.0 for c in s["per_class"][4:] for k in ("precision", "recall", "f1"))  # zero_division=0
+    four = summarize(proba[:, :4], y, list("abcd"), n_boot=0)["metrics"]
+    assert s["metrics"]["macro_f1"] == four["macro_f1"]  # macro over the classes that occur in the labels
+    assert s["metrics"]["balanced_accuracy"] == four["balanced_accuracy"]
+    with pytest.raises(ValueError, match="no predictions"):
+        summarize(np.zeros((0, 3)), np.zeros(0, dtype=int), list("abc"))
+
+
 def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_data():
     proba, y = _random_predictions(n=200)
     small = summarize(proba, y, list("abcdef"), n_boot=300, seed=1)

@@ -65,6 +65,17 @@ def test_per_class_and_mean_per_class_accuracy_by_hand():
     assert mean_per_class_accuracy(y_true, y_pred, n_classes=5) == pytest.approx(1.25 / 3)
 
 
+def test_per_class_accuracy_is_scikit_learn_recall():
+    from sklearn.metrics import balanced_accuracy_score, recall_score
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 6, 200)
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, 6, 200))
+    np.testing.assert_array_equal(per_class_accuracy(y_true, y_pred), recall_score(y_true, y_pred, average=None))
+    assert mean_per_class_accuracy(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert np.isnan(per_class_accuracy(y_true[:0], y_pred[:0], n_classes=3)).all()
+
+
 def test_mean_per_class_ignores_classes_only_predicted():
     y_true = np.array([0, 0, 1])
     y_pred = np.array([0, 2, 1])  # class 2 is predicted but never true

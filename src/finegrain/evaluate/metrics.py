@@ -1,6 +1,9 @@
 """Accuracy metrics on arrays: top-k, per-class and mean per-class accuracy.
 
-Scores are [N, C] with column c the score of class index c; labels are class indices in 0..C-1.
+Scores are [N, C] with column c the score of class index c; labels are class indices in 0..C-1. Per-class
+accuracy is scikit-learn's per-class recall. Top-k stays a rank of the true class: one ranking serves every k (and
+the bootstrap resamples), and its ties follow argmax, where scikit-learn's top_k_accuracy_score breaks them towards
+the higher class index.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import numbers
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.metrics import recall_score
 
 
 def _check_scores(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,10 +55,9 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | 
     n = seen if n_classes is None else n_classes
     if n < seen or min(y_true.min(initial=0), y_pred.min(initial=0)) < 0:
         raise ValueError(f"labels must be class indices in 0..{n - 1}")
-    total = np.bincount(y_true, minlength=n)
-    hits = np.bincount(y_true[y_true == y_pred], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
+    if len(y_true) == 0:
+        return np.full(n, np.nan)
+    return recall_score(y_true, y_pred, labels=np.arange(n), average=None, zero_division=np.nan)
 
 
 def mean_per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None) -> float:

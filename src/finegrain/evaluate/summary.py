@@ -10,27 +10,10 @@ from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from finegrain.evaluate.longtail import shot_accuracy
 from finegrain.evaluate.metrics import classification_metrics, per_class_accuracy, true_class_rank
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """[C, C] counts: row = true class, column = predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
-    return cm
-
-
-def precision_recall_f1(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined, as scikit-learn)."""
-    tp = np.diag(cm).astype(float)
-    predicted, support = cm.sum(0).astype(float), cm.sum(1).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
 
 
 def most_confused_pairs(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[dict]:
@@ -106,19 +89,22 @@ def summarize(
     many > 100, few < 20 training images), each with a 95% percentile bootstrap interval.
     """
     proba, y = np.asarray(proba, dtype=np.float64), np.asarray(y)
+    if len(y) == 0:
+        raise ValueError("nothing to summarize: no predictions")
     n_classes = proba.shape[1]
     base = classification_metrics(proba, y)
     pred = proba.argmax(1)
-    cm = confusion_matrix(y, pred, n_classes)
-    prf = precision_recall_f1(cm)
-    present = prf["support"] > 0
+    labels = np.arange(n_classes)  # every class, also those absent from y and pred
+    cm = confusion_matrix(y, pred, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = support > 0
     cal = calibration(proba, y, ece_bins)
     headline = {
         "top1": base["top1"],
         "top5": base["top5"],
         "mean_per_class": base["mean_per_class"],
-        "balanced_accuracy": float(prf["recall"][present].mean()),
-        "macro_f1": float(prf["f1"][present].mean()),
+        "balanced_accuracy": float(recall[present].mean()),  # balanced_accuracy_score, without its warning
+        "macro_f1": float(f1[present].mean()),  # over the classes in y: an only-predicted class is not a zero
         "ece": cal["ece"],
     }
     shots = None
@@ -130,10 +116,10 @@ def summarize(
     per_class = [
         {
             "class": c,
-            "precision": float(prf["precision"][i]),
-            "recall": float(prf["recall"][i]),
-            "f1": float(prf["f1"][i]),
-            "support": int(prf["support"][i]),
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
             **({"train_count": int(train_counts[i])} if train_counts is not None else {}),
         }
         for i, c in enumerate(classes)
