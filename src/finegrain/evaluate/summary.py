@@ -113,7 +113,23 @@ def summarize(
         headline.update(shots(per_class_accuracy(y, pred, n_classes)))
 
     intervals = _bootstrap(proba, y, pred, n_classes, shots, n_boot=n_boot, seed=seed, ece_bins=ece_bins)
-    per_class = [
+    return {
+        "n": int(len(y)),
+        "classes": list(classes),
+        "metrics": headline,
+        "intervals": intervals,
+        "bootstrap": {"resamples": n_boot, "level": 0.95, "seed": seed},
+        "shot_thresholds": {"many": f"> {many}", "few": f"< {few}"} if train_counts is not None else None,
+        "per_class": _per_class_rows(classes, precision, recall, f1, support, train_counts),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused_pairs(cm, list(classes), confused_k),
+        "calibration": cal,
+    }
+
+
+def _per_class_rows(classes, precision, recall, f1, support, train_counts) -> list[dict]:
+    """One JSON row a class: precision, recall, F1, support (and training images when known)."""
+    return [
         {
             "class": c,
             "precision": float(precision[i]),
@@ -124,18 +140,6 @@ def summarize(
         }
         for i, c in enumerate(classes)
     ]
-    return {
-        "n": int(len(y)),
-        "classes": list(classes),
-        "metrics": headline,
-        "intervals": intervals,
-        "bootstrap": {"resamples": n_boot, "level": 0.95, "seed": seed},
-        "shot_thresholds": {"many": f"> {many}", "few": f"< {few}"} if train_counts is not None else None,
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-        "most_confused": most_confused_pairs(cm, list(classes), confused_k),
-        "calibration": cal,
-    }
 
 
 def _bootstrap(proba, y, pred, n_classes, shots, *, n_boot, seed, ece_bins) -> dict[str, list[float]]:
