@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any, TypeVar
 
+from finegrain.atomic import atomic_write_text
 from finegrain.errors import FinegrainError
 
 C = TypeVar("C")
@@ -55,8 +56,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, out_dir: str, name: str = "config.yaml", extra: dict | None = None) -> str:
     import yaml
-
-    from finegrain.atomic import atomic_write_text
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)

@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
+from finegrain.data import load_image_set
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.inference import predict_paths
+from finegrain.evaluate.plots import reliability_figure
+from finegrain.evaluate.predictor import load
+from finegrain.evaluate.summary import summarize
 from finegrain.evaluate.tta import TTA
 
 
@@ -42,7 +47,6 @@ class EvaluateConfig:
 
 def samples_for_model(data: str, split: str, classes: Sequence[str]):
     """The `split` of a dataset, with labels re-indexed to the model's class order."""
-    from finegrain.data import load_image_set
 
     image_set = load_image_set(data)
     samples = image_set.split(split) if split in image_set.splits else None
@@ -72,9 +76,6 @@ def samples_for_model(data: str, split: str, classes: Sequence[str]):
 
 
 def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
-    from finegrain.evaluate.inference import predict_paths
-    from finegrain.evaluate.predictor import load
-    from finegrain.evaluate.summary import summarize
 
     if not cfg.models:
         raise FinegrainError("give at least one model (a run folder of `finegrain train` or its model/ folder)")
@@ -152,7 +153,6 @@ def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes
     for name, row in zip(classes, summary["confusion_matrix"]):
         w.writerow([name, *row])
     atomic_write_text(os.path.join(cfg.out, "confusion.csv"), buf.getvalue())
-    from finegrain.evaluate.plots import reliability_figure
 
     fig = reliability_figure(summary["calibration"])
     atomic_write(os.path.join(cfg.out, "reliability.png"), lambda f: fig.savefig(f, format="png", dpi=100))

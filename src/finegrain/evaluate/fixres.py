@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.runtime import ImageFiles, Runtime, forward, image_loader
+from finegrain.evaluate.predictor import Predictor
+from finegrain.models import save_model
+from finegrain.runtime import ImageFiles, Runtime, forward, image_loader, resolve_precision
 
 
 def _batches(paths, pre, batch_size, rt: Runtime):
@@ -125,8 +127,6 @@ def fix_resolution(
     """A copy of the loaded model adapted to test at `size` pixels: returns a new Predictor (not saved).
 
     max_images: use a seeded random subset of the training images (both steps) to bound the cost."""
-    from finegrain.evaluate.predictor import Predictor
-    from finegrain.runtime import resolve_precision
 
     if size < 32:
         raise FinegrainError(f"test size must be at least 32 pixels; got {size}")
@@ -164,6 +164,5 @@ def fix_resolution(
 
 def save_predictor(predictor, folder: str) -> str:
     """Write a (FixRes-adapted) Predictor as a model folder."""
-    from finegrain.models import save_model
 
     return save_model(predictor.model, folder, predictor.spec)

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from finegrain.data import load_image
+from finegrain.evaluate.tta import TTA, TTAViews
 from finegrain.models import ImageClassifier, ModelSpec, load_model
+from finegrain.runtime import Runtime, forward
 
 
 class Predictor:
@@ -38,10 +41,6 @@ class Predictor:
         tta: a `finegrain.evaluate.TTA` (or its text, e.g. "flip+5crop"): probabilities averaged over the views.
         runtime: a `finegrain.runtime.Runtime` (default: fp32, contiguous layout, on the predictor's device)."""
         from PIL import Image
-
-        from finegrain.data import load_image
-        from finegrain.evaluate.tta import TTA, TTAViews
-        from finegrain.runtime import Runtime, forward
 
         tta = TTA.parse(tta) if isinstance(tta, str) or tta is None else tta
         rt = runtime or Runtime(str(self.device), "fp32", channels_last=False, workers=0)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from finegrain.data import load_image
 from finegrain.errors import FinegrainError
+from finegrain.models.pooling import AttentionPool, GlobalAvgPool
 
 METHODS = ("auto", "cam", "gradcam", "attention")
 
@@ -87,7 +89,6 @@ def _normalise(cam: torch.Tensor, size: int) -> np.ndarray:
 
 
 def _resolve_method(model, method: str) -> str:
-    from finegrain.models.pooling import AttentionPool, GlobalAvgPool
 
     if method not in METHODS:
         raise FinegrainError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")
@@ -204,7 +205,6 @@ def explain_images(
 ) -> list[Explanation]:
     """Explain image files (or PIL images) with a loaded model (`finegrain.load`). Undecodable files raise
     ImageDecodeError; `explain` in the CLI skips and reports them."""
-    from finegrain.data import load_image
 
     model, pre = predictor.model, predictor.preprocess
     t_index = None

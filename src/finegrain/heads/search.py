@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from finegrain.embed import FeatureStore, create_normalizer, embed_images
 from finegrain.errors import FinegrainError
+from finegrain.heads.index import build_index
+from finegrain.models import ModelSpec, build_backbone
 
 
 def backbone_from_meta(meta: dict):
     """Rebuild the backbone a store was made with (its recorded weights source), with the exact preprocessing."""
-    from finegrain.models import ModelSpec, build_backbone
 
     return build_backbone(ModelSpec.from_backbone_info(meta["backbone"]), pretrained=True)
 
@@ -23,8 +25,6 @@ def search_store(
     norm: str = "l2",
 ) -> dict[str, list[tuple[float, str, str]]]:
     """For each query image: [(similarity, path, class name)] of its k nearest stored images, best first."""
-    from finegrain.embed import FeatureStore, create_normalizer, embed_images
-    from finegrain.heads.index import build_index
 
     if k < 1:
         raise FinegrainError("-k must be at least 1")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.errors import FinegrainError
 from finegrain.registry import Registry
 
 POOLINGS: Registry[type[nn.Module]] = Registry("pooling")
@@ -61,8 +62,6 @@ class AttentionPool(nn.Module):
     def __init__(self, channels: int | None = None, *, hidden: int = 128) -> None:
         super().__init__()
         if not channels:
-            from finegrain.errors import FinegrainError
-
             raise FinegrainError(
                 "attn pooling is learned: use it when fine-tuning (finegrain train pooling=attn), "
                 "not for frozen feature extraction (use gap or gem)"

@@ -18,12 +18,30 @@ from finegrain.errors import FinegrainError
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls/convs run natively (fast) on `device`."""
+    """Whether bf16 matmuls/convs run natively (fast) on `device`.
+
+    CPU: PyTorch must run its AVX-512 (or AMX) kernels, and the CPU must have bf16 instructions (AVX512_BF16 or
+    AMX-BF16): Skylake-X and Cascade Lake have AVX-512 without them, where oneDNN emulates bf16 (slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cap = torch.backends.cpu.get_cpu_capability()
-    return cap in ("AVX512", "AMX") or "AVX512" in cap
+    if not (cap in ("AVX512", "AMX") or "AVX512" in cap):
+        return False
+    flags = _cpu_flags()
+    return flags is None or bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
