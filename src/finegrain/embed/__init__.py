@@ -1,5 +1,5 @@
 from finegrain.embed.extract import Embedder, ExtractResult, embed_images, extract_to_store
-from finegrain.embed.normalize import NORMALIZERS, create_normalizer
+from finegrain.embed.normalize import NORMALIZERS, Normalizer, create_normalizer
 from finegrain.embed.store import FeatureStore
 from finegrain.models.pooling import POOLINGS, GeM, create_pooling
 
@@ -10,6 +10,7 @@ __all__ = [
     "ExtractResult",
     "FeatureStore",
     "GeM",
+    "Normalizer",
     "create_normalizer",
     "create_pooling",
     "embed_images",
