@@ -42,10 +42,13 @@ class Normalizer(TransformerMixin, BaseEstimator):
 class _Stateless(Normalizer):
     """A normalizer with nothing to learn: `fit` is a no-op and it transforms unfitted (scikit-learn's stateless)."""
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self):  # scikit-learn >= 1.6
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
         return tags
+
+    def __sklearn_is_fitted__(self) -> bool:  # what check_is_fitted asks before 1.6
+        return True
 
 
 @NORMALIZERS.register("none")
