@@ -74,6 +74,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         write_outputs,
     )
     from finegrain.heads import create_classifier
+    from finegrain.heads.to_model import save_store_model
 
     store = FeatureStore.open(cfg.store)
     pooling = cfg.pooling or store.poolings[0]
@@ -98,6 +99,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     out = cfg.out or os.path.join(cfg.store, "eval", name.replace(":", "_"))
     extra = {k: getattr(clf, k) for k in ("C_",) if hasattr(clf, k)}
     metrics = {**metrics, "classifier": name, "test_split": test_name, "n_train": len(train.y), **extra}
+    model_dir = save_store_model(
+        store, clf, norm, os.path.join(out, "model"), pooling=pooling, train_X=train.X, train_y=train.y,
+        extra={"normalizer_name": cfg.norm, "metrics": {k: metrics[k] for k in ("top1", "mean_per_class")}},
+    )  # fmt: skip
     write_outputs(
         out,
         metrics=metrics,
@@ -109,7 +114,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     )
     print(
         f"{name}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "
-        f"mean per-class {metrics['mean_per_class']:.4f}  (train {len(train.y)}, test {len(test.y)}) -> {out}"
+        f"mean per-class {metrics['mean_per_class']:.4f}  (train {len(train.y)}, test {len(test.y)}) -> {out}; "
+        f"model: {model_dir}"
     )
     return metrics
 

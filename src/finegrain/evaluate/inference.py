@@ -76,36 +76,45 @@ def predict_paths(
 
     Every model must know the same classes in the same order. Undecodable files are skipped and listed.
     """
-    predictors = list(predictors) if isinstance(predictors, list | tuple) else [predictors]
-    if not predictors:
-        raise FinegrainError("no model to predict with")
-    if features and len(predictors) > 1:
+    members = _weighted_members(predictors)
+    if features and len(members) > 1:
         raise FinegrainError("features come from one model: an ensemble has no single feature space")
-    classes = predictors[0].classes
-    for p in predictors[1:]:
-        if list(p.classes) != list(classes):
-            raise FinegrainError("ensemble members must share the same classes in the same order")
+    classes = members[0][0].classes
+    if any(list(p.classes) != list(classes) for p, _ in members[1:]):
+        raise FinegrainError("ensemble members must share the same classes in the same order")
     tta = tta or TTA()
     t0 = time.perf_counter()
     total, feats, ok, skipped = None, None, [], {}
-    for m, predictor in enumerate(predictors):
+    for m, (predictor, weight) in enumerate(members):
         rt = Runtime(str(predictor.device), precision, channels_last, workers)
-        label = desc if len(predictors) == 1 else f"{desc} [{m + 1}/{len(predictors)}]"
+        label = desc if len(members) == 1 else f"{desc} [{m + 1}/{len(members)}]"
         proba, feats, index, bad = _predict_one(
             predictor, paths, tta, rt, batch_size=batch_size, progress=progress, desc=label, features=features
         )
         skipped.update(bad)
         if total is None:
-            total, ok = proba, index
+            total, ok = weight * proba, index
         else:
             keep = np.isin(ok, index)  # a file one member could not read is dropped for all
-            total, ok = total[keep] + proba[np.isin(index, ok)], list(np.asarray(ok)[keep])
+            total, ok = total[keep] + weight * proba[np.isin(index, ok)], list(np.asarray(ok)[keep])
     return Predictions(
-        proba=(total / len(predictors)).astype(np.float32),
+        proba=total.astype(np.float32),
         index=np.asarray(ok, dtype=np.int64),
         skipped=[(paths[i], r) for i, r in sorted(skipped.items())],
         seconds=time.perf_counter() - t0,
         views=tta.n_views(),
-        models=len(predictors),
+        models=len(members),
         features=feats,
     )
+
+
+def _weighted_members(predictors) -> list[tuple]:
+    """[(Predictor, weight)]: several models (or saved ensembles) averaged, each input counting equally."""
+    items = list(predictors) if isinstance(predictors, list | tuple) else [predictors]
+    if not items:
+        raise FinegrainError("no model to predict with")
+    out = []
+    for item in items:
+        pairs = zip(item.members, item.weights) if hasattr(item, "members") else [(item, 1.0)]
+        out += [(p, w / len(items)) for p, w in pairs]
+    return out

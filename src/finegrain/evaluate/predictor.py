@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from finegrain.atomic import atomic_write_json
 from finegrain.data import load_image
+from finegrain.errors import FinegrainError
 from finegrain.evaluate.tta import TTA, TTAViews
-from finegrain.models import ImageClassifier, ModelSpec, load_model
+from finegrain.models import FORMAT, ImageClassifier, ModelSpec, load_model, save_model
 from finegrain.runtime import Runtime, forward
 
 
@@ -56,13 +60,62 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Sequence, *, k: int = 1, tta=None) -> list[list[tuple[str, float]]]:
-        proba = self.predict_proba(images, tta=tta)
-        top = np.argsort(-proba, axis=1)[:, :k]
-        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
+        return _top_k(self.predict_proba(images, tta=tta), self.classes, k)
 
 
-def load(path: str, *, device: str = "cpu") -> Predictor:
-    """Load a model saved by finegrain: a run folder, its model/ folder, or one of the run's weight files
-    (`best.safetensors`, `checkpoint-last.pt`: the same architecture with that checkpoint's weights)."""
+class Ensemble:
+    """Members (Predictors over the same classes) whose probabilities are averaged with `weights` (sum 1)."""
+
+    def __init__(self, members: Sequence[Predictor], weights: Sequence[float] | None = None) -> None:
+        if not members:
+            raise FinegrainError("an ensemble needs at least one member")
+        for m in members[1:]:
+            if m.classes != members[0].classes:
+                raise FinegrainError("ensemble members must share the same classes in the same order")
+        w = np.ones(len(members)) if weights is None else np.asarray(weights, np.float64)
+        if len(w) != len(members) or (w < 0).any() or w.sum() <= 0:
+            raise FinegrainError(f"ensemble weights must be {len(members)} non-negative numbers, not all 0")
+        self.members, self.weights = list(members), (w / w.sum()).tolist()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.members[0].classes
+
+    @property
+    def meta(self) -> dict:
+        return {"kind": "ensemble", "members": [m.meta for m in self.members], "weights": self.weights}
+
+    def predict_proba(self, images: Sequence, **kwargs) -> np.ndarray:
+        return sum(w * m.predict_proba(images, **kwargs) for m, w in zip(self.members, self.weights))
+
+    def predict(self, images: Sequence, *, k: int = 1, tta=None) -> list[list[tuple[str, float]]]:
+        return _top_k(self.predict_proba(images, tta=tta), self.classes, k)
+
+    def save(self, folder: str) -> str:
+        """members/<i>/ (model folders) + model.json {kind: ensemble, members, weights, classes}."""
+        names = [f"member-{i}" for i in range(len(self.members))]
+        for m, name in zip(self.members, names):
+            save_model(m.model, os.path.join(folder, name), m.spec)
+        spec = {"format": FORMAT, "kind": "ensemble", "members": names, "weights": self.weights}
+        atomic_write_json(os.path.join(folder, "model.json"), {**spec, "classes": self.classes})
+        return folder
+
+
+def _top_k(proba: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    top = np.argsort(-proba, axis=1)[:, :k]
+    return [[(classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
+
+
+def load(path: str, *, device: str = "cpu") -> Predictor | Ensemble:
+    """Load a model saved by finegrain: a model folder (fine-tuned, frozen probe / NCM / k-NN, ensemble), a training
+    run folder, or one of the run's weight files (`best.safetensors`, `checkpoint-last.pt`: the same architecture
+    with that checkpoint's weights)."""
+    meta_path = os.path.join(path, "model.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("kind") == "ensemble":
+            members = [load(os.path.join(path, m), device=device) for m in meta["members"]]
+            return Ensemble(members, meta.get("weights"))
     model, spec = load_model(path)
     return Predictor(model, spec, device)

@@ -13,10 +13,10 @@ from torch import nn
 
 from finegrain.backbones import Backbone
 from finegrain.errors import FinegrainError
-from finegrain.models.layers import FeatureNorm, NormedLinear, msra_init_
+from finegrain.models.layers import FeatureNorm, KNNHead, NormedLinear, build_normalizer, msra_init_
 from finegrain.models.pooling import create_pooling
 
-HEADS = ("linear", "normed")
+HEADS = ("linear", "normed", "knn")
 
 
 @dataclass
@@ -49,9 +49,12 @@ def stage_view(model: nn.Module) -> StageView:
 
 
 class ImageClassifier(nn.Module):
-    """backbone.forward_features -> pooling -> [feature norm] -> dropout -> head [B, num_classes].
+    """backbone.forward_features -> pooling -> [normalizer] -> dropout -> head [B, num_classes].
 
-    head: "linear" (nn.Linear, MSRA init) or "normed" (NormedLinear: cosine logits, for LDAM)."""
+    head: "linear" (nn.Linear, MSRA init), "normed" (NormedLinear: cosine logits, for LDAM) or "knn" (a vote over a
+    saved gallery of training embeddings; head_options: n_gallery, k, metric, weights, temperature).
+    normalizer: see `build_normalizer` ("l2" = feature_norm=True); embed_dim: the dimension it outputs (PCA).
+    flip: average the pooled features of the image and its mirror (the flip-averaged frozen descriptor)."""
 
     def __init__(
         self,
@@ -62,20 +65,29 @@ class ImageClassifier(nn.Module):
         drop_rate: float = 0.0,
         feature_norm: bool = False,
         head: str = "linear",
+        normalizer: str | None = None,
+        embed_dim: int | None = None,
+        flip: bool = False,
+        head_options: dict | None = None,
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise FinegrainError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
         backbone.reset_classifier(0)
         self.backbone = backbone
         self.pooling_name = pooling
         self.pool = create_pooling(pooling, channels=backbone.num_features)
-        self.norm = FeatureNorm() if feature_norm else nn.Identity()
+        self.normalizer_name = normalizer or ("l2" if feature_norm else "none")
+        dim = embed_dim or backbone.num_features
+        self.norm = build_normalizer(self.normalizer_name, backbone.num_features, dim)
+        self.flip = flip
         self.dropout = nn.Dropout(drop_rate)
-        if head not in HEADS:
-            raise FinegrainError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
-        if head == "normed":
-            self.head = NormedLinear(backbone.num_features, num_classes)
+        if head == "knn":
+            self.head = KNNHead(dim=dim, num_classes=num_classes, **(head_options or {}))
+        elif head == "normed":
+            self.head = NormedLinear(dim, num_classes)
         else:
-            self.head = nn.Linear(backbone.num_features, num_classes)
+            self.head = nn.Linear(dim, num_classes)
             msra_init_(self.head)
 
     @property
@@ -91,21 +103,29 @@ class ImageClassifier(nn.Module):
 
     @property
     def head_kind(self) -> str:
-        return "normed" if isinstance(self.head, NormedLinear) else "linear"
+        return {NormedLinear: "normed", KNNHead: "knn"}.get(type(self.head), "linear")
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, S, S] -> (the vector the head sees [B, D], logits [B, C]) in one pass."""
-        feats = self.embed(self.forward_features(x))
-        return feats, self.head(self.dropout(feats.to(self.head.weight.dtype)))
+        """Images [B, 3, S, S] -> (the vector the head sees [B, D], logits [B, C]) in one pass (the inference path:
+        the normalizer and head run in float32 even under autocast, as the frozen heads were fitted)."""
+        n = x.shape[0]
+        pooled = self.pool(self.forward_features(torch.cat([x, x.flip(3)]) if self.flip else x))
+        if self.flip:
+            pooled = (pooled[:n] + pooled[n:]) / 2
+        with torch.autocast(x.device.type, enabled=False):
+            feats = self.norm(pooled.float())
+            return feats, self.head(self.dropout(feats))
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Feature map -> the vector the head sees (pooled, then normalized when feature_norm)."""
+        """Feature map -> the vector the head sees (pooled, then normalized)."""
         return self.norm(self.pool(fmap))
 
     def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(fmap).to(self.head.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip or not isinstance(self.head, nn.Linear | NormedLinear):
+            return self.forward_all(x)[1]
         return self.forward_head(self.forward_features(x))
 
     # ---- split at stage boundary: trunk (frozen, cacheable) and tail (trained) --------------------------------------

@@ -14,19 +14,24 @@ from typing import Any
 from finegrain.backbones import Backbone, Preprocess, create_backbone
 from finegrain.errors import FinegrainError
 from finegrain.models.classifier import HEADS, ImageClassifier
+from finegrain.models.layers import NORMALIZERS
 
 FORMAT = "finegrain-classifier/1"
-NORMALIZERS = ("none", "l2")  # in-model normalizers ("l2": FeatureNorm, L2 then x sqrt(D))
 # model.json keys that the spec owns; every other key is kept as `extra` (regime, best_epoch, fixres, ...)
 _OWN = {"format", "backbone", "source", "preprocess", "pooling", "normalizer", "feature_norm", "head", "num_classes"}
-_OWN |= {"classes", "train_counts"}
+_OWN |= {"classes", "train_counts", "embed_dim", "flip", "head_options", "kind"}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """backbone: a name `create_backbone` knows; source: where its pretrained weights come from ("offline-package",
     "timm-hub", "checkpoint:<path>", "random"); preprocess: the eval geometry and normalization; classes: names in
-    output order (empty for a feature model: no head); train_counts: images a class the model trained on."""
+    output order (empty for a feature model: no head); train_counts: images a class the model trained on.
+    normalizer: see models.layers.build_normalizer ("l2": fine-tuning's FeatureNorm; "unit-l2", "cl2n",
+    "pca-whiten": frozen-feature normalizers, state in the weights); embed_dim: what the normalizer outputs (PCA);
+    head: linear | normed | knn (head_options: n_gallery, k, metric, weights, temperature); flip: the pooled
+    features of the image and its mirror are averaged (the flip-averaged descriptor); kind: "fine-tuned" or
+    "frozen" (a classifier fitted on frozen features: probe, NCM, k-NN, long-tail heads)."""
 
     backbone: str
     preprocess: Preprocess
@@ -36,6 +41,10 @@ class ModelSpec:
     head: str = "linear"
     classes: tuple[str, ...] = ()
     train_counts: tuple[int, ...] | None = None
+    embed_dim: int | None = None
+    flip: bool = False
+    head_options: dict[str, Any] = field(default_factory=dict)
+    kind: str = "fine-tuned"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,7 +68,7 @@ class ModelSpec:
             source=model.backbone.source,
             preprocess=model.preprocess,
             pooling=model.pooling_name,
-            normalizer="l2" if model.feature_norm else "none",
+            normalizer=model.normalizer_name,
             head=model.head_kind,
             classes=tuple(classes),
             train_counts=None if train_counts is None else tuple(int(c) for c in train_counts),
@@ -82,6 +91,8 @@ class ModelSpec:
         }
         if self.train_counts is not None:
             d["train_counts"] = list(self.train_counts)
+        if self.kind != "fine-tuned":  # older readers know fine-tuned models only
+            d.update(kind=self.kind, embed_dim=self.embed_dim, flip=self.flip, head_options=dict(self.head_options))
         return {**d, **self.extra}
 
     @classmethod
@@ -99,8 +110,17 @@ class ModelSpec:
             head=d.get("head", "linear"),
             classes=tuple(d.get("classes", ())),
             train_counts=None if counts is None else tuple(int(c) for c in counts),
+            embed_dim=d.get("embed_dim"),
+            flip=bool(d.get("flip", False)),
+            head_options=dict(d.get("head_options") or {}),
+            kind=d.get("kind", "fine-tuned"),
             extra={k: v for k, v in d.items() if k not in _OWN},
         )
+
+    @classmethod
+    def of_backbone(cls, backbone: Backbone) -> ModelSpec:
+        """The spec of a feature model on a built backbone (its name, weights source and preprocessing)."""
+        return cls(backbone=backbone.name, source=backbone.source, preprocess=backbone.preprocess)
 
     @classmethod
     def from_backbone_info(cls, info: dict, **kwargs: Any) -> ModelSpec:
@@ -140,6 +160,9 @@ def build_model(
         spec.num_classes,
         pooling=spec.pooling,
         drop_rate=drop_rate,
-        feature_norm=spec.normalizer == "l2",
+        normalizer=spec.normalizer,
         head=spec.head,
+        embed_dim=spec.embed_dim,
+        flip=spec.flip,
+        head_options=spec.head_options,
     )
