@@ -13,6 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import finegrain.heads.probe as probe_module
+from finegrain.data.splits import stratified_split
 from finegrain.errors import FinegrainError
 from finegrain.heads import (
     CLASSIFIERS,
@@ -24,7 +25,6 @@ from finegrain.heads import (
     build_index,
     create_classifier,
 )
-from finegrain.heads.probe import stratified_split
 
 faiss = pytest.importorskip("faiss")
 
@@ -255,7 +255,7 @@ def test_probe_survives_singleton_classes_and_is_deterministic():
 
 def test_stratified_split_keeps_every_class_in_training():
     codes = np.array([0] * 10 + [1] * 3 + [2] * 2 + [3])
-    train, val = stratified_split(codes, 0.2, seed=0)
+    train, val = stratified_split(codes, test_size=0.2, seed=0, min_test=0)
     assert not set(train) & set(val) and len(train) + len(val) == len(codes)
     np.testing.assert_array_equal(np.bincount(codes[val], minlength=4), [2, 1, 0, 0])
     assert set(codes[train]) == {0, 1, 2, 3}

@@ -13,28 +13,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
+from finegrain.data.splits import stratified_split
 from finegrain.heads.index import as_matrix
 from finegrain.heads.knn import check_labels
 
 # Half-decades. With standardized features, CUB-100 test accuracy is flat for C in 0.01-1 (raw or L2-normalised
 # GAP embeddings alike) and falls off below 0.003 and above 3.
 DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-def stratified_split(codes: np.ndarray, val_size: float, *, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Class indices [N] -> (train rows, validation rows), about val_size of each class in validation.
-
-    Every class keeps at least one training row, so a class with a single sample stays whole in training
-    (where scikit-learn's stratified splitters refuse to split).
-    """
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in range(int(codes.max()) + 1):
-        rows = rng.permutation(np.flatnonzero(codes == c))
-        n_val = min(round(val_size * len(rows)), len(rows) - 1)
-        val.append(rows[:n_val])
-        train.append(rows[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 class LogisticProbe(ClassifierMixin, BaseEstimator):
@@ -89,7 +74,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"a logistic probe needs at least 2 classes; y has {len(self.classes_)}")
         self.n_features_in_ = X.shape[1]
-        train, val = stratified_split(codes, self.val_size, seed=self.random_state)
+        train, val = stratified_split(codes, test_size=self.val_size, seed=self.random_state, min_test=0)
         if len(Cs) == 1:
             self.val_scores_, self.C_ = {Cs[0]: math.nan}, Cs[0]
         elif len(val) == 0:
