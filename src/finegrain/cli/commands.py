@@ -164,6 +164,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from finegrain.recipe import FitConfig, fit
+
+    cfg = build_config(FitConfig, yaml_path=args.config, overrides=_overrides(args, FitConfig))
+    result = fit(cfg, progress=not args.no_progress)
+    line = f"chose {result.chosen.name}: val top-1 {result.chosen.val_top1:.4f}"
+    if result.test:
+        m = result.test["metrics"]
+        line += f"; test top-1 {m['top1']:.4f}, mean per-class {m['mean_per_class']:.4f} (scored once, at the end)"
+    print(f"{line}; {result.seconds / 60:.1f} min -> {os.path.join(cfg.out, 'model')}")
+    print(f"  predict with: finegrain predict {os.path.join(cfg.out, 'model')} IMAGE...")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from finegrain.data import ImageDecodeError
     from finegrain.evaluate.predictor import load

@@ -1,0 +1,129 @@
+"""`finegrain fit` from a cold start (no feature cache) at a time budget, and every candidate scored on test in
+hindsight (bench only, after the budget: frozen heads refitted on train + val as fit refits its winner, the fine-tune
+as trained, ensembles as averages), so the table shows how far `fit`'s choice on validation is from the best
+candidate it had.
+
+    python -m bench.fit cub100 --budget 10
+    python -m bench.fit cifar10-500 --budget 10      # CIFAR-10, 500 train images a class (seed 0), full 10k test
+    python -m bench.fit cub100-5shot --budget 5      # 5 (or 1shot: 1) train images a class, seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from bench.common import ROOT, record, require_dataset
+from finegrain.data import ImageSet, load_image_set
+from finegrain.embed import FeatureStore, extract_to_store
+from finegrain.evaluate.inference import predict_paths
+from finegrain.evaluate.predictor import load
+from finegrain.recipe import FitConfig, fit
+from finegrain.recipe.candidates import HEADS, POOLINGS, VIEWS, class_proba, fit_head
+from finegrain.recipe.frozen import FrozenStage, _aligned, _features
+
+CACHE = os.path.join(ROOT, "bench", "cache")
+
+
+def _manifest(name: str) -> str:
+    """The data folder or a CSV manifest (path,label,split) for a benchmark dataset name."""
+    if name == "cub100":
+        return require_dataset("cub100")
+    rng = np.random.default_rng(0)
+    base = require_dataset("cifar10" if name.startswith("cifar10") else "cub100")
+    per_class = {"cifar10-500": 500, "cub100-1shot": 1, "cub100-5shot": 5}[name]
+    rows = []
+    for cls in sorted(os.listdir(os.path.join(base, "train"))):
+        files = sorted(os.listdir(os.path.join(base, "train", cls)))
+        rows += [(os.path.join(base, "train", cls, f), cls, "train") for f in rng.choice(files, per_class, False)]
+        rows += [
+            (os.path.join(base, "test", cls, f), cls, "test")
+            for f in sorted(os.listdir(os.path.join(base, "test", cls)))
+        ]
+    path = os.path.join(CACHE, f"{name}.csv")
+    os.makedirs(CACHE, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return path
+
+
+def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
+    """Test top-1 of every candidate of a finished fit (bench only), all in the test split's order."""
+    image_set = load_image_set(cfg.data)
+    test = [s for s in image_set.samples if s.split == "test"]
+    paths, y, n_classes = [s.path for s in test], np.array([s.label for s in test]), len(image_set.classes)
+    test_set = ImageSet(image_set.root, image_set.classes, test)
+    stage = FrozenStage(cfg, test_set, None, None, progress=False)
+    names = {c.name for c in result.leaderboard}
+    probas: dict[str, np.ndarray] = {}
+    for view in VIEWS:
+        if not any(n.startswith(view + "/") for n in names):
+            continue
+        store = FeatureStore.open(os.path.join(cfg.out, "features", view))
+        test_store = extract_to_store(
+            test_set, stage.backbone(view), os.path.join(cfg.out, "features-test", view), poolings=POOLINGS,
+            flip=VIEWS[view]["flip"], progress=False,
+        ).store  # fmt: skip
+        for pooling in POOLINGS:
+            X, yy = _features(store, ("train", "val"), pooling)
+            Xt = _aligned(test_store, "test", pooling, paths)
+            ok = ~np.isnan(Xt[:, 0])
+            for head in HEADS:
+                if f"{view}/{pooling}/{head[0]}" in names:
+                    norm, clf = fit_head(head, X, yy, seed=cfg.seed)
+                    p = np.zeros((len(paths), n_classes))
+                    p[ok] = class_proba(clf, norm.transform(Xt[ok]), n_classes)
+                    probas[f"{view}/{pooling}/{head[0]}"] = p
+    for c in result.leaderboard:
+        if c.kind == "finetune":
+            pred = predict_paths(load(c.params["run"]), paths)
+            probas[c.name] = np.zeros((len(paths), n_classes))
+            probas[c.name][pred.index] = pred.proba
+    out = {}
+    for c in result.leaderboard:
+        if c.members:
+            probas[c.name] = sum(probas[m] for m in c.members) / len(c.members)
+        out[c.name] = float(np.mean(probas[c.name].argmax(1) == y))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", choices=["cub100", "cifar10-500", "cub100-1shot", "cub100-5shot"])
+    ap.add_argument("--budget", type=float, required=True, help="minutes")
+    ap.add_argument("--no-finetune", action="store_true")
+    args = ap.parse_args()
+    out = os.path.join(CACHE, f"fit-{args.dataset}-{args.budget:g}")
+    shutil.rmtree(out, ignore_errors=True)  # cold start: no feature cache
+    cfg = FitConfig(data=_manifest(args.dataset), out=out, budget_min=args.budget, finetune=not args.no_finetune)
+    t0 = time.perf_counter()
+    result = fit(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    hindsight = _hindsight(cfg, result)
+    best = max(hindsight, key=hindsight.get)
+    chosen = hindsight[result.chosen.name]
+    row = {
+        "budget_min": args.budget, "wall_s": round(wall, 1), "chosen": result.chosen.name,
+        "test_top1": result.test["metrics"]["top1"], "test_mean_per_class": result.test["metrics"]["mean_per_class"],
+        "test_top1_interval": (result.test.get("intervals") or {}).get("top1"),
+        "chosen_val_top1": result.chosen.val_top1, "best_in_hindsight": best, "best_in_hindsight_top1": hindsight[best],
+        "chosen_hindsight_top1": chosen, "loss_to_best_points": round(100 * (hindsight[best] - chosen), 2),
+    }  # fmt: skip
+    row["candidates"] = {
+        c.name: {"val_top1": c.val_top1, "test_top1": hindsight.get(c.name), "seconds": round(c.seconds, 1)}
+        for c in result.leaderboard
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "candidates"}, indent=1))
+    record("fit.json", f"{args.dataset}/{args.budget:g}min", row)
+
+
+if __name__ == "__main__":
+    main()

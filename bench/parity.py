@@ -1,0 +1,92 @@
+"""Same inputs through an older commit and this one: do the inference paths give the same numbers?
+
+A refactor must not move a measured number. This runs one script under both trees on this machine (same kernels)
+and compares: extraction (256 px, crop 1.0, flip, GAP + GeM) of 96 cub100 test images; prediction with a small
+model trained once by the old tree (plain, TTA flip+5crop at 224 and 256, `Predictor.predict_proba`); FixRes.
+
+    python -m bench.parity --old 0f010d1      # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from bench.common import ROOT, record, require_dataset
+
+MEASURE = r"""
+import csv, glob, os, sys
+import numpy as np
+import finegrain
+from finegrain.backbones import create_backbone
+from finegrain.data import load_image_set
+from finegrain.embed import extract_to_store
+from finegrain.evaluate.inference import predict_paths
+from finegrain.evaluate.tta import TTA
+from finegrain.evaluate.fixres import fix_resolution
+out, model_dir, cub = sys.argv[1], sys.argv[2], sys.argv[3]
+imgs = sorted(glob.glob(os.path.join(cub, "test", "*", "*.jpg")))[:96]
+with open(os.path.join(out, "m.csv"), "w", newline="") as f:
+    w = csv.writer(f); w.writerow(["path", "label"]); w.writerows([p, p.split(os.sep)[-2]] for p in imgs)
+bb = create_backbone("efficientnet_lite0")
+bb.preprocess = bb.preprocess.with_geometry(256, 1.0)
+r = extract_to_store(load_image_set(os.path.join(out, "m.csv")), bb, os.path.join(out, "store"),
+                     poolings=("gap", "gem"), flip=True, progress=False)
+rows = np.array([e.row for e in r.store.index()])
+res = {f"extract_{p}": np.asarray(r.store.features(p))[rows] for p in ("gap", "gem")}
+pred = finegrain.load(model_dir)
+res["predict_plain"] = predict_paths(pred, imgs[:48]).proba
+res["predict_tta"] = predict_paths(pred, imgs[:48], tta=TTA.parse("flip+5crop", "224,256")).proba
+res["predict_proba"] = pred.predict_proba(imgs[:8])
+labels = np.arange(48) % len(pred.classes)
+fixed = fix_resolution(pred, imgs[48:], labels, 256, head_epochs=2, max_images=40)
+res["fixres_predict"] = predict_paths(fixed, imgs[:48]).proba
+np.savez(os.path.join(out, "out.npz"), **res)
+"""
+
+
+def _run(src: str, out: str, model_dir: str, cub: str, env_extra: dict | None = None) -> dict[str, np.ndarray]:
+    env = {**os.environ, "PYTHONPATH": src, **(env_extra or {})}
+    subprocess.run([sys.executable, "-c", MEASURE, out, model_dir, cub], check=True, env=env)
+    with np.load(os.path.join(out, "out.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", required=True, help="the commit to compare with (e.g. the one before a refactor)")
+    args = ap.parse_args()
+    cub = require_dataset("cub100")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.path.join(tmp, "old")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", old, args.old], check=True)
+        try:
+            env = {**os.environ, "PYTHONPATH": os.path.join(old, "src")}
+            run = os.path.join(tmp, "run")
+            subprocess.run(
+                [sys.executable, "-m", "finegrain", "train", os.path.join(ROOT, "examples", "birds10"), "--out", run,
+                 "regime=last:1", "epochs=1", "workers=0", "--no-progress"], check=True, env=env, cwd=tmp,
+            )  # fmt: skip
+            outs = {}
+            for name, src in (("old", os.path.join(old, "src")), ("new", os.path.join(ROOT, "src"))):
+                os.makedirs(os.path.join(tmp, f"out-{name}"))
+                outs[name] = _run(src, os.path.join(tmp, f"out-{name}"), os.path.join(run, "model"), cub)
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", old], check=False)
+    rows = {}
+    for k, a in outs["old"].items():
+        b = outs["new"][k]
+        rows[k] = {"max_abs_diff": float(np.abs(a - b).max()), "bitwise_equal": bool(np.array_equal(a, b))}
+        if k.startswith(("predict", "fixres")):
+            rows[k]["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+        print(k, rows[k])
+    record("parity.json", f"vs {args.old}", {"rows": rows, "precision": "auto", "images": 96})
+
+
+if __name__ == "__main__":
+    main()

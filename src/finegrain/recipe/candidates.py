@@ -1,0 +1,114 @@
+"""The candidates `fit` tries, each scored on the same validation split: frozen-feature classifiers over extraction
+views, fine-tuning, and ensembles of the best of them. A candidate's validation probabilities are kept (for the
+ensembles and for a resumed run); how to rebuild it is in its `params`."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from finegrain.embed import create_normalizer
+from finegrain.heads import create_classifier
+
+# Extraction views, cheapest first. BENCHMARKS.md (cub100, lite0): the eval view gives a 0.904 GeM probe, 256 px
+# full frame + flip 0.918-0.920 (for 2.6x the compute).
+VIEWS = {
+    "eval": {"image_size": None, "crop_pct": None, "flip": False},
+    "full256-flip": {"image_size": 256, "crop_pct": 1.0, "flip": True},
+}
+POOLINGS = ("gem", "gap")
+# Ties on validation go to the candidate expected to be better: its cub100 test top-1 in BENCHMARKS.md
+# (representation table; the fine-tune is last:1 at 30 minutes). Small validation splits tie often.
+PRIOR = {
+    "eval/gap": {"probe-l2": 0.896, "probe-raw": 0.897, "ncm-pcaw": 0.882, "knn10-l2": 0.854},
+    "eval/gem": {"probe-l2": 0.901, "probe-raw": 0.904, "ncm-pcaw": 0.892, "knn10-l2": 0.874},
+    "full256-flip/gap": {"probe-l2": 0.904, "probe-raw": 0.897, "ncm-pcaw": 0.890, "knn10-l2": 0.867},
+    "full256-flip/gem": {"probe-l2": 0.918, "probe-raw": 0.914, "ncm-pcaw": 0.906, "knn10-l2": 0.886},
+    "finetune": {"finetune": 0.903},
+}
+# (name, classifier, its options, normalizer): the table's winners for each classifier family
+HEADS = (
+    ("probe-l2", "probe", {}, "l2"),
+    ("probe-raw", "probe", {}, "none"),
+    ("ncm-pcaw", "ncm", {}, "pca-whiten:256"),
+    ("knn10-l2", "knn", {"n_neighbors": 10}, "l2"),
+)
+
+
+@dataclass
+class Candidate:
+    """One scored candidate. kind: frozen | finetune | ensemble; val_top1 / val_mean_per_class on validation."""
+
+    name: str
+    kind: str
+    val_top1: float
+    val_mean_per_class: float
+    seconds: float
+    params: dict = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "params"} | {"members": "+".join(self.members)}
+
+
+def val_scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(top-1, mean per-class accuracy) of probabilities [N, C] against labels [N]."""
+    pred = proba.argmax(1)
+    per_class = [np.mean(pred[y == c] == c) for c in np.unique(y)]
+    return float(np.mean(pred == y)), float(np.mean(per_class))
+
+
+def fit_head(head: tuple, X: np.ndarray, y: np.ndarray, *, seed: int):
+    """(fitted normalizer, fitted classifier) of one HEADS entry on features X [N, D], labels y [N]."""
+    _, classifier, options, norm_name = head
+    if norm_name.startswith("pca-whiten:"):  # fewer components than images - 1
+        norm_name = f"pca-whiten:{min(int(norm_name.split(':')[1]), max(len(X) - 1, 1))}"
+    norm = create_normalizer(norm_name).fit(X)
+    kwargs = dict(options)
+    if classifier == "probe":
+        kwargs["random_state"] = seed
+    if classifier == "knn":
+        kwargs["n_neighbors"] = min(kwargs.get("n_neighbors", 10), len(X))
+    return norm, create_classifier(classifier, **kwargs).fit(norm.transform(X), y)
+
+
+def class_proba(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba over every class id [N, n_classes] (classes absent from the fit get 0)."""
+    out = np.zeros((len(X), n_classes))
+    out[:, np.asarray(clf.classes_, np.int64)] = clf.predict_proba(X)
+    return out
+
+
+def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarray, *, top: int = 4):
+    """Equal-weight averages of 2 and 3 of the `top` best candidates from different sources (view or fine-tune),
+    scored on validation: [(Candidate, proba)]."""
+    best_by_source: dict[str, Candidate] = {}
+    for c in sorted(pool, key=lambda c: -c.val_top1):
+        best_by_source.setdefault(c.params.get("source", c.name), c)
+    leaders = sorted(best_by_source.values(), key=lambda c: -c.val_top1)[:top]
+    out = []
+    for size in (2, 3):
+        for combo in itertools.combinations(leaders, size):
+            p = sum(probas[c.name] for c in combo) / size
+            top1, mpc = val_scores(p, y)
+            name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
+            seconds = sum(c.seconds for c in combo)
+            out.append((Candidate(name, "ensemble", top1, mpc, seconds, {}, [c.name for c in combo]), p))
+    return out
+
+
+def prior(cand: Candidate, by_name: dict[str, Candidate]) -> float:
+    """The expected accuracy of a candidate before validation (PRIOR); an ensemble: its best member's + 0.001."""
+    if cand.members:
+        return max(prior(by_name[m], by_name) for m in cand.members) + 0.001
+    return PRIOR.get(cand.params.get("source", ""), {}).get(cand.params.get("head", cand.name), 0.0)
+
+
+def pick(candidates: list[Candidate]) -> Candidate:
+    """Best validation top-1; ties go to the better mean per-class accuracy, then to the higher prior, then to fewer
+    models; never to a timing, so a resumed run chooses as an uninterrupted one."""
+    by_name = {c.name: c for c in candidates}
+    ranked = sorted(candidates, key=lambda c: c.name)
+    return max(ranked, key=lambda c: (c.val_top1, c.val_mean_per_class, prior(c, by_name), -len(c.members)))

@@ -1,0 +1,286 @@
+"""`finegrain fit DATA --out DIR --budget-min M`: from a folder of labelled images to the best model finegrain can
+make in the budget, chosen on a validation split carved from train (the test split is never used for a choice).
+
+Order of work (expected value per second first): frozen-feature classifiers over the extraction views (the eval view,
+then 256 px full frame + flip), fine-tuning in what time is left, then ensembles of the best candidates. The winner
+is refitted on train + val when that is cheap (frozen heads), saved as one model folder (`finegrain.load` reads it),
+and scored once on the test split. A killed run, started again with the same arguments, resumes: feature stores
+and scored candidates are reused, a fine-tune continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from finegrain.atomic import atomic_write_json, atomic_write_text
+from finegrain.config import TrainConfig, config_dict, save_config
+from finegrain.data import ImageSet, Sample, load_image_set
+from finegrain.embed import FeatureStore
+from finegrain.errors import FinegrainError
+from finegrain.recipe.candidates import Candidate, ensembles, pick
+from finegrain.recipe.frozen import FrozenStage
+from finegrain.train.data import make_splits
+
+FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    data: str = ""
+    out: str = ""
+    budget_min: float = 10.0  # the whole command: extraction, candidates, fine-tuning, refit, test scoring
+    backbone: str = "efficientnet_lite0"
+    val_fraction: float = 0.2  # carved from train, stratified and seeded, when the data has no val split
+    seed: int = 0
+    finetune: bool = True
+    ensemble: bool = True
+    batch_size: int = 32
+    workers: int | None = None
+    precision: str = "auto"
+    device: str = "cpu"
+    bootstrap: int = 1000
+
+
+@dataclass
+class FitResult:
+    out: str
+    chosen: Candidate
+    leaderboard: list[Candidate]
+    test: dict | None
+    seconds: float
+
+
+class Clock:
+    """The budget of the whole command, in seconds."""
+
+    def __init__(self, budget_min: float) -> None:
+        self.t0, self.budget = time.perf_counter(), 60.0 * budget_min
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def remaining(self) -> float:
+        return self.budget - self.elapsed()
+
+
+class FitState:
+    """Scored candidates and their validation probabilities, saved as they finish (a rerun resumes)."""
+
+    def __init__(self, out: str, cfg: FitConfig) -> None:
+        self.dir = os.path.join(out, "fit-state")
+        key = {k: v for k, v in config_dict(cfg).items() if k not in ("workers", "bootstrap")}
+        self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.candidates: dict[str, Candidate] = {}
+        self.probas: dict[str, np.ndarray] = {}
+        path = os.path.join(self.dir, "candidates.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("key") != self.key:
+                raise FinegrainError(f"{out} holds a fit with other settings: rerun with the same ones or a new --out")
+            for c in saved["candidates"]:
+                self.candidates[c["name"]] = Candidate(**c)
+                self.probas[c["name"]] = np.load(self._proba_path(c["name"]))
+
+    def _proba_path(self, name: str) -> str:
+        return os.path.join(self.dir, hashlib.sha1(name.encode()).hexdigest()[:16] + ".npy")
+
+    def add(self, cand: Candidate, proba: np.ndarray) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self._proba_path(cand.name) + ".tmp.npy"
+        np.save(tmp, proba)
+        os.replace(tmp, self._proba_path(cand.name))
+        self.candidates[cand.name], self.probas[cand.name] = cand, proba
+        rows = [asdict(c) for c in self.candidates.values()]
+        atomic_write_json(os.path.join(self.dir, "candidates.json"), {"key": self.key, "candidates": rows})
+
+
+def _check_data(image_set: ImageSet, splits) -> list[str]:
+    """One-line errors for data no classifier can be chosen on; warnings (returned) for what `fit` works around."""
+    counts = np.bincount([s.label for s in splits.train], minlength=len(image_set.classes))
+    if (counts > 0).sum() < 2:
+        raise FinegrainError(
+            f"{image_set.root}: fit needs at least 2 classes with training images; found {(counts > 0).sum()}"
+        )
+    notes = list(image_set.warnings)
+    val_classes = {s.label for s in splits.val}
+    lonely = [image_set.classes[c] for c in range(len(counts)) if counts[c] > 0 and c not in val_classes]
+    if not splits.val:
+        raise FinegrainError("no image could be kept for validation: fit chooses on validation, add images a class")
+    if lonely:
+        notes.append(
+            f"{len(lonely)} class(es) have too few images for a validation image (e.g. {lonely[0]!r}): they are "
+            "trained on but the choice is made on the other classes"
+        )
+    unseen = sorted({image_set.classes[s.label] for s in splits.test if counts[s.label] == 0})
+    if unseen:
+        notes.append(f"{len(unseen)} test class(es) have no training image (e.g. {unseen[0]!r}): always wrong")
+    return notes
+
+
+def _relabelled(image_set: ImageSet, splits) -> ImageSet:
+    """The image set with each sample's split set to fit's own train / val / test."""
+    samples = [Sample(s.path, s.label, name) for name in ("train", "val", "test") for s in getattr(splits, name)]
+    return ImageSet(image_set.root, image_set.classes, samples, list(image_set.warnings))
+
+
+def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
+    """Run (or resume) `fit`; returns the chosen candidate, the leaderboard and the test metrics."""
+    if cfg.budget_min <= 0:
+        raise FinegrainError(f"budget_min must be positive (minutes), got {cfg.budget_min}")
+    if not cfg.out:
+        raise FinegrainError("fit needs an output folder: --out DIR")
+    clock = Clock(cfg.budget_min)
+    image_set = load_image_set(cfg.data)
+    splits = make_splits(image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    notes = _check_data(image_set, splits)
+    for note in notes:
+        print(f"fit: warning: {note}", flush=True)
+    data = _relabelled(image_set, splits)
+    state = FitState(cfg.out, cfg)
+    save_config(cfg, cfg.out, extra={"splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")}})
+    y_val = np.array([s.label for s in splits.val])
+    frozen = FrozenStage(cfg, data, state, clock, progress=progress)
+    frozen.run(y_val, n_test=len(splits.test))
+    if cfg.finetune:
+        _finetune(cfg, data, splits, state, clock, reserve=frozen.reserve(len(splits.test)), progress=progress)
+    pool = list(state.candidates.values())
+    if cfg.ensemble and len(pool) > 1:
+        for cand, proba in ensembles(pool, state.probas, y_val):
+            state.candidates.setdefault(cand.name, cand)
+            state.probas.setdefault(cand.name, proba)
+    board = sorted(state.candidates.values(), key=lambda c: (-c.val_top1, -c.val_mean_per_class))
+    chosen = pick(board)
+    reason = _reason(chosen, board)
+    print(f"fit: chose {chosen.name}: {reason}", flush=True)
+    model_dir = _build_final(cfg, chosen, state, frozen, data)
+    test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
+    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped)
+    return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+
+
+def _reason(chosen: Candidate, board: list[Candidate]) -> str:
+    runner = next((c for c in board if c.name != chosen.name), None)
+    text = f"highest validation top-1 ({chosen.val_top1:.4f}, mean per-class {chosen.val_mean_per_class:.4f}) of "
+    text += f"{len(board)} candidates"
+    if runner is not None:
+        text += f"; next: {runner.name} ({runner.val_top1:.4f})"
+    return text
+
+
+def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Clock, *, reserve, progress) -> None:
+    """Fine-tune in the time left (regime=auto from the data and that time, LP-FT start), scored on fit's val."""
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.predictor import load
+    from finegrain.recipe.candidates import val_scores
+    from finegrain.train.engine import Trainer
+
+    name = "finetune"
+    if name in state.candidates:
+        return
+    val_paths = [s.path for s in splits.val]
+    available = clock.remaining() - reserve - 2.0 * len(val_paths) * state_spi(state)
+    if available < FINETUNE_MIN_SECONDS:
+        print(f"fit: no fine-tuning: {max(available, 0):.0f} s left after the frozen candidates", flush=True)
+        return
+    run = os.path.join(cfg.out, "candidates", name)
+    resume = os.path.exists(os.path.join(run, "checkpoint-last.pt"))
+    tcfg = TrainConfig(
+        data=cfg.data, out=run, backbone=cfg.backbone, regime="auto", head_init="probe", epochs=30,
+        time_budget_min=0.85 * available / 60, seed=cfg.seed, workers=cfg.workers, device=cfg.device, resume=resume,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    trainer = Trainer(tcfg, progress=progress, image_set=data)
+    try:
+        trainer.fit()
+    finally:
+        trainer.dist.close()
+    pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
+    proba = np.zeros((len(val_paths), len(data.classes)))
+    proba[pred.index] = pred.proba
+    y_val = np.array([s.label for s in splits.val])
+    top1, mpc = val_scores(proba, y_val)
+    params = {"source": name, "run": run}
+    state.add(Candidate(name, "finetune", top1, mpc, time.perf_counter() - t0, params), proba)
+
+
+def state_spi(state: FitState) -> float:
+    """Seconds an image of the costliest view measured so far (for time estimates); 0.05 before any."""
+    return max((c.params.get("spi", 0.0) for c in state.candidates.values()), default=0.0) or 0.05
+
+
+def _build_final(cfg: FitConfig, chosen: Candidate, state: FitState, frozen: FrozenStage, data: ImageSet) -> str:
+    """Save the chosen candidate as <out>/model (frozen heads refitted on train + val); returns the folder."""
+    from finegrain.evaluate.predictor import Ensemble, Predictor, load
+
+    names = chosen.members or [chosen.name]
+    members = []
+    for name in names:
+        cand = state.candidates[name]
+        if cand.kind == "finetune":
+            members.append(load(cand.params["run"]))
+        else:
+            model, spec = frozen.final_model(cand)
+            members.append(Predictor(model, spec, cfg.device))
+    tmp, final = os.path.join(cfg.out, "model.tmp"), os.path.join(cfg.out, "model")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if len(members) == 1:
+        from finegrain.models import save_model
+
+        save_model(members[0].model, tmp, members[0].spec)
+    else:
+        Ensemble(members).save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, progress: bool) -> dict:
+    """The saved model on the test split, once: the summary with bootstrap intervals and shot groups."""
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.predictor import load
+    from finegrain.evaluate.summary import summarize
+
+    paths = [s.path for s in splits.test]
+    y = np.array([s.label for s in splits.test])
+    pred = predict_paths(load(model_dir), paths, precision=cfg.precision, workers=cfg.workers, progress=progress)
+    counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(image_set.classes))
+    summary = summarize(pred.proba, y[pred.index], image_set.classes, train_counts=counts, n_boot=cfg.bootstrap)
+    return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index))}
+
+
+def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped) -> None:
+    buf = io.StringIO()
+    fields = ["name", "kind", "val_top1", "val_mean_per_class", "seconds", "members"]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for c in board:
+        w.writerow({**c.row(), "val_top1": f"{c.val_top1:.4f}", "val_mean_per_class": f"{c.val_mean_per_class:.4f}"})
+    atomic_write_text(os.path.join(cfg.out, "leaderboard.csv"), buf.getvalue())
+    summary = {
+        "chosen": chosen.name,
+        "reason": reason,
+        "val_top1": chosen.val_top1,
+        "test": test,
+        "budget_min": cfg.budget_min,
+        "seconds": round(clock.elapsed(), 1),
+        "splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
+        "splits_note": splits.note,
+        "warnings": notes,
+        "skipped_candidates": skipped,
+        "test_note": "scored once at the end; never used for a choice" if test else "no test split",
+    }
+    atomic_write_json(os.path.join(cfg.out, "fit.json"), summary)
+
+
+def open_store(path: str) -> FeatureStore:
+    return FeatureStore.open(path)

@@ -1,0 +1,142 @@
+"""fit's first stage: frozen features of train + val over each extraction view (resumable stores), and the
+classifier families of BENCHMARKS.md's representation table on them, each scored on the validation split."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from finegrain.backbones import Backbone, create_backbone
+from finegrain.data import ImageSet
+from finegrain.embed import FeatureStore, extract_to_store
+from finegrain.heads.to_model import frozen_model
+from finegrain.recipe.candidates import HEADS, POOLINGS, VIEWS, Candidate, class_proba, fit_head, val_scores
+from finegrain.runtime import Runtime
+
+
+class FrozenStage:
+    def __init__(self, cfg, data: ImageSet, state, clock, *, progress: bool = True) -> None:
+        self.cfg, self.data, self.state, self.clock, self.progress = cfg, data, state, clock, progress
+        self.spi: dict[str, float] = {}  # seconds an image, measured per view
+        self.skipped: list[dict] = []
+        self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
+
+    # ---- views -------------------------------------------------------------------------------------------------
+    def backbone(self, view: str) -> Backbone:
+        geo = VIEWS[view]
+        backbone = create_backbone(self.cfg.backbone)
+        backbone.preprocess = backbone.preprocess.with_geometry(geo["image_size"], geo["crop_pct"])
+        return backbone
+
+    def _estimate_spi(self, view: str) -> float:
+        """Seconds an image for a view: measured if extracted, else scaled from a measured one (pixels x flips),
+        else from a short forward of the backbone here."""
+        if view in self.spi:
+            return self.spi[view]
+        pre = self.backbone(view).preprocess
+        cost = (pre.input_size / 224) ** 2 * (2 if VIEWS[view]["flip"] else 1)
+        known = [(v, s) for v, s in self.spi.items()]
+        if known:
+            v, s = known[0]
+            base = (self.backbone(v).preprocess.input_size / 224) ** 2 * (2 if VIEWS[v]["flip"] else 1)
+            return s * cost / base
+        return cost * _measure_spi(self.backbone("eval"), Runtime(self.cfg.device, self.cfg.precision))
+
+    def reserve(self, n_test: int) -> float:
+        """Seconds to keep for the end: test scoring (up to two models of the costliest view) and the refit."""
+        spi = max([self._estimate_spi(v) for v in VIEWS])
+        return 2.0 * spi * n_test + 20.0
+
+    def _store(self, view: str) -> FeatureStore:
+        samples = [s for s in self.data.samples if s.split in ("train", "val")]
+        trainval = ImageSet(self.data.root, self.data.classes, samples)
+        t0 = time.perf_counter()
+        result = extract_to_store(
+            trainval, self.backbone(view), os.path.join(self.cfg.out, "features", view), poolings=POOLINGS,
+            flip=VIEWS[view]["flip"], batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+            precision=self.cfg.precision, device=self.cfg.device, progress=self.progress,
+        )  # fmt: skip
+        if result.n_extracted:
+            self.spi[view] = (time.perf_counter() - t0) / max(result.n_extracted, 1)
+        else:
+            self.spi.setdefault(view, self._estimate_spi(view))
+        return result.store
+
+    # ---- candidates ---------------------------------------------------------------------------------------------
+    def run(self, y_val: np.ndarray, *, n_test: int) -> None:
+        """Every view x pooling x head that fits the budget, cheapest view first; the first view always runs."""
+        val_paths = [s.path for s in self.data.samples if s.split == "val"]
+        for i, view in enumerate(VIEWS):
+            cost = self.n_trainval * self._estimate_spi(view)
+            if i > 0 and self.clock.remaining() - self.reserve(n_test) < cost:
+                self.skipped.append({"view": view, "why": f"extraction needs ~{cost:.0f} s, not left in the budget"})
+                print(f"fit: skipping the {view} view: ~{cost:.0f} s of extraction does not fit", flush=True)
+                continue
+            store = self._store(view)
+            for pooling in POOLINGS:
+                Xtr, ytr = _features(store, "train", pooling)
+                Xva = _aligned(store, "val", pooling, val_paths)
+                for head in HEADS:
+                    self._score(view, pooling, head, Xtr, ytr, Xva, y_val, n_test)
+
+    def _score(self, view, pooling, head, Xtr, ytr, Xva, y_val, n_test) -> None:
+        name = f"{view}/{pooling}/{head[0]}"
+        if name in self.state.candidates:
+            return
+        if self.clock.remaining() < self.reserve(n_test) + 5:
+            self.skipped.append({"candidate": name, "why": "no time left in the budget"})
+            return
+        t0 = time.perf_counter()
+        norm, clf = fit_head(head, Xtr, ytr, seed=self.cfg.seed)
+        proba = np.zeros((len(y_val), len(self.data.classes)))
+        ok = ~np.isnan(Xva[:, 0])
+        proba[ok] = class_proba(clf, norm.transform(Xva[ok]), len(self.data.classes))
+        top1, mpc = val_scores(proba, y_val)
+        params = {"view": view, "pooling": pooling, "head": head[0], "source": f"{view}/{pooling}"}
+        params["spi"] = self.spi.get(view, 0.0)
+        self.state.add(Candidate(name, "frozen", top1, mpc, time.perf_counter() - t0, params), proba)
+
+    def final_model(self, cand: Candidate):
+        """The candidate's head refitted on train + val features, as a model (and its spec) on its view."""
+        view, pooling = cand.params["view"], cand.params["pooling"]
+        head = next(h for h in HEADS if h[0] == cand.params["head"])
+        store = FeatureStore.open(os.path.join(self.cfg.out, "features", view))
+        X, y = _features(store, ("train", "val"), pooling)
+        norm, clf = fit_head(head, X, y, seed=self.cfg.seed)
+        counts = np.bincount(y, minlength=len(self.data.classes))
+        return frozen_model(
+            self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=VIEWS[view]["flip"],
+            gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
+        )  # fmt: skip
+
+
+def _features(store: FeatureStore, splits, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N, D] and labels [N] of one split or several."""
+    parts = [store.split(s, pooling) for s in ((splits,) if isinstance(splits, str) else splits)]
+    return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _aligned(store: FeatureStore, split: str, pooling: str, paths: list[str]) -> np.ndarray:
+    """Features [len(paths), D] in the order of `paths`; rows of files that could not be read are NaN."""
+    X, _, stored = store.split(split, pooling)
+    row = {p: i for i, p in enumerate(stored)}
+    out = np.full((len(paths), np.asarray(X).shape[1]), np.nan, np.float32)
+    for i, p in enumerate(paths):
+        if p in row:
+            out[i] = X[row[p]]
+    return out
+
+
+@torch.no_grad()
+def _measure_spi(backbone: Backbone, rt: Runtime, n: int = 8) -> float:
+    """Seconds an image of the bare backbone forward (batch n, after one warm-up) at its input size."""
+    model = rt.prepare(backbone)
+    x = torch.randint(0, 256, (n, 3, backbone.preprocess.input_size, backbone.preprocess.input_size), dtype=torch.uint8)
+    with rt.autocast():
+        model.forward_features(rt.to_input(x, backbone.preprocess))
+        t0 = time.perf_counter()
+        model.forward_features(rt.to_input(x, backbone.preprocess))
+    return 1.5 * (time.perf_counter() - t0) / n  # decoding and resizing come on top of the forward
