@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from finegrain.data import Sample
 from finegrain.data.longtail import describe_counts, exponential_profile, make_longtailed, shot_groups
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.longtail import per_class_vs_frequency_plot, shot_accuracy
 from finegrain.evaluate.metrics import per_class_accuracy
-from finegrain.train.samplers import SAMPLERS, InstanceSampler, create_sampler
+from finegrain.train.samplers import SAMPLERS, InstanceSampler, ShardSampler, create_sampler
+from finegrain.train.seeding import epoch_seed
 
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -138,6 +140,24 @@ def test_progressive_interpolates_instance_to_balanced():
 
 def test_instance_epoch_is_a_permutation():
     assert sorted(create_sampler("instance", LABELS)) == list(range(len(LABELS)))
+
+
+@pytest.mark.parametrize(("n", "world"), [(36, 1), (27, 2), (31, 4)])
+def test_instance_is_the_engines_training_order(n, world):
+    """The engine trains in this order: one permutation an epoch from epoch_seed(seed, epoch, 1), padded with its own
+    start so every rank takes as many steps, rank r taking every world-th index (seeded runs depend on it)."""
+    labels = [i % 3 for i in range(n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(7, 2, 1))).tolist()
+    padded = order + order[: -n % world]
+    for rank in range(world):
+        s = create_sampler("instance", labels, seed=7, total_epochs=3, rank=rank, world_size=world)
+        s.set_epoch(2)
+        assert list(s) == padded[rank::world] and len(s) == -(-n // world)
+
+
+def test_shard_sampler_is_the_unpadded_evaluation_order():
+    shards = [list(ShardSampler(10, rank=r, world_size=3)) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]] and len(ShardSampler(10, rank=1, world_size=3)) == 3
 
 
 def test_a_rare_class_cycles_through_its_images_before_repeating():

@@ -1,9 +1,9 @@
 """Epoch samplers for long-tailed training, one strict registry: which image indices an epoch visits.
 
-"instance" is the usual shuffle; "class-balanced", "sqrt" and "progressive" re-balance the classes (Kang et al.,
-ICLR 2020, "Decoupling representation and classifier"). Each epoch's draw comes from a torch.Generator seeded
-from (seed, epoch) only, so a resumed run sees the same indices, and is sharded across ranks like the engine's
-EpochSampler: rank r takes every world_size-th index of the one epoch-wide draw.
+"instance" is the usual shuffle (the engine's default); "class-balanced", "sqrt" and "progressive" re-balance the
+classes (Kang et al., ICLR 2020, "Decoupling representation and classifier"). Each epoch's draw comes from a
+torch.Generator seeded from (seed, epoch) only, so a resumed run sees the same indices, and is sharded across
+ranks: rank r takes every world_size-th index of the one epoch-wide draw. `ShardSampler` is the evaluation order.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from finegrain.registry import Registry
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Same mixing as the engine's epoch_seed, on a stream of its own (5) so it never repeats the loader's draws.
-    return (seed * 1_000_003 + epoch * 7919 + 5 * 104_729) % (2**31 - 1)
+from finegrain.train.seeding import epoch_seed
 
 
 class LabelSampler(Sampler[int]):
@@ -32,6 +28,8 @@ class LabelSampler(Sampler[int]):
     The epoch-wide draw holds num_samples indices rounded up to a multiple of world_size (every rank takes the
     same number of steps); `len(sampler)` is one rank's share.
     """
+
+    stream = 5  # of `epoch_seed`: the re-balancing draws never repeat the loader's
 
     def __init__(
         self,
@@ -81,7 +79,7 @@ class LabelSampler(Sampler[int]):
         return grouped[class_start[cls] + occurrence % counts[cls]]
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.stream))
         draw = self._draw(self.per_rank * self.world_size, g)
         return iter(draw[self.rank :: self.world_size].tolist())
 
@@ -98,14 +96,17 @@ class LabelSampler(Sampler[int]):
 
 
 class InstanceSampler(LabelSampler):
-    """Uniform over images: seeded permutations, so each image is visited once per len(labels) indices."""
+    """Uniform over images: one seeded permutation an epoch, repeated cyclically to the epoch's length, so each image
+    is visited once per len(labels) indices (the padding that evens out the ranks' shares repeats its start)."""
+
+    stream = 1  # the training order's stream, as it always was: seeded runs keep their order
 
     def class_probabilities(self, epoch: int | None = None) -> np.ndarray:
         return self._instance_p()
 
     def _draw(self, n: int, g: torch.Generator) -> torch.Tensor:
         size = len(self.labels)
-        return torch.cat([torch.randperm(size, generator=g) for _ in range(math.ceil(n / size))])[:n]
+        return torch.randperm(size, generator=g)[torch.arange(n) % size]
 
 
 class ClassBalancedSampler(LabelSampler):
@@ -135,6 +136,20 @@ class ProgressiveSampler(LabelSampler):
         return (1.0 - t) * self._instance_p() + t * self._balanced_p()
 
 
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank r takes positions r, r + world_size, ... of range(n), in order and unpadded (no
+    image is counted twice when the ranks' results are summed)."""
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 SAMPLERS: Registry[type[LabelSampler]] = Registry("sampler")
 SAMPLERS.register("instance")(InstanceSampler)
 SAMPLERS.register("class-balanced")(ClassBalancedSampler)
@@ -153,6 +168,7 @@ __all__ = [
     "InstanceSampler",
     "LabelSampler",
     "ProgressiveSampler",
+    "ShardSampler",
     "SqrtSampler",
     "create_sampler",
 ]
