@@ -124,8 +124,8 @@ def throughput(args) -> None:
     from torch.utils.data import DataLoader
 
     from finegrain.backbones.offline import load_offline_weights
+    from finegrain.runtime import ImageFiles, collate_images
     from finegrain.train.augment import build_train_transform
-    from finegrain.train.data import ImageDataset, collate_skip_bad
 
     subset = _subset(args.images)
     tmp = tempfile.mkdtemp()
@@ -150,11 +150,11 @@ def throughput(args) -> None:
         tf = build_train_transform("crop-flip", pp)
         samples = subset.samples[: int(len(subset.samples) * 0.9)]
         loader = DataLoader(
-            ImageDataset(samples, tf),
+            ImageFiles([s.path for s in samples], tf, labels=[s.label for s in samples]),
             batch_size=bs,
             shuffle=True,
             num_workers=1,
-            collate_fn=collate_skip_bad,
+            collate_fn=collate_images,
             prefetch_factor=4,
         )
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -194,7 +194,7 @@ def throughput(args) -> None:
 
 
 def _trainer_on(cfg: TrainConfig, subset: ImageSet) -> Trainer:
-    return Trainer(cfg, progress=False, image_set=subset)
+    return Trainer(cfg, progress=False, image_set=subset).setup()
 
 
 def cache(args) -> None:

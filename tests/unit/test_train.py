@@ -170,11 +170,13 @@ def test_cached_trunk_training_learns_and_matches_uncached_without_augmentation(
 
 def test_head_without_augmentation_uses_cached_features_and_ema_runs(data, tmp_path):
     from finegrain.train.engine import Trainer
+    from finegrain.train.steps import CachedTrunkSteps
 
-    trainer = Trainer(_cfg(data, tmp_path / "h", regime="head", augment="none", epochs=1), progress=False)
-    assert trainer._use_cache()
+    trainer = Trainer(_cfg(data, tmp_path / "h", regime="head", augment="none", epochs=1), progress=False).setup()
+    assert isinstance(trainer.steps, CachedTrunkSteps)  # chosen at setup, with no cache_views asked for
     r = trainer.fit()
-    assert trainer.train_cache is not None and trainer.train_cache.views.shape[2:] == (1280,)
+    cache = trainer.steps.train_cache
+    assert cache is not None and cache.views.shape[2:] == (1280,)
     assert r.history[0]["train_loss"] > 0
     ema = train(_cfg(data, tmp_path / "ema", regime="last:1", epochs=2, ema_decay=0.5), progress=False)
     assert ema.test_metrics["n"] == 12 and len(ema.history) == 2
@@ -205,6 +207,7 @@ def test_long_tail_losses_and_samplers_plug_into_the_engine(data, tmp_path):
     from finegrain.train.engine import Trainer
 
     t = Trainer(_cfg(data, tmp_path / "la", regime="head", loss="logit-adjusted", normed_head=True), progress=False)
+    t.setup()
     assert isinstance(t.model.head, NormedLinear) and sum(t.train_counts) == len(t.splits.train)
 
 
@@ -233,7 +236,7 @@ def test_probe_head_init_starts_from_a_fitted_linear_probe(data, tmp_path, cache
     from finegrain.train.probe_init import L2_GRID
 
     cfg = _cfg(data, tmp_path / f"lp{cache_views}", head_init="probe", cache_views=cache_views, val_fraction=0.34)
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, progress=False).setup()
     before = trainer.evaluate(trainer.splits.val)["top1"]
     if cache_views:
         trainer.build_caches()
@@ -277,7 +280,7 @@ def test_probe_protocol_options_are_trained_saved_and_loaded(data, tmp_path):
         cache_views=2,
         val_fraction=0.34,
     )
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, progress=False).setup()
     model = trainer.model
     assert (
         isinstance(model.norm, FeatureNorm) and model.preprocess.crop_pct == 1.0 and model.preprocess.input_size == 64
@@ -363,7 +366,7 @@ def test_auto_regime_is_explained_saved_and_kept_on_resume(data, tmp_path, capsy
     assert (
         saved["resolved"]["regime_auto"]["images_per_class"] == 9 and "regime auto -> last:1" in capsys.readouterr().out
     )
-    resumed = Trainer(_cfg(data, tmp_path / "auto", regime="auto", epochs=2, resume=True), progress=False)
+    resumed = Trainer(_cfg(data, tmp_path / "auto", regime="auto", epochs=2, resume=True), progress=False).setup()
     assert str(resumed.regime) == "last:1" and resumed.cfg.cache_views == 8
-    tight = Trainer(_cfg(data, tmp_path / "tight", regime="auto", time_budget_min=0.001), progress=False)
+    tight = Trainer(_cfg(data, tmp_path / "tight", regime="auto", time_budget_min=0.001), progress=False).setup()
     assert str(tight.regime) == "head" and tight.regime_choice.passes < 1

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from finegrain.backbones import Preprocess
 from finegrain.data import Sample
-from finegrain.train.data import ImageDataset, collate_skip_bad
+from finegrain.runtime import ImageFiles, Runtime, image_loader
 
 
 class TrunkCache:
@@ -51,37 +52,32 @@ def build_trunk_cache(
     samples: list[Sample],
     transforms: list[Callable],
     *,
-    to_input: Callable[[torch.Tensor], torch.Tensor],
+    runtime: Runtime,
+    preprocess: Preprocess,
     seed: int,
     batch_size: int,
-    num_workers: int,
-    autocast,
     progress: bool = False,
     on_bad: Callable | None = None,
 ) -> TrunkCache:
-    """Run `trunk` over every sample once per transform (view); view v's random augmentation is seeded by (seed, v)."""
-    from tqdm.auto import tqdm
+    """Run `trunk` over every sample once per transform (view); view v's random augmentation is seeded by (seed, v).
 
+    `runtime` places and autocasts the input; `on_bad(samples, [(position, reason)])` hears of undecodable files."""
     views: torch.Tensor | None = None
     valid = torch.zeros(len(samples), dtype=torch.bool)
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     bar = tqdm(total=len(samples) * len(transforms), desc="cache trunk", unit="img", disable=not progress, leave=False)
     for v, transform in enumerate(transforms):
         torch.manual_seed(seed + 7919 * v)
-        loader = DataLoader(
-            ImageDataset(samples, transform),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_skip_bad,
-            generator=torch.Generator().manual_seed(seed + v),
-        )
+        files = ImageFiles([s.path for s in samples], transform, labels=[s.label for s in samples])
+        generator = torch.Generator().manual_seed(seed + v)
+        loader = image_loader(files, batch_size=batch_size, workers=runtime.num_workers, generator=generator)
         for x, _, idx, bad in loader:
             if on_bad is not None:
                 on_bad(samples, bad)
             if x is None:
                 continue
-            with autocast():
-                h = trunk(to_input(x)).to(torch.bfloat16).cpu()
+            with runtime.autocast():
+                h = trunk(runtime.to_input(x, preprocess)).to(torch.bfloat16).cpu()
             if views is None:
                 views = torch.zeros((len(transforms), len(samples), *h.shape[1:]), dtype=torch.bfloat16)
             views[v, torch.tensor(idx)] = h

@@ -1,15 +1,15 @@
-"""Training data: splits carved from train (stratified, seeded), datasets of uint8 tensors that skip bad files."""
+"""Training data: train / val / test splits, val carved from train (stratified, seeded).
+
+Images are read through `finegrain.runtime` (`ImageFiles`, `image_loader`), as every other pass over files.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from finegrain.data import ImageDecodeError, ImageSet, Sample, load_image
+from finegrain.data import ImageSet, Sample
 from finegrain.data.splits import stratified_split
 
 
@@ -43,31 +43,3 @@ def make_splits(image_set: ImageSet, *, val_fraction: float, seed: int) -> Split
     tr, va = stratified_split(y, test_size=val_fraction, seed=seed)
     note = f"val = {val_fraction:.0%} of train, stratified, seed {seed}"
     return Splits([train[i] for i in tr], [train[i] for i in va], test, note)
-
-
-class ImageDataset(Dataset):
-    """(uint8 [3, S, S], label, index) per sample; a file that fails to decode gives None and its reason."""
-
-    def __init__(self, samples: list[Sample], transform: Callable) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        s = self.samples[i]
-        try:
-            return self.transform(load_image(s.path)), s.label, i, ""
-        except ImageDecodeError as e:
-            return None, s.label, i, str(e)
-
-
-def collate_skip_bad(items):
-    good = [it for it in items if it[0] is not None]
-    bad = [(it[2], it[3]) for it in items if it[0] is None]
-    if not good:
-        return None, None, [], bad
-    x = torch.stack([it[0] for it in good])
-    y = torch.tensor([it[1] for it in good], dtype=torch.long)
-    return x, y, [it[2] for it in good], bad

@@ -47,3 +47,13 @@ def fit_linear_head(x, y, n_classes: int, *, val=None, grid=L2_GRID) -> tuple[to
         if best is None or acc > best[0]:
             best = (acc, l2, w, b)
     return best[2], best[3], {"l2": best[1], "val_top1": best[0], "val_top1_by_l2": scores}
+
+
+def init_head_from_probe(head: torch.nn.Linear, x, y, *, val=None, grid=L2_GRID) -> dict:
+    """Set a linear head [C, D] to the probe `fit_linear_head` fits on features x [N, D], labels y [N] (and `val`);
+    returns the probe's info."""
+    w, b, info = fit_linear_head(x, y, head.out_features, val=val, grid=grid)
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight))
+        head.bias.copy_(b.to(head.bias))
+    return info
