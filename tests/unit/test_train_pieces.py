@@ -1,9 +1,11 @@
-"""Fine-tuning parts on tiny tensors: augmentation presets, batch mixing, parameter groups, LR schedules."""
+"""Fine-tuning parts on tiny tensors: augmentation presets, batch mixing, parameter groups, LR schedules, callbacks."""
 
 from __future__ import annotations
 
 import math
 import pickle
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from finegrain.backbones.preprocess import Preprocess
 from finegrain.errors import FinegrainError
 from finegrain.models.pooling import GeM
 from finegrain.train.augment import AUGMENTATIONS, build_eval_transform, build_train_transform
+from finegrain.train.callbacks import BestModel, EarlyStopping, FitState, MaxSteps, TimeBudget
 from finegrain.train.mixing import MixConfig, mix_batch, smooth_one_hot
 from finegrain.train.optim import build_optimizer, build_param_groups
 from finegrain.train.schedule import LRSchedule
@@ -308,3 +311,39 @@ def test_schedule_rejects_bad_input():
         LRSchedule(total_steps=10, warmup_steps=11)
     with pytest.raises(ValueError, match="step_milestones"):
         LRSchedule("step", total_steps=10, step_milestones=(0.8, 0.5))
+
+
+# ---------------------------------------------------------------- callbacks
+def _fake_trainer(val: list | None = None) -> SimpleNamespace:
+    """What the callbacks read of a Trainer; rank > 0, so nothing is written."""
+    splits = SimpleNamespace(val=[1] if val is None else val)
+    t = SimpleNamespace(planned_epochs=10, steps_per_epoch=4, splits=splits, dist=SimpleNamespace(is_main=False))
+    t.plan_epochs = lambda n: setattr(t, "planned_epochs", n)
+    return t
+
+
+def test_time_budget_plans_the_epochs_that_fit_and_stops_when_spent():
+    trainer, budget = _fake_trainer(), TimeBudget(1.0)  # 60 s
+    budget.on_epoch_start(trainer, 0)
+    budget.epoch_start -= 10.0  # an epoch of 10 s
+    assert not budget.on_epoch_end(trainer, FitState(), 0, {"seconds": 15.0})  # 45 s left: 4 more epochs
+    assert trainer.planned_epochs == 5
+    assert not budget.on_epoch_end(trainer, FitState(), 1, {"seconds": 20.0})  # a plan is never raised again
+    assert trainer.planned_epochs == 5
+    budget.epoch_start = time.perf_counter()
+    assert budget.on_epoch_end(trainer, FitState(), 4, {"seconds": 60.0})
+    assert MaxSteps(8).on_epoch_end(trainer, FitState(), 1, {}) and not MaxSteps(9).on_epoch_end(trainer, None, 1, {})
+
+
+def test_best_model_judges_improvement_and_early_stopping_counts_from_it(tmp_path):
+    trainer, state = _fake_trainer(), FitState()
+    best, patience = BestModel(str(tmp_path)), EarlyStopping(2)
+    stops = []
+    for epoch, top1 in enumerate([0.5, 0.4, 0.6, 0.6, 0.3, 0.9]):
+        best.on_epoch_end(trainer, state, epoch, {"val_top1": top1})
+        stops.append(patience.on_epoch_end(trainer, state, epoch, {"val_top1": top1}))
+    assert (state.best_epoch, state.best_val_top1) == (5, 0.9)
+    assert stops == [False, False, False, False, True, False]  # a tie is no improvement
+    state = FitState()
+    best.on_epoch_end(_fake_trainer(val=[]), state, 0, {"val_top1": math.nan})
+    assert state.best_epoch == 0 and math.isnan(state.best_val_top1)  # without val the newest model is kept
