@@ -221,12 +221,12 @@ def _logits_and_features(trainer, samples) -> tuple[np.ndarray, np.ndarray, np.n
     from finegrain.train.augment import build_eval_transform
 
     model = trainer.model.eval()
-    loader = trainer._loader(samples, build_eval_transform(model.preprocess), shuffle=False, epoch=0)
+    loader = trainer.steps.loader(samples, build_eval_transform(model.preprocess))
     logits, feats, ys = [], [], []
     for x, y, _, _ in loader:
         if x is None:
             continue
-        f = model.pool(model.forward_features(trainer._to_input(x)))
+        f = model.pool(model.forward_features(trainer.runtime.to_input(x, model.preprocess)))
         feats.append(f.numpy())
         logits.append(model.head(f).numpy())
         ys.append(y.numpy())

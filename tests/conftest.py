@@ -58,10 +58,19 @@ def tiny_backbone():
 
 
 @pytest.fixture(scope="session")
-def lite0():
+def _lite0_weights():
     from finegrain.backbones import create_backbone
 
     return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture
+def lite0(_lite0_weights):
+    """efficientnet_lite0 with its ImageNet weights and classifier: a fresh copy per test, so a test that wraps it
+    in a model (reset_classifier) or changes its preprocessing cannot change what a later test sees."""
+    import copy
+
+    return copy.deepcopy(_lite0_weights)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """CAM, Grad-CAM, attention pooling and boxes, on real (tiny) models and real image files."""
 
+import copy
 import json
 import os
 
@@ -19,9 +20,9 @@ from finegrain.train.engine import train
 
 
 @pytest.fixture(scope="module")
-def gap_model(lite0):
+def gap_model(_lite0_weights):
     torch.manual_seed(0)
-    model = ImageClassifier(lite0, 4).eval()
+    model = ImageClassifier(copy.deepcopy(_lite0_weights), 4).eval()
     return model
 
 

@@ -199,11 +199,12 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
         time_budget_min=0.85 * available / 60, seed=cfg.seed, workers=cfg.workers, device=cfg.device, resume=resume,
     )  # fmt: skip
     t0 = time.perf_counter()
-    trainer = Trainer(tcfg, progress=progress, image_set=data)
+    no_test = ImageSet(data.root, data.classes, [s for s in data.samples if s.split != "test"])  # fit scores test
+    trainer = Trainer(tcfg, progress=progress, image_set=no_test)
     try:
         trainer.fit()
     finally:
-        trainer.dist.close()
+        trainer.close()
     pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
     proba = np.zeros((len(val_paths), len(data.classes)))
     proba[pred.index] = pred.proba
