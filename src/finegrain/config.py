@@ -1,9 +1,17 @@
-"""Typed, frozen run configs: defaults, then a YAML file, then command-line values; saved beside every output."""
+"""Typed, frozen run configs: defaults, then a YAML file, then command-line values; saved beside every output.
+
+`build_config` checks every value against its field's type annotation and the simple rules in RULES (ranges), and
+against the choices its caller gives (the CLI passes the registries' names), with one error format:
+`epochs must be an integer >= 1, got 'abc'`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from finegrain.atomic import atomic_write_text
@@ -11,29 +19,207 @@ from finegrain.errors import FinegrainError
 
 C = TypeVar("C")
 
+# name -> (low, low inclusive, high, high inclusive); None: unbounded. Shared by every config that has the field.
+RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "epochs": (1, True, None, False),
+    "batch_size": (1, True, None, False),
+    "k": (1, True, None, False),
+    "image_size": (8, True, None, False),
+    "workers": (0, True, None, False),
+    "seed": (0, True, None, False),
+    "cache_views": (0, True, None, False),
+    "max_steps": (1, True, None, False),
+    "early_stop": (1, True, None, False),
+    "bootstrap": (0, True, None, False),
+    "many": (0, True, None, False),
+    "few": (0, True, None, False),
+    "lr": (0, False, None, False),
+    "temperature": (0, False, None, False),
+    "time_budget_min": (0, False, None, False),
+    "budget_min": (0, False, None, False),
+    "clip_grad": (0, False, None, False),
+    "backbone_lr_scale": (0, True, None, False),
+    "weight_decay": (0, True, None, False),
+    "warmup_epochs": (0, True, None, False),
+    "mixup": (0, True, None, False),
+    "cutmix": (0, True, None, False),
+    "crop_pct": (0, False, 1, True),
+    "layer_decay": (0, False, 1, True),
+    "val_fraction": (0, True, 1, False),
+    "test_size": (0, False, 1, False),
+    "drop_rate": (0, True, 1, False),
+    "label_smoothing": (0, True, 1, False),
+    "momentum": (0, True, 1, False),
+    "ema_decay": (0, False, 1, False),
+}
 
-def build_config(cls: type[C], *, yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults of `cls` <- YAML file <- overrides (None values in overrides are ignored)."""
-    values: dict[str, Any] = {}
+_NONE = type(None)
+
+
+def build_config(
+    cls: type[C],
+    *,
+    yaml_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    choices: Mapping[str, Iterable[str]] | None = None,
+) -> C:
+    """`defaults` (the caller's, over the class's) <- YAML file <- overrides (None values in overrides are ignored).
+
+    Every value is checked and coerced by its field's annotation (an int where a float is expected becomes a float,
+    a list a tuple) and RULES; `choices` maps a field to its valid names (`last:K` accepts `last:<anything>`, the
+    argument being checked where it is parsed). Any problem raises FinegrainError with a one-line reason.
+    """
+    values: dict[str, Any] = dict(defaults or {})
     names = {f.name for f in dataclasses.fields(cls)}
     if yaml_path:
-        import yaml
-
-        try:
-            with open(yaml_path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise FinegrainError(f"cannot read config {yaml_path}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise FinegrainError(f"config {yaml_path} must be a mapping of option: value")
-        values.update(loaded)
+        values.update(_read_yaml(yaml_path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - names)
     if unknown:
         raise FinegrainError(
             f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(sorted(names))}"
         )
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    checked = {k: check_value(k, v, hints[k], choices=(choices or {}).get(k)) for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except TypeError as e:  # a required field left unset
+        raise FinegrainError(f"{cls.__name__}: {e}") from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise FinegrainError(f"cannot read config {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, dict):
+        raise FinegrainError(f"config {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def check_value(name: str, value: Any, annotation: Any, *, choices: Iterable[str] | None = None) -> Any:
+    """`value` coerced to `annotation`, within RULES[name] and `choices`; else FinegrainError in the one format."""
+    allowed = _union(annotation)
+    if value is None and _NONE in allowed:
+        return None
+    for tp in (t for t in allowed if t is not _NONE):
+        ok, out = _coerce(value, tp)
+        if ok and _in_range(name, out) and _in_choices(out, choices):
+            return out
+    raise FinegrainError(f"{name} must be {describe_type(name, annotation, choices)}, got {_show(value)}")
+
+
+def describe_type(name: str, annotation: Any, choices: Iterable[str] | None = None) -> str:
+    """`an integer >= 1`, `a number in (0, 1] or null`, `one of ce, focal`: what a field accepts, in words."""
+    allowed = _union(annotation)
+    words = [_describe(tp) for tp in allowed if tp is not _NONE]
+    text = " or ".join(words)
+    if choices is not None:
+        text = f"one of {', '.join(choices)}"
+    elif name in RULES and any(tp in (int, float) for tp in allowed):
+        text += " " + _rule_text(RULES[name])
+    return text + (" or null" if _NONE in allowed else "")
+
+
+def _union(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        origin or tp, str(tp)
+    )
+
+
+def _rule_text(rule: tuple[float | None, bool, float | None, bool]) -> str:
+    lo, lo_in, hi, hi_in = rule
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(name: str, value: Any) -> bool:
+    if name not in RULES or isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    lo, lo_in, hi, hi_in = RULES[name]
+    above = lo is None or (value >= lo if lo_in else value > lo)
+    below = hi is None or (value <= hi if hi_in else value < hi)
+    return above and below
+
+
+def _in_choices(value: Any, choices: Iterable[str] | None) -> bool:
+    if choices is None or not isinstance(value, str):
+        return True
+    kind, sep, _ = value.partition(":")
+    with_argument = {c.split(":", 1)[0] for c in choices if ":" in c}
+    return kind in with_argument if sep else value in set(choices)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(True, value as tp) when `value` reads as `tp`, else (False, None). bool is never taken for a number."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        return _coerce_tuple(value, args)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return True, value.lower() in ("true", "yes")
+        return isinstance(value, bool), value
+    if isinstance(value, bool):
+        return False, None
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        if isinstance(value, str):
+            try:
+                return True, int(value.strip())
+            except ValueError:
+                return False, None
+        return isinstance(value, int), value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return False, None
+        return (True, float(value)) if isinstance(value, int | float) and value == value else (False, None)
+    if tp is str:
+        return (True, str(value)) if isinstance(value, str | int | float) else (False, None)
+    if (origin or tp) is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if not isinstance(value, list | tuple):
+        return False, None
+    item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(item_types) != len(value):
+        return False, None
+    out = []
+    for v, tp in zip(value, item_types):
+        ok, c = _coerce(v, tp)
+        if not ok:
+            return False, None
+        out.append(c)
+    return True, tuple(out)
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -45,7 +231,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise FinegrainError(f"override {item!r} must look like key=value")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        try:
+            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise FinegrainError(f"cannot read {item!r} as key=value: {' '.join(str(e).split())}") from None
     return out
 
 
@@ -78,7 +267,7 @@ class ExtractConfig:
     workers: int | None = None
     precision: str = "auto"
     channels_last: bool = True
-    device: str = "cpu"
+    device: str = "cpu"  # the CLI passes auto: cuda when available, else cpu
     overwrite: bool = False
 
 
@@ -143,7 +332,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU training
     channels_last: bool = True
     workers: int | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # the CLI passes auto: cuda when available, else cpu
     seed: int = 0
     resume: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (tests, budgets); the schedule is unchanged

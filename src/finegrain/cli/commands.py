@@ -1,24 +1,80 @@
-"""One function per subcommand: config in, library calls, files and a short summary out."""
+"""One function per subcommand: config in, library calls, files and a short summary out.
+
+Each returns the exit code: 0 all done, 1 partly done (inputs skipped: the summary says how many and where they are
+listed); input errors raise FinegrainError (exit 2). Results go to stdout, skipped inputs and warnings to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import sys
 
 from finegrain.config import EvalConfig, ExtractConfig, build_config, config_dict, save_config
 from finegrain.errors import FinegrainError
 
+CLI_DEFAULTS = {"device": "auto"}  # under the YAML file and the command line, over the dataclass defaults
+PRECISIONS = ("auto", "fp32", "bf16")
+EVAL_CHOICES = {
+    "classifier": ("probe", "knn", "ncm"),
+    "norm": ("none", "l2", "cl2n", "pca-whiten", "pca-whiten:K"),
+    "metric": ("cosine", "l2"),
+    "weights": ("temperature", "distance", "uniform"),
+}
+
 
 def _overrides(args: argparse.Namespace, cls) -> dict:
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu; a device this machine does not have -> FinegrainError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FinegrainError(f"device {name} is not available: no CUDA GPU on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise FinegrainError(f"device {name} is not available: this machine has {count} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def _with_device(cfg):
+    return dataclasses.replace(cfg, device=resolve_device(cfg.device))
+
+
+def _skipped_summary(skipped: list[tuple[str, str]], n: int | None, listed: str) -> None:
+    """The first skipped inputs and their reasons on stderr, then how many and where all of them are listed."""
+    for path, reason in skipped[:10]:
+        _stderr(f"  skipped {path}: {reason}")
+    of = f" of {n}" if n is not None else ""
+    _stderr(f"finegrain: {len(skipped)}{of} input(s) skipped, listed in {listed}")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
-    cfg = build_config(ExtractConfig, yaml_path=args.config, overrides=_overrides(args, ExtractConfig))
-    return run_extract(cfg, progress=not args.no_progress)
+    cfg = build_config(
+        ExtractConfig,
+        yaml_path=args.config,
+        overrides=_overrides(args, ExtractConfig),
+        defaults=CLI_DEFAULTS,
+        choices={"precision": PRECISIONS},
+    )
+    return run_extract(_with_device(cfg), progress=not args.no_progress)
 
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
@@ -46,22 +102,23 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
     save_config(
         cfg, cfg.out, extra={"resolved": {"precision": result.store.meta["precision"], "backbone": backbone.describe()}}
     )
+    listed = os.path.join(cfg.out, "skipped.csv")
+    if result.skipped and result.n_extracted + result.n_reused == 0:
+        raise FinegrainError(f"none of the {result.n_images} images of {cfg.data} could be read (listed in {listed})")
     print(
         f"{result.n_images} images, {len(image_set.classes)} classes, splits {image_set.splits}: "
         f"{result.n_extracted} extracted ({result.images_per_second:.1f} img/s), {result.n_reused} reused, "
         f"{len(result.skipped)} skipped -> {cfg.out}"
     )
-    for path, reason in result.skipped[:10]:
-        print(f"  skipped {path}: {reason}")
-    if len(result.skipped) > 10:
-        print(f"  ... and {len(result.skipped) - 10} more, listed in {os.path.join(cfg.out, 'skipped.csv')}")
-    return 0
+    if result.skipped:
+        _skipped_summary(result.skipped, result.n_images, listed)
+    return 1 if result.skipped else 0
 
 
 def _eval_cfg(args: argparse.Namespace, classifier: str) -> EvalConfig:
     over = _overrides(args, EvalConfig)
     over["classifier"] = classifier
-    return build_config(EvalConfig, yaml_path=args.config, overrides=over)
+    return build_config(EvalConfig, yaml_path=args.config, overrides=over, choices=EVAL_CHOICES)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -86,6 +143,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         test_size=cfg.test_size,
         seed=cfg.seed,
     )
+    if len(set(train.y.tolist())) < 2:
+        raise FinegrainError(
+            f"{cfg.store}: the {cfg.train_split} split holds one class ({store.classes[int(train.y[0])]!r}); "
+            "a classifier needs at least 2 classes"
+        )
     if cfg.classifier == "knn":
         clf = create_classifier(
             "knn", n_neighbors=cfg.k, metric=cfg.metric, weights=cfg.weights, temperature=cfg.temperature
@@ -138,7 +200,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from finegrain.heads.search import search_store
 
-    results = search_store(args.index, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
+    if args.store and args.index and args.store != args.index:
+        raise FinegrainError(f"two stores given ({args.store} and --index {args.index}): give one")
+    store = args.store or args.index
+    if not store:
+        raise FinegrainError("give the store: finegrain search STORE --query IMAGE")
+    results = search_store(store, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
     for query, hits in results.items():
         print(query)
         for rank, (score, path, label) in enumerate(hits, 1):
@@ -146,28 +213,84 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_choices() -> dict[str, tuple[str, ...]]:
+    """The names each TrainConfig choice accepts, from the registries (`name:K`: a name that takes an argument)."""
+    from finegrain.losses import LOSSES
+    from finegrain.models.pooling import POOLINGS
+    from finegrain.train.augment import AUGMENTATIONS
+    from finegrain.train.optim import OPTIMIZERS
+    from finegrain.train.regimes import REGIME_KINDS
+    from finegrain.train.samplers import SAMPLERS
+    from finegrain.train.schedule import SCHEDULE_KINDS
+
+    return {
+        "regime": ("auto", *("last:K" if k == "last" else k for k in REGIME_KINDS)),
+        "loss": tuple(LOSSES.names()),
+        "sampler": tuple(SAMPLERS.names()),
+        "pooling": (*POOLINGS.names(), "gem:P"),
+        "optimizer": tuple(OPTIMIZERS.names()),
+        "augment": tuple(AUGMENTATIONS.names()),
+        "schedule": tuple(SCHEDULE_KINDS),
+        "precision": ("fp32", "bf16", "amp"),
+        "head_init": ("msra", "probe"),
+    }
+
+
+def train_config(args: argparse.Namespace):
+    """TrainConfig from defaults <- --config YAML <- key=value words <- --name VALUE options (all YAML-parsed)."""
     from finegrain.config import TrainConfig, parse_overrides
+
+    options = _overrides(args, TrainConfig)
+    for k, v in options.items():  # --loss-options "{beta: 0.99}", --crop-scale "[0.2, 1]": read as YAML, as name=value
+        if isinstance(v, str) and v.strip()[:1] in ("[", "{"):
+            options[k] = parse_overrides([f"{k}={v}"])[k]
+    over = {**parse_overrides(args.overrides), **options}
+    cfg = build_config(
+        TrainConfig, yaml_path=args.config, overrides=over, defaults=CLI_DEFAULTS, choices=_train_choices()
+    )
+    return _with_device(cfg)
+
+
+def _check_two_classes(data: str) -> None:
+    from finegrain.data import load_image_set
+
+    image_set = load_image_set(data)
+    if len(image_set.classes) < 2:
+        raise FinegrainError(
+            f"{data} holds one class ({', '.join(image_set.classes) or 'none'}): training needs at least 2 classes, "
+            "one folder per class"
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from finegrain.train.engine import train
 
-    over = {**parse_overrides(args.overrides), **_overrides(args, TrainConfig)}
-    cfg = build_config(TrainConfig, yaml_path=args.config, overrides=over)
+    cfg = train_config(args)
+    _check_two_classes(cfg.data)
     result = train(cfg, progress=not args.no_progress)
     line = f"best epoch {result.best_epoch}: val top-1 {result.best_val_top1:.4f}"
     if result.test_metrics:
         t = result.test_metrics
         line += f"; test top-1 {t['top1']:.4f}, mean per-class {t['mean_per_class']:.4f}"
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(f"{line} -> {cfg.out}")
-        for path, reason in result.skipped[:10]:
-            print(f"  skipped {path}: {reason}")
-    return 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"{line} -> {cfg.out}")
+    if result.skipped:
+        _skipped_summary(result.skipped, None, os.path.join(cfg.out, "metrics.json"))
+    return 1 if result.skipped else 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from finegrain.recipe import FitConfig, fit
 
-    cfg = build_config(FitConfig, yaml_path=args.config, overrides=_overrides(args, FitConfig))
+    cfg = build_config(
+        FitConfig,
+        yaml_path=args.config,
+        overrides=_overrides(args, FitConfig),
+        defaults=CLI_DEFAULTS,
+        choices={"precision": PRECISIONS},
+    )
+    cfg = _with_device(cfg)
     result = fit(cfg, progress=not args.no_progress)
     line = f"chose {result.chosen.name}: val top-1 {result.chosen.val_top1:.4f}"
     if result.test:
@@ -178,19 +301,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreadable(path: str) -> str | None:
+    """Why `path` cannot be an image file (None: it may be one; decoding decides)."""
+    if os.path.isdir(path):
+        return "is a directory, not an image file"
+    if not os.path.exists(path):
+        return "no such file"
+    return None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from finegrain.data import ImageDecodeError
     from finegrain.evaluate.predictor import load
 
-    predictor = load(args.model)
+    if args.k < 1:
+        raise FinegrainError(f"k must be an integer >= 1, got {args.k}")
+    predictor = load(args.model, device=resolve_device(args.device))
+    skipped = []
     for path in args.images:
+        reason = _unreadable(path)
         try:
-            top = predictor.predict([path], k=args.k)[0]
+            top = predictor.predict([path], k=args.k)[0] if reason is None else None
         except ImageDecodeError as e:
-            print(f"{path}\tskipped: {e}")
+            reason = str(e)
+        if reason is not None:
+            skipped.append((path, reason))
             continue
-        print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top))
-    return 0
+        print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
+    if len(skipped) == len(args.images):
+        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise FinegrainError(f"nothing predicted, all {len(skipped)} input(s) skipped: {reasons}")
+    if skipped:
+        _skipped_summary(skipped, len(args.images), "the lines above")
+    return 1 if skipped else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -200,21 +343,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tta = TTA.parse(args.tta, args.sizes)
     first = args.model[0].rstrip("/")
     out = args.out or os.path.join(first, f"eval-{args.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
-    cfg = EvaluateConfig(
-        models=tuple(args.model),
-        data=args.data,
-        out=out,
-        split=args.split,
-        tta=args.tta,
-        sizes=tta.sizes,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        device=args.device,
-        bootstrap=args.bootstrap,
-        many=args.many,
-        few=args.few,
-    )
+    values = dict(models=tuple(args.model), data=args.data, out=out, split=args.split, tta=args.tta, sizes=tta.sizes)
+    for name in ("batch_size", "workers", "precision", "bootstrap", "many", "few"):
+        values[name] = getattr(args, name)
+    values["device"] = resolve_device(args.device)
+    cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": PRECISIONS})
     if args.sweep:
         return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)
@@ -230,10 +363,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"  {k:15s} {fmt(k)}")
     for pair in s["most_confused"][:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']}x)")
-    for item in s["skipped"][:10]:
-        print(f"  skipped {item['path']}: {item['reason']}")
     print(f"-> {out}")
-    return 0
+    if s["skipped"]:
+        skipped = [(item["path"], item["reason"]) for item in s["skipped"]]
+        _skipped_summary(skipped, s["n"] + len(skipped), os.path.join(out, "metrics.json"))
+    return 1 if s["skipped"] else 0
 
 
 def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
@@ -266,7 +400,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from finegrain.evaluate.predictor import load
     from finegrain.explain import explain_images, overlay
 
-    predictor = load(args.model)
+    predictor = load(args.model, device=resolve_device(args.device))
     os.makedirs(args.out, exist_ok=True)
     records, seen = [], set()
     for path in args.images:
@@ -296,7 +430,7 @@ def cmd_fixres(args: argparse.Namespace) -> int:
     from finegrain.evaluate.fixres import fix_resolution, save_predictor
     from finegrain.evaluate.predictor import load
 
-    predictor = load(args.model)
+    predictor = load(args.model, device=resolve_device(args.device))
     paths, labels, _ = samples_for_model(args.data, args.split, predictor.classes)
     fixed = fix_resolution(
         predictor,
@@ -322,7 +456,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from finegrain.report.run_report import build_run_report
 
     path = build_run_report(
-        args.run, data=args.data, out=args.out, split=args.split, tta=args.tta, gallery=args.gallery
+        args.run,
+        data=args.data,
+        out=args.out,
+        split=args.split,
+        tta=args.tta,
+        gallery=args.gallery,
+        progress=not args.no_progress,
     )
     print(f"report -> {path}")
     return 0

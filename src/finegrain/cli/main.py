@@ -1,13 +1,68 @@
-"""`finegrain` command line: parse, build a typed config, call the library. Errors print one line, exit 2."""
+"""`finegrain` command line: parse, build a typed config, call the library.
+
+Exit codes: 0 all done; 1 partly done (some inputs skipped: the summary says how many and where they are listed);
+2 usage or input error, nothing done (one line on stderr, never a traceback). Results go to stdout, messages to
+stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import sys
+import typing
 import warnings
 
+from finegrain.config import EvalConfig, ExtractConfig, TrainConfig
 from finegrain.errors import FinegrainError
+
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it has none worth showing (None, a flag) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class UsageError(FinegrainError):
+    """A command line argparse cannot read: reported in the one error format, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _show_config_defaults(p: argparse.ArgumentParser, cls: type) -> None:
+    """Options left None on the command line fall back to `cls`'s defaults: say which in their help."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for action in p._actions:
+        value = defaults.get(action.dest)
+        if action.default is None and value is not None and "default" not in (action.help or ""):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            action.help = f"{action.help or ''} (default: {shown})".strip()
+
+
+def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) -> None:
+    """One `--name VALUE` option per field of `cls` (also written `name=VALUE`), checked later by build_config."""
+    group = p.add_argument_group(f"{cls.__name__} options (--name VALUE, or name=VALUE)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        hint = hints[f.name]
+        extra = {"nargs": "?", "const": "true"} if hint is bool else {}
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
+        group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=f"(default: {default})", **extra)
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -23,14 +78,16 @@ def _add_common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", default=None, help="default: test, else val; a flat folder gets a seeded holdout")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
+    _show_config_defaults(p, EvalConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image recognition from small data.")
+    ap = _Parser(prog="finegrain", description="Fine-grained image recognition from small data.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('finegrain').__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("fit", help="folder -> the best model in a time budget (chosen on validation), then predict")
+    p = add("fit", help="folder -> the best model in a time budget (chosen on validation), then predict")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
     p.add_argument("--out", required=True, help="output folder: model/, leaderboard.csv, fit.json")
     p.add_argument("--budget-min", type=float, default=None, help="minutes for the whole command (default 10)")
@@ -41,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ensemble", dest="ensemble", action="store_false", default=None, help="no ensembles")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 
-    p = sub.add_parser("extract", help="images -> feature store (resumable)")
+    p = add("extract", help="images -> feature store (resumable)")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
     p.add_argument("--out", required=True, help="store folder")
     p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline), any timm name, hf-hub:...")
@@ -57,33 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a store made with other settings")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
+    _show_config_defaults(p, ExtractConfig)
 
-    p = sub.add_parser("knn", help="k-nearest-neighbour classifier on a store")
+    p = add("knn", help="k-nearest-neighbour classifier on a store")
     _add_common_eval(p)
     p.add_argument("-k", "--k", type=int, default=None, help="neighbours (1 = 1-NN; default 10)")
     p.add_argument("--metric", default=None, choices=["cosine", "l2"])
     p.add_argument("--weights", default=None, choices=["temperature", "distance", "uniform"])
     p.add_argument("--temperature", type=float, default=None)
 
-    p = sub.add_parser("ncm", help="nearest class mean classifier on a store")
+    p = add("ncm", help="nearest class mean classifier on a store")
     _add_common_eval(p)
     p.add_argument("--metric", default=None, choices=["cosine", "l2"])
 
-    p = sub.add_parser("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
+    p = add("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
     _add_common_eval(p)
 
-    p = sub.add_parser("search", help="nearest images of a query image in a store")
-    p.add_argument("--index", required=True, help="a feature store made by `finegrain extract`")
+    p = add("search", help="nearest images of a query image in a store")
+    p.add_argument("store", nargs="?", default=None, help="a feature store made by `finegrain extract`")
+    p.add_argument("--index", default=None, help="the store, as an option (the older spelling)")
     p.add_argument("--query", required=True, nargs="+", help="query image file(s)")
     p.add_argument("-k", "--k", type=int, default=10)
     p.add_argument("--pooling", default=None)
     p.add_argument("--norm", default="l2", help="normalizer fitted on the gallery (default l2: cosine similarity)")
 
-    p = sub.add_parser("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
+    p = add("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
     p.add_argument("--out", required=True, help="run folder (config, logs, checkpoints, model/)")
     p.add_argument(
@@ -92,16 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto | head | last:K | full | scratch (default auto: chosen from the data and time_budget_min)",
     )
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")
-    p.epilog = "Any training option can follow as key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
+    _add_dataclass_options(p, TrainConfig, skip={"data", "out", "regime", "resume", "device"})
+    p.epilog = "Every option is also key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 
-    p = sub.add_parser("predict", help="classify images with a trained model")
+    p = add("predict", help="classify images with a trained model")
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
     p.add_argument("images", nargs="+")
-    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("-k", "--k", type=int, default=3, help="classes to show per image")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
-    p = sub.add_parser("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
+    p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
     p.add_argument("model", nargs="+", help="run or model folder(s): several are averaged as an ensemble")
     p.add_argument("data", help="the labelled dataset folder or CSV manifest (its --split is evaluated)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/eval-<split>-<tta>)")
@@ -115,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("explain", help="CAM / Grad-CAM / attention heatmaps and boxes for images")
+    p = add("explain", help="CAM / Grad-CAM / attention heatmaps and boxes for images")
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="folder for the overlays (PNG) and explanations.json")
@@ -126,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="Grad-CAM target layer (default: the last spatial layer)")
     p.add_argument("--target", default=None, help="class to explain (default: the predicted one)")
     p.add_argument("--threshold", type=float, default=0.2, help="box: fraction of the map's peak (default 0.2)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
-    p = sub.add_parser("fixres", help="adapt a model to a higher test resolution (BatchNorm statistics + head)")
+    p = add("fixres", help="adapt a model to a higher test resolution (BatchNorm statistics + head)")
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
     p.add_argument("data", help="dataset whose train split re-estimates the statistics")
     p.add_argument("--size", type=int, required=True, help="the new test resolution, e.g. 288")
@@ -138,38 +201,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-layers", default="last", choices=["last", "all"], help="BatchNorm layers to re-estimate")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
-    p = sub.add_parser("report", help="one self-contained HTML report of a training run")
+    p = add("report", help="one self-contained HTML report of a training run")
     p.add_argument("run", help="a run folder of `finegrain train`")
     p.add_argument("--data", default=None, help="dataset (default: the one in the run's config.yaml)")
     p.add_argument("--out", default=None, help="HTML file (default: RUN/report.html)")
     p.add_argument("--split", default="test")
     p.add_argument("--tta", default="none")
     p.add_argument("--gallery", type=int, default=12, help="images in the CAM and mistakes galleries")
+    p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("demo", help="extract + probe on the bundled 10-species bird sample")
-    p.add_argument("--data", default=None, help="default: examples/birds10 of the checkout")
+    p = add("demo", help="extract + probe on the bundled 10-species bird sample")
+    p.add_argument("--data", default=None, help="default: the bundled sample (finegrain/_demo/birds10)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("backbones", help="list the backbones that work offline")
+    add("backbones", help="list the backbones that work offline")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; `key=value` words (train only) land in args.overrides. Raises UsageError."""
+    args, extra = build_parser().parse_known_args(argv)
     overrides = [t for t in extra if "=" in t and not t.startswith("-")]
-    if len(overrides) != len(extra) or (overrides and args.command != "train"):
-        parser.error(
-            f"unrecognized arguments: {' '.join(t for t in extra if t not in overrides or args.command != 'train')}"
-        )
+    bad = [t for t in extra if t not in overrides or args.command != "train"]
+    if bad:
+        hint = "; train options are --name VALUE or name=VALUE" if args.command == "train" else ""
+        raise UsageError(f"unrecognized arguments: {' '.join(bad)} (see finegrain {args.command} --help{hint})")
     args.overrides = overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 done, 1 partly done, 2 usage or input error)."""
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # one line, no source echo
     try:
+        args = parse_args(argv)
         from finegrain.cli import commands
 
         return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     except FinegrainError as e:
         print(f"finegrain: error: {e}", file=sys.stderr)
         return 2
