@@ -337,3 +337,36 @@ class TrainConfig:
     resume: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (tests, budgets); the schedule is unchanged
     time_budget_min: float | None = None  # stop at the end of the epoch that passes this many minutes
+
+
+SPLITS_FILE = "splits.json"
+
+
+def save_splits(out_dir: str, *, data: str, how: str, splits: dict[str, list[str]]) -> str:
+    """Record which images a run trained, validated and is tested on: out_dir/splits.json, absolute paths a split.
+
+    `evaluate` and `report` read it back (load_splits) to score only images the model never learned from."""
+    import json
+
+    body = {"data": os.path.abspath(data), "how": how}
+    body.update({name: sorted(os.path.abspath(p) for p in paths) for name, paths in splits.items()})
+    path = os.path.join(out_dir, SPLITS_FILE)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps(body, indent=1) + "\n")
+    return path
+
+
+def load_splits(model_dir: str) -> tuple[str, dict] | None:
+    """(path, record) of the splits.json of a run folder or of its model/ folder's run; None when none is recorded."""
+    import json
+
+    folder = os.path.abspath(model_dir.rstrip("/\\"))
+    for cand in (folder, os.path.dirname(folder) if os.path.basename(folder) == "model" else None):
+        path = os.path.join(cand, SPLITS_FILE) if cand else None
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return path, json.load(f)
+            except (OSError, ValueError) as e:
+                raise FinegrainError(f"cannot read the recorded split {path}: {e}") from None
+    return None

@@ -344,7 +344,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     first = args.model[0].rstrip("/")
     out = args.out or os.path.join(first, f"eval-{args.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
     values = dict(models=tuple(args.model), data=args.data, out=out, split=args.split, tta=args.tta, sizes=tta.sizes)
-    for name in ("batch_size", "workers", "precision", "bootstrap", "many", "few"):
+    for name in ("batch_size", "workers", "precision", "bootstrap", "many", "few", "allow_train_images"):
         values[name] = getattr(args, name)
     values["device"] = resolve_device(args.device)
     cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": PRECISIONS})
@@ -357,6 +357,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lo_hi = ci.get(k)
         return f"{m[k]:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
 
+    _say_scored(s["scored_images"])
     print(f"{s['n']} images, {s['tta']['spec']} ({s['tta']['views']} views), {len(cfg.models)} model(s)")
     for k in ("top1", "top5", "mean_per_class", "ece", "many_shot", "medium_shot", "few_shot"):
         if m.get(k) is not None:
@@ -368,6 +369,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         skipped = [(item["path"], item["reason"]) for item in s["skipped"]]
         _skipped_summary(skipped, s["n"] + len(skipped), os.path.join(out, "metrics.json"))
     return 1 if s["skipped"] else 0
+
+
+def _say_scored(scored: dict) -> None:
+    """On stderr: which images the split contract kept, or that training images were scored on request."""
+    if scored.get("selection"):
+        _stderr(f"finegrain: scoring {scored['selection']} (the others trained or validated the model)")
+    if scored.get("includes_training_images"):
+        _stderr(f"warning: {scored['training_images_scored']} scored image(s) trained or validated the model")
 
 
 def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
@@ -463,6 +472,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         tta=args.tta,
         gallery=args.gallery,
         progress=not args.no_progress,
+        allow_train_images=args.allow_train_images,
     )
     print(f"report -> {path}")
     return 0

@@ -167,13 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="+", help="run or model folder(s): several are averaged as an ensemble")
     p.add_argument("data", help="the labelled dataset folder or CSV manifest (its --split is evaluated)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/eval-<split>-<tta>)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split to score (a flat folder: the run's recorded test)")
     p.add_argument("--tta", default="none", help="none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
     p.add_argument("--sizes", default=None, help="test resolutions to average, e.g. 224,256,288 (multi-scale)")
     p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the confidence intervals (0: none)")
     p.add_argument("--many", type=int, default=100, help="many-shot: more than this many training images")
     p.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many training images")
+    p.add_argument(
+        "--allow-train-images",
+        action="store_true",
+        help="score images the model trained or validated on (its run's splits.json); marked in metrics.json",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -210,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--tta", default="none")
     p.add_argument("--gallery", type=int, default=12, help="images in the CAM and mistakes galleries")
+    p.add_argument(
+        "--allow-train-images",
+        action="store_true",
+        help="score images the model trained or validated on (its run's splits.json); marked in metrics.json",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = add("demo", help="extract + probe on the bundled 10-species bird sample")

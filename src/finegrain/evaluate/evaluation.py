@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
+from finegrain.config import load_splits
 from finegrain.data import load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.inference import predict_paths
@@ -42,6 +43,7 @@ class EvaluateConfig:
     seed: int = 0
     many: int = 100
     few: int = 20
+    allow_train_images: bool = False  # score images a model trained or validated on (marked in metrics.json)
     extra: dict = field(default_factory=dict)
 
 
@@ -75,6 +77,34 @@ def samples_for_model(data: str, split: str, classes: Sequence[str]):
     return paths, labels, train_counts
 
 
+def scored_images(models: Sequence[str], paths: list[str], labels: np.ndarray, *, split: str, allow: bool):
+    """The split contract: only images no model trained or validated on (as its run's splits.json records) are scored.
+
+    Where some of `paths` were, the `test` split keeps the runs' recorded test images (a flat folder's seeded
+    holdout); otherwise it is an error that says why, unless `allow` (then they are scored and counted).
+    Returns (paths, labels [N], what metrics.json records about the choice).
+    """
+    records = [r for r in (load_splits(m) for m in models) if r is not None]
+    info = {"split": split, "recorded_splits": [p for p, _ in records], "includes_training_images": False}
+    seen = set().union(*(set(r.get("train", [])) | set(r.get("val", [])) for _, r in records))
+    absolute = [os.path.abspath(p) for p in paths]
+    overlap = [i for i, p in enumerate(absolute) if p in seen]
+    if not overlap:
+        return paths, labels, info
+    if allow:
+        return paths, labels, {**info, "includes_training_images": True, "training_images_scored": len(overlap)}
+    test = set().union(*(set(r.get("test", [])) for _, r in records)) - seen
+    keep = [i for i, p in enumerate(absolute) if p in test]
+    if split == "test" and keep:
+        note = f"the recorded test images of the run: {len(keep)} of the {len(paths)} found"
+        return [paths[i] for i in keep], labels[keep], {**info, "selection": note}
+    raise FinegrainError(
+        f"{len(overlap)} of the {len(paths)} images to score trained or validated the model (recorded in "
+        f"{records[0][0]}), e.g. {paths[overlap[0]]}: their scores would not be test scores; score the run's test "
+        "images, or pass --allow-train-images to score them anyway (marked in metrics.json)"
+    )
+
+
 def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
 
     if not cfg.models:
@@ -83,6 +113,7 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
     classes = predictors[0].classes
     tta = TTA.parse(cfg.tta, cfg.sizes)
     paths, labels, data_counts = samples_for_model(cfg.data, cfg.split, classes)
+    paths, labels, scored = scored_images(cfg.models, paths, labels, split=cfg.split, allow=cfg.allow_train_images)
     # training counts: what the model saw (saved with it) beats what the data folder holds
     meta_counts = predictors[0].meta.get("train_counts")
     train_counts = np.asarray(meta_counts) if meta_counts is not None else data_counts
@@ -112,6 +143,7 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
     summary.update(
         {
             "models": list(cfg.models),
+            "scored_images": scored,
             "tta": {"spec": tta.describe(), "views": tta.n_views(), **asdict(tta)},
             "seconds": round(pred.seconds, 2),
             "images_per_second": round(pred.images_per_second, 2),

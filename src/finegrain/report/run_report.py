@@ -18,7 +18,7 @@ import numpy as np
 from finegrain.atomic import atomic_write_json
 from finegrain.data import load_image
 from finegrain.errors import FinegrainError
-from finegrain.evaluate.evaluation import samples_for_model
+from finegrain.evaluate.evaluation import samples_for_model, scored_images
 from finegrain.evaluate.inference import predict_paths
 from finegrain.evaluate.longtail import per_class_vs_frequency_plot
 from finegrain.evaluate.plots import new_figure, reliability_figure
@@ -288,15 +288,16 @@ def _map_section(feats, y, pred, classes, max_points, seed) -> Section:
     return Section("map", "Map of the representations", f"<p>{escape(how)}.</p>" + figure_to_img(fig, alt="2-D map"))
 
 
-def _test_pass(predictor, data, split, tta, progress):
+def _test_pass(run, predictor, data, split, tta, progress, allow_train_images=False):
     """The split's kept paths, labels [N], features [N, D], probabilities [N, C] (with TTA when asked), skipped
-    files and the data folder's training counts."""
+    files, the data folder's training counts and which images were scored (the split contract of `scored_images`)."""
 
     paths, labels, data_counts = samples_for_model(data, split, predictor.classes)
+    paths, labels, scored = scored_images([run], paths, labels, split=split, allow=allow_train_images)
     feats, proba, index, skipped = features_and_proba(predictor, paths, progress=progress, desc="report: test")
     if tta and tta != "none":
         proba = predict_paths(predictor, [paths[i] for i in index], tta=TTA.parse(tta), progress=progress).proba
-    return [paths[i] for i in index], labels[index], feats, proba, skipped, data_counts
+    return [paths[i] for i in index], labels[index], feats, proba, skipped, data_counts, scored
 
 
 def _train_pass(predictor, data, max_train, seed, progress):
@@ -324,6 +325,7 @@ def build_run_report(
     bootstrap: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    allow_train_images: bool = False,
 ) -> str:
     import yaml
 
@@ -334,12 +336,14 @@ def build_run_report(
     if not data:
         raise FinegrainError(f"{run} has no config.yaml naming its data: pass --data FOLDER")
     classes = predictor.classes
-    test_paths, y, feats, proba, skipped, data_counts = _test_pass(predictor, data, split, tta, progress)
+    test_paths, y, feats, proba, skipped, data_counts, scored = _test_pass(
+        run, predictor, data, split, tta, progress, allow_train_images
+    )
     pred = proba.argmax(1)
     counts = predictor.meta.get("train_counts")
     train_counts = np.asarray(counts) if counts is not None else data_counts
     summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)
-    summary["tta"] = tta
+    summary["tta"], summary["scored_images"] = tta, scored
     train_paths, train_y, train_feats = [], np.zeros(0, int), None
     if data_counts is not None:
         train_paths, train_y, train_feats = _train_pass(predictor, data, max_train, seed, progress)

@@ -18,7 +18,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from finegrain.atomic import atomic_write_text
-from finegrain.config import config_dict, save_config
+from finegrain.config import config_dict, save_config, save_splits
 from finegrain.errors import FinegrainError
 from finegrain.models import load_checkpoint, save_checkpoint, save_weights
 
@@ -183,8 +183,8 @@ class MaxSteps(Callback):
 
 
 class MetricsLogger(Callback):
-    """config.yaml (resolved) at the start; after each epoch metrics.csv, TensorBoard scalars (when tensorboard is
-    installed) and, with progress, the printed epoch line."""
+    """config.yaml (resolved) and splits.json (the images of each split) at the start; after each epoch
+    metrics.csv, TensorBoard scalars (when tensorboard is installed) and, with progress, the printed epoch line."""
 
     def __init__(self, out: str, *, progress: bool) -> None:
         self.out, self.progress, self.writer = out, progress, None
@@ -192,6 +192,14 @@ class MetricsLogger(Callback):
     def on_fit_start(self, trainer: Trainer, state: FitState) -> None:
         if trainer.dist.is_main:
             save_config(trainer.cfg, self.out, extra={"resolved": describe_run(trainer)})
+            splits = trainer.splits
+            recorded = {"train": splits.train, "val": splits.val, "test": splits.test}
+            save_splits(
+                self.out,
+                data=trainer.cfg.data,
+                how=splits.note,
+                splits={k: [s.path for s in v] for k, v in recorded.items()},
+            )
             self.writer = _tensorboard(self.out)
 
     def on_epoch_end(self, trainer: Trainer, state: FitState, epoch: int, row: dict) -> bool:
