@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import numpy as np
+import yaml
 
 from finegrain.atomic import atomic_write_json
 from finegrain.data import load_image
@@ -327,19 +328,16 @@ def build_run_report(
     progress: bool = True,
     allow_train_images: bool = False,
 ) -> str:
-    import yaml
-
     predictor = load(run)
     cfg_path = os.path.join(run, "config.yaml")
     run_cfg = yaml.safe_load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
     data = data or run_cfg.get("data")
     if not data:
         raise FinegrainError(f"{run} has no config.yaml naming its data: pass --data FOLDER")
-    classes = predictor.classes
     test_paths, y, feats, proba, skipped, data_counts, scored = _test_pass(
         run, predictor, data, split, tta, progress, allow_train_images
     )
-    pred = proba.argmax(1)
+    classes, pred = predictor.classes, proba.argmax(1)
     counts = predictor.meta.get("train_counts")
     train_counts = np.asarray(counts) if counts is not None else data_counts
     summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)

@@ -1,0 +1,237 @@
+"""The command line as a contract (issue 11): every command x bad input -> exit code and the first line of stderr.
+
+Exit codes: 0 all done, 1 partly done (inputs skipped, said on stderr), 2 usage or input error with nothing done.
+Run in-process through `finegrain.cli.main.main` on tiny fixtures; the trained run is timm's tiny
+`test_efficientnet` at 32 px, one epoch, so the table stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from finegrain.cli.main import main
+from tests.conftest import COLOURS, write_class_images
+
+RUN_OPTIONS = ["backbone=test_efficientnet", "pretrained=false", "image_size=32", "epochs=1", "batch_size=8"]
+RUN_OPTIONS += ["workers=0", "--regime", "full", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """Paths of every fixture the table names: data with splits, a flat folder, one class, empty, unreadable."""
+    root = tmp_path_factory.mktemp("contract")
+    for c, name in enumerate(["red", "green", "blue"]):
+        write_class_images(str(root / "data" / "train" / name), COLOURS[c], 4, seed=c)
+        write_class_images(str(root / "data" / "test" / name), COLOURS[c], 2, seed=10 + c)
+        write_class_images(str(root / "flat" / name), COLOURS[c], 10, seed=20 + c)
+    write_class_images(str(root / "one" / "train" / "red"), COLOURS[0], 4, seed=0)
+    write_class_images(str(root / "one" / "test" / "red"), COLOURS[0], 2, seed=1)
+    (root / "empty").mkdir()
+    for name in ("red", "green"):
+        (root / "bad" / name).mkdir(parents=True)
+        (root / "bad" / name / "0.jpg").write_text("not an image")
+    (root / "text.jpg").write_text("not an image")
+    (root / "typed.yaml").write_text("epochs: [1, 2]\n")
+    (root / "k.yaml").write_text("k: abc\n")
+    (root / "unknown.yaml").write_text("bogus: 1\n")
+    paths = {k: str(root / k) for k in ("data", "flat", "one", "empty", "bad")}
+    paths.update({k: str(root / f"{k}.yaml") for k in ("typed", "k", "unknown")})
+    paths.update(
+        text=str(root / "text.jpg"),
+        missing=str(root / "nowhere"),
+        out=str(root / "out"),
+        image=str(root / "data/test/red/000.jpg"),
+    )
+    return paths
+
+
+@pytest.fixture(scope="module")
+def built(fx):
+    """A store of the data, a store of one class, and a run trained on the flat folder (records its split)."""
+    fx = dict(fx)
+    for name, data in (("store", fx["data"]), ("one_store", fx["one"])):
+        fx[name] = os.path.join(fx["out"], name)
+        assert main(["extract", data, "--out", fx[name], "--workers", "0", "--no-progress", "--image-size", "64"]) == 0
+    fx["run"] = os.path.join(fx["out"], "run")
+    assert main(["train", fx["flat"], "--out", fx["run"], *RUN_OPTIONS]) == 0
+    return fx
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, (err.strip().splitlines() or [""])[0]
+
+
+E = "finegrain: error: "
+# (case, argv with {placeholders}, exit code, start of the first line of stderr)
+TABLE = [
+    # missing path
+    (
+        "missing",
+        "extract {missing} --out {out}/x",
+        2,
+        E + "{missing} does not exist: give a folder of images or a CSV manifest",
+    ),
+    ("missing", "knn {missing}", 2, E),
+    ("missing", "ncm {missing}", 2, E),
+    ("missing", "probe {missing}", 2, E),
+    ("missing", "search {missing} --query {image}", 2, E),
+    (
+        "missing",
+        "train {missing} --out {out}/t",
+        2,
+        E + "{missing} does not exist: give a folder of images or a CSV manifest",
+    ),
+    ("missing", "predict {run} {missing}", 2, E + "nothing predicted, all 1 input(s) skipped: {missing}: no such"),
+    ("missing", "predict {missing} {image}", 2, E + "no saved model in {missing}"),
+    ("missing", "evaluate {run} {missing} --no-progress", 2, E),
+    ("missing", "explain {missing} {image} --out {out}/e", 2, E + "no saved model in {missing}"),
+    ("missing", "fixres {run} {missing} --size 40 --out {out}/f", 2, E),
+    ("missing", "report {missing}", 2, E),
+    ("missing", "fit {missing} --out {out}/fit --no-progress", 2, E),
+    # wrong type
+    ("type", "train {flat} --out {out}/t epochs=abc", 2, E + "epochs must be an integer >= 1, got 'abc'"),
+    ("type", "train {flat} --out {out}/t --epochs abc", 2, E + "epochs must be an integer >= 1, got 'abc'"),
+    ("type", "train {flat} --out {out}/t lr=fast", 2, E + "lr must be a number > 0, got 'fast'"),
+    ("type", "train {flat} --out {out}/t --config {typed}", 2, E + "epochs must be an integer >= 1, got [1, 2]"),
+    ("type", "train {flat} --out {out}/t crop_pct=2", 2, E + "crop_pct must be a number in (0, 1] or null, got 2"),
+    ("type", "knn {store} --config {k}", 2, E + "k must be an integer >= 1, got 'abc'"),
+    ("type", "extract {data} --out {out}/x --batch-size abc", 2, E + "argument --batch-size: invalid int value"),
+    ("type", "evaluate {run} {flat} --bootstrap many", 2, E + "argument --bootstrap: invalid int value"),
+    ("type", "predict {run} {image} -k 0", 2, E + "k must be an integer >= 1, got 0"),
+    # unknown key
+    ("key", "train {flat} --out {out}/t bogus=1", 2, E + "unknown option(s) bogus for TrainConfig; valid: "),
+    ("key", "train {flat} --out {out}/t --bogus 1", 2, E + "unrecognized arguments: --bogus 1"),
+    ("key", "knn {store} --config {unknown}", 2, E + "unknown option(s) bogus for EvalConfig"),
+    ("key", "extract {data} --out {out}/x --config {unknown}", 2, E + "unknown option(s) bogus for ExtractConfig"),
+    ("key", "predict {run} {image} --bogus 1", 2, E + "unrecognized arguments: --bogus 1"),
+    # unknown choice
+    ("choice", "train {flat} --out {out}/t loss=foo", 2, E + "loss must be one of balanced-softmax, cb, ce, focal"),
+    ("choice", "train {flat} --out {out}/t --regime bogus", 2, E + "regime must be one of auto, head, last:K, full"),
+    ("choice", "train {flat} --out {out}/t sampler=x", 2, E + "sampler must be one of class-balanced, instance"),
+    ("choice", "train {flat} --out {out}/t pooling=avg", 2, E + "pooling must be one of attn, gap, gem, max, gem:P"),
+    ("choice", "knn {store} --norm bogus", 2, E + "norm must be one of none, l2, cl2n, pca-whiten, pca-whiten:K"),
+    ("choice", "extract {data} --out {out}/x --precision fp64", 2, E + "argument --precision: invalid choice"),
+    ("choice", "bogus", 2, E + "argument command: invalid choice: 'bogus'"),
+    # one class
+    ("one class", "train {one} --out {out}/t", 2, E + "{one} holds one class (red): training needs at least 2"),
+    ("one class", "probe {one_store}", 2, E + "{one_store}: the train split holds one class ('red')"),
+    ("one class", "knn {one_store}", 2, E + "{one_store}: the train split holds one class ('red')"),
+    # empty data
+    ("empty", "extract {empty} --out {out}/x", 2, E),
+    ("empty", "train {empty} --out {out}/t", 2, E),
+    ("empty", "extract {bad} --out {out}/bad --workers 0 --no-progress", 2, E + "none of the 2 images of {bad}"),
+    ("empty", "predict {run} {text} {data}", 2, E + "nothing predicted, all 2 input(s) skipped"),
+    # absent device (no CUDA: torch.cuda.is_available is patched to False)
+    ("device", "extract {data} --out {out}/x --device cuda", 2, E + "device cuda is not available"),
+    ("device", "train {flat} --out {out}/t device=cuda", 2, E + "device cuda is not available"),
+    ("device", "train {flat} --out {out}/t --device cuda:1", 2, E + "device cuda:1 is not available"),
+    ("device", "predict {run} {image} --device cuda", 2, E + "device cuda is not available"),
+    ("device", "evaluate {run} {flat} --device cuda", 2, E + "device cuda is not available"),
+    ("device", "explain {run} {image} --out {out}/e --device cuda", 2, E + "device cuda is not available"),
+    ("device", "fixres {run} {data} --size 40 --out {out}/f --device cuda", 2, E + "device cuda is not available"),
+    ("device", "fit {flat} --out {out}/fit --device cuda", 2, E + "device cuda is not available"),
+    ("device", "extract {data} --out {out}/x --device tpu", 2, E + "device must be auto, cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "code", "first"), TABLE, ids=[f"{r[0]}: {r[1].split()[0]}" for r in TABLE])
+def test_contract(built, capsys, monkeypatch, case, argv, code, first):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    got, _, line = _run(argv.format(**built).split(), capsys)
+    assert (got, line[: len(first.format(**built))]) == (code, first.format(**built)), line
+    assert not os.path.exists(os.path.join(built["out"], "t")), "a refused train must not start a run"
+
+
+def test_partly_done_is_exit_1_with_the_skipped_inputs_on_stderr(built, capsys):
+    code, out, _ = _run(["predict", built["run"], built["image"], built["missing"], built["data"]], capsys)
+    assert code == 1 and out.startswith(built["image"] + "\t") and len(out.splitlines()) == 1
+    main(["predict", built["run"], built["image"], built["missing"], built["data"]])
+    err = capsys.readouterr().err
+    assert f"skipped {built['missing']}: no such file" in err and "is a directory" in err
+    assert "2 of 3 input(s) skipped" in err
+
+
+def test_extract_with_a_bad_file_is_exit_1_and_lists_it(fx, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(fx["data"], data)
+    (data / "train" / "red" / "broken.jpg").write_text("not an image")
+    out = str(tmp_path / "s")
+    assert main(["extract", str(data), "--out", out, "--workers", "0", "--no-progress", "--image-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and f"1 of 19 input(s) skipped, listed in {os.path.join(out, 'skipped.csv')}" in err
+
+
+def test_help_is_exit_0_and_train_help_lists_every_option_with_its_default(capsys):
+    import dataclasses
+
+    from finegrain.config import TrainConfig
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig)[1:]:  # data is the positional DATA
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--epochs INT (default: 10)" in text and "--lr FLOAT (default: 0.01)" in text
+    assert main(["evaluate", "--help"]) == 0
+    assert "(default: 1000)" in capsys.readouterr().out  # --bootstrap
+
+
+def test_both_option_syntaxes_and_the_yaml_file_build_the_same_config(fx, tmp_path):
+    import argparse
+
+    from finegrain.cli.commands import train_config
+    from finegrain.cli.main import parse_args
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("epochs: 3\nlr: 0.05\ncrop_scale: [0.5, 1]\n")
+    a = train_config(parse_args(["train", fx["flat"], "--out", "o", "epochs=3", "lr=5e-2", "crop_scale=[0.5, 1]"]))
+    options = ["--epochs", "3", "--lr", "0.05", "--crop-scale", "0.5,1"]
+    b = train_config(parse_args(["train", fx["flat"], "--out", "o", *options]))
+    c = train_config(parse_args(["train", fx["flat"], "--out", "o", "--config", str(yaml_file)]))
+    assert a == b == c and a.epochs == 3 and a.lr == 0.05 and a.crop_scale == (0.5, 1.0) and a.device == "cpu"
+    assert isinstance(parse_args(["train", fx["flat"], "--out", "o"]), argparse.Namespace)
+
+
+def test_search_takes_the_store_positionally_and_as_index(built, capsys):
+    assert main(["search", built["store"], "--query", built["image"], "-k", "2"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["search", "--index", built["store"], "--query", built["image"], "-k", "2"]) == 0
+    assert capsys.readouterr().out == positional and len(positional.splitlines()) == 3
+
+
+def test_a_run_on_a_flat_folder_is_evaluated_on_its_recorded_test_images_only(built, capsys):
+    """The leakage guard: the run holds out a seeded 10% of a flat folder; evaluate and report score only those."""
+    run, flat = built["run"], built["flat"]
+    with open(os.path.join(run, "splits.json"), encoding="utf-8") as f:
+        splits = json.load(f)
+    train, val, test = (set(splits[k]) for k in ("train", "val", "test"))
+    assert len(train) + len(val) + len(test) == 30 and len(test) == 3 and not (train | val) & test
+    out = os.path.join(built["out"], "eval-flat")
+    assert main(["evaluate", run, flat, "--out", out, "--bootstrap", "10", "--workers", "0", "--no-progress"]) == 0
+    assert "recorded test images of the run: 3 of the 30" in capsys.readouterr().err
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    assert metrics["n"] == 3 and metrics["scored_images"]["includes_training_images"] is False
+    with open(os.path.join(out, "predictions.csv"), encoding="utf-8") as f:
+        scored = {line.split(",")[0] for line in f.read().splitlines()[1:]}
+    assert scored == test
+
+    for argv in (["evaluate", run, flat, "--split", "all", "--no-progress"], ["report", run, "--split", "all"]):
+        code, _, line = _run(argv, capsys)
+        assert code == 2 and line.startswith(E + "27 of the 30 images to score trained or validated the model")
+        assert "--allow-train-images" in line
+
+    out = os.path.join(built["out"], "eval-all")
+    argv = ["evaluate", run, flat, "--split", "all", "--allow-train-images", "--out", out, "--bootstrap", "10"]
+    assert main([*argv, "--workers", "0", "--no-progress"]) == 0
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        scored = json.load(f)["scored_images"]
+    assert scored["includes_training_images"] is True and scored["training_images_scored"] == 27
