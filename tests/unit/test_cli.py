@@ -59,7 +59,7 @@ def test_classifier_commands_write_metrics_and_predictions(store, tmp_path, argv
 
 def test_search_prints_nearest_images(store, tiny_folder, capsys):
     query = os.path.join(tiny_folder, "test", "red", "000.jpg")
-    assert main(["search", "--index", store, "--query", query, "-k", "3"]) == 0
+    assert main(["search", store, "--query", query, "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == query and len(lines) == 4
     assert query in lines[1] and lines[1].split()[1] in ("1.0000", "0.9999")  # the image finds itself first
@@ -101,3 +101,14 @@ def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
     metrics = _json(os.path.join(out, "probe", "metrics.json"))
     assert metrics["n"] == 40 and metrics["top1"] >= 0.75
     assert "demo: linear probe top-1" in capsys.readouterr().out
+
+
+def test_demo_data_ships_inside_the_package():
+    """`finegrain demo` without --data finds the sample in the installed package (a wheel has no examples/)."""
+    import finegrain
+    from finegrain.cli.commands import _default_demo_data
+
+    data = _default_demo_data()
+    assert data == os.path.join(os.path.dirname(finegrain.__file__), "_demo", "birds10")
+    images = [f for _, _, files in os.walk(data) for f in files if f.endswith(".jpg")]
+    assert len(images) == 120 and os.path.isfile(os.path.join(data, "ATTRIBUTION.md"))

@@ -494,14 +494,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _default_demo_data() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+    """The bundled sample: package data of finegrain (so a wheel install has it), else the checkout's examples/."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for cand in (
-        os.path.join(os.getcwd(), "examples", "birds10"),
-        os.path.normpath(os.path.join(here, "..", "..", "..", "examples", "birds10")),
+        os.path.join(here, "_demo", "birds10"),
+        os.path.normpath(os.path.join(here, "..", "..", "examples", "birds10")),
     ):
         if os.path.isdir(cand):
             return cand
-    raise FinegrainError("demo data not found: run from the finegrain checkout or pass --data FOLDER")
+    raise FinegrainError("demo data not found in the installed package: pass --data FOLDER")
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
