@@ -78,7 +78,6 @@ def _add_common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", default=None, help="default: test, else val; a flat folder gets a seeded holdout")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--config", help="YAML file of options (command-line values win)")
-    _show_config_defaults(p, EvalConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, choices=["cosine", "l2"])
     p.add_argument("--weights", default=None, choices=["temperature", "distance", "uniform"])
     p.add_argument("--temperature", type=float, default=None)
+    _show_config_defaults(p, EvalConfig)
 
     p = add("ncm", help="nearest class mean classifier on a store")
     _add_common_eval(p)
     p.add_argument("--metric", default=None, choices=["cosine", "l2"])
+    _show_config_defaults(p, EvalConfig)
 
     p = add("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
     _add_common_eval(p)
+    _show_config_defaults(p, EvalConfig)
 
     p = add("search", help="nearest images of a query image in a store")
     p.add_argument("store", nargs="?", default=None, help="a feature store made by `finegrain extract`")
