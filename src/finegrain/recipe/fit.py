@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from finegrain.atomic import atomic_write_json, atomic_write_text
-from finegrain.config import TrainConfig, config_dict, save_config
+from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.embed import FeatureStore
 from finegrain.errors import FinegrainError
@@ -148,6 +148,9 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     data = _relabelled(image_set, splits)
     state = FitState(cfg.out, cfg)
     save_config(cfg, cfg.out, extra={"splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")}})
+    # the final model learns from train + val (refit): evaluate and report score only the test images
+    learned, tested = [s.path for s in splits.train + splits.val], [s.path for s in splits.test]
+    save_splits(cfg.out, data=cfg.data, how=splits.note, splits={"train": learned, "test": tested})
     y_val = np.array([s.label for s in splits.val])
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
     frozen.run(y_val, n_test=len(splits.test))
@@ -202,6 +205,10 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
     no_test = ImageSet(data.root, data.classes, [s for s in data.samples if s.split != "test"])  # fit scores test
     trainer = Trainer(tcfg, progress=progress, image_set=no_test)
     try:
+        if trainer.setup().cfg.regime == "head" and not resume:
+            # under one training pass of the backbone: a head on frozen features, which the probes already are
+            print(f"fit: no fine-tuning: {trainer.regime_choice.reason}", flush=True)
+            return
         trainer.fit()
     finally:
         trainer.close()
