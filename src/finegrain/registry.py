@@ -46,7 +46,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise FinegrainError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self._entries))}"
+                f"unknown {self.kind} {name!r}; valid {self.kind}{'es' if self.kind.endswith('s') else 's'}: "
+                f"{', '.join(sorted(self._entries))}"
             ) from None
 
     def params(self, name: str) -> tuple[str, ...] | None:

@@ -98,9 +98,11 @@ def test_backbones_lists_offline_names(capsys):
 def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--data", os.path.join(ROOT, "examples", "birds10"), "--out", out, "--no-progress"]) == 0
-    metrics = _json(os.path.join(out, "probe", "metrics.json"))
-    assert metrics["n"] == 40 and metrics["top1"] >= 0.75
-    assert "demo: linear probe top-1" in capsys.readouterr().out
+    summary = _json(os.path.join(out, "fit", "fit.json"))
+    assert summary["test"]["n"] == 40 and summary["test"]["metrics"]["top1"] >= 0.75
+    printed = capsys.readouterr().out
+    assert f"demo: fit chose {summary['chosen']}: test top-1" in printed
+    assert printed.count(" -> ") == 3  # three test images predicted by the saved model
 
 
 def test_demo_data_ships_inside_the_package():

@@ -479,17 +479,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`fit` on the bundled sample (2 minutes), then the chosen model predicts three of its test images."""
+    from finegrain.evaluate.predictor import load
+    from finegrain.recipe import FitConfig, fit
+
     data = args.data or _default_demo_data()
-    store = os.path.join(args.out, "store")
-    # the recommended extraction (BENCHMARKS.md): GeM, 256 px full frame, flip-averaged
-    cfg = ExtractConfig(data=data, out=store, pooling=("gem",), image_size=256, crop_pct=1.0, flip=True)
-    run_extract(cfg, progress=not args.no_progress)
-    metrics = run_eval(EvalConfig(store=store, out=os.path.join(args.out, "probe"), classifier="probe"))
-    run_eval(EvalConfig(store=store, out=os.path.join(args.out, "knn1"), classifier="knn", k=1))
-    print(
-        f"demo: linear probe top-1 {metrics['top1']:.3f}, mean per-class {metrics['mean_per_class']:.3f}; "
-        f"outputs in {args.out}"
-    )
+    out = os.path.join(args.out, "fit")
+    result = fit(FitConfig(data=data, out=out, budget_min=2.0, workers=0), progress=not args.no_progress)
+    model = load(os.path.join(out, "model"))
+    test_dir = os.path.join(data, "test")
+    examples = sorted(os.path.join(d, f) for d, _, files in os.walk(test_dir) for f in files if f.endswith(".jpg"))
+    for path, top in zip(examples[::15][:3], model.predict(examples[::15][:3], k=2)):
+        print(f"  {os.path.relpath(path, data)} -> " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    m = result.test["metrics"] if result.test else None
+    score = f"test top-1 {m['top1']:.3f}, mean per-class {m['mean_per_class']:.3f}" if m else "no test split"
+    print(f"demo: fit chose {result.chosen.name}: {score}; model in {os.path.join(out, 'model')}")
     return 0
 
 

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
 
-    p = add("demo", help="extract + probe on the bundled 10-species bird sample")
+    p = add("demo", help="fit (2 minutes) on the bundled 10-species bird sample, then predict with the model")
     p.add_argument("--data", default=None, help="default: the bundled sample (finegrain/_demo/birds10)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true")
