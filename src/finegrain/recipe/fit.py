@@ -155,20 +155,31 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
     frozen.run(y_val, n_test=len(splits.test))
     if cfg.finetune:
-        _finetune(cfg, data, splits, state, clock, reserve=frozen.reserve(len(splits.test)), progress=progress)
+        reserve = frozen.test_cost("eval", len(splits.test)) + 20.0  # the fine-tuned model's own test pass
+        _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
     pool = list(state.candidates.values())
     if cfg.ensemble and len(pool) > 1:
         for cand, proba in ensembles(pool, state.probas, y_val):
             state.candidates.setdefault(cand.name, cand)
             state.probas.setdefault(cand.name, proba)
     board = sorted(state.candidates.values(), key=lambda c: (-c.val_top1, -c.val_mean_per_class))
-    chosen = pick(board)
+    chosen = pick(_affordable(board, state, frozen, clock, len(splits.test)))
     reason = _reason(chosen, board)
     print(f"fit: chose {chosen.name}: {reason}", flush=True)
     model_dir = _build_final(cfg, chosen, state, frozen, data)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
     _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped)
     return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+
+
+def _affordable(board: list[Candidate], state: FitState, frozen: FrozenStage, clock: Clock, n_test: int):
+    """The candidates whose test pass still fits in the budget (at least the cheapest one)."""
+    cost = {c.name: frozen.candidate_cost(c, state.candidates, n_test) for c in board}
+    fits = [c for c in board if cost[c.name] <= clock.remaining() - 15.0]
+    for c in board:
+        if c not in fits:
+            frozen.skipped.append({"candidate": c.name, "why": f"its test pass (~{cost[c.name]:.0f} s) does not fit"})
+    return fits or [min(board, key=lambda c: cost[c.name])]
 
 
 def _reason(chosen: Candidate, board: list[Candidate]) -> str:
@@ -191,7 +202,7 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
     if name in state.candidates:
         return
     val_paths = [s.path for s in splits.val]
-    available = clock.remaining() - reserve - 2.0 * len(val_paths) * state_spi(state)
+    available = clock.remaining() - reserve - 2.0 * len(val_paths) * state_spi(state)  # + val prediction
     if available < FINETUNE_MIN_SECONDS:
         print(f"fit: no fine-tuning: {max(available, 0):.0f} s left after the frozen candidates", flush=True)
         return
