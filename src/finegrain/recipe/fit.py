@@ -163,8 +163,9 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
             state.candidates.setdefault(cand.name, cand)
             state.probas.setdefault(cand.name, proba)
     board = sorted(state.candidates.values(), key=lambda c: (-c.val_top1, -c.val_mean_per_class))
-    chosen = pick(_affordable(board, state, frozen, clock, len(splits.test)))
-    reason = _reason(chosen, board)
+    affordable = _affordable(board, state, frozen, clock, len(splits.test))
+    chosen = pick(affordable)
+    reason = _reason(chosen, affordable, len(board))
     print(f"fit: chose {chosen.name}: {reason}", flush=True)
     model_dir = _build_final(cfg, chosen, state, frozen, data)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
@@ -182,10 +183,12 @@ def _affordable(board: list[Candidate], state: FitState, frozen: FrozenStage, cl
     return fits or [min(board, key=lambda c: cost[c.name])]
 
 
-def _reason(chosen: Candidate, board: list[Candidate]) -> str:
-    runner = next((c for c in board if c.name != chosen.name), None)
+def _reason(chosen: Candidate, affordable: list[Candidate], n_all: int) -> str:
+    runner = next((c for c in affordable if c.name != chosen.name), None)
     text = f"highest validation top-1 ({chosen.val_top1:.4f}, mean per-class {chosen.val_mean_per_class:.4f}) of "
-    text += f"{len(board)} candidates"
+    text += f"{len(affordable)} candidates"
+    if len(affordable) < n_all:
+        text += f" whose test pass fits in the time left ({n_all - len(affordable)} more did not: see fit.json)"
     if runner is not None:
         text += f"; next: {runner.name} ({runner.val_top1:.4f})"
     return text
