@@ -123,6 +123,31 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in row.items() if k != "candidates"}, indent=1))
     record("fit.json", f"{args.dataset}/{args.budget:g}min", row)
+    _headline()
+
+
+def _headline() -> None:
+    """The issue's headline figures from every recorded run (None where not measured)."""
+    from bench.common import RESULTS
+    from finegrain.atomic import atomic_write_json
+
+    path = os.path.join(RESULTS, "fit.json")
+    with open(path) as f:
+        data = json.load(f)
+    runs = {k: v for k, v in data.items() if k != "headline"}
+
+    def top1(key: str) -> float | None:
+        return runs[key]["test_top1"] if key in runs else None
+
+    data["headline"] = {
+        "cub100_top1_10min": top1("cub100/10min"),
+        "cub100_top1_20min": top1("cub100/20min"),
+        "cifar10_500_top1_10min": top1("cifar10-500/10min"),
+        "cifar10_500_top1_30min": top1("cifar10-500/30min"),
+        "max_loss_to_best_candidate_points": max((r["loss_to_best_points"] for r in runs.values()), default=None),
+        "runs": sorted(runs),
+    }
+    atomic_write_json(path, data)
 
 
 if __name__ == "__main__":
