@@ -398,7 +398,8 @@ def parity_section(par: dict) -> list[str]:
             ips = ex["images_per_second"]
             out += [
                 f"Extraction throughput, the old tree on this machine (`{ex['command']}` from commit "
-                f"{key.removeprefix('vs ')}): bare {ips['bare']:.1f} img/s, `finegrain extract` {ips['finegrain']:.1f}, "
+                f"{key.removeprefix('vs ')}): bare {ips['bare']:.1f} img/s, "
+                f"`finegrain extract` {ips['finegrain']:.1f}, "
                 f"hand loop {ips['hand']:.1f}; `finegrain extract` / hand loop = {ex['ratio_finegrain_vs_hand']:.2f}, "
                 "as with this tree (table above): the refactor did not change it. This machine's forward is 3-4x "
                 "faster than the one the earlier table was measured on, so one decoding worker and the fixed costs "
