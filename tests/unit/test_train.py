@@ -133,14 +133,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data, tmp_path):
     subprocess.run(_cli(data, tmp_path / "ref"), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cli(data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoint-last.pt"
+    ckpt, history = killed / "checkpoint-last.pt", killed / "metrics.csv"  # written one after the other each epoch
     deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+    while not (ckpt.exists() and history.exists()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists(), "run ended before the kill"
-    done_epochs = len((killed / "metrics.csv").read_text().splitlines()) - 1
+    done_epochs = len(history.read_text().splitlines()) - 1
     assert 1 <= done_epochs < 4
     subprocess.run(_cli(data, killed, "--resume"), check=True, env=env, capture_output=True)
 
