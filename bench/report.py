@@ -438,6 +438,26 @@ def fit_section(fit: dict) -> list[str]:
     return out
 
 
+def lpft_probe_section(lp: dict) -> list[str]:
+    r = lp.get("cub100-timm-eval-gap")
+    if not r:
+        return []
+    a, b = r["lbfgs_global_scale"], r["logistic_probe"]
+    return [
+        "## LP-FT's probe vs `LogisticProbe` (cub100 timm-eval GAP features, penalty chosen on the same val split)",
+        "",
+        "| probe | chosen penalty | val top-1 | test top-1 | seconds |",
+        "|---|---|---:|---:|---:|",
+        f"| L-BFGS on torch tensors, one global scale (train/probe_init.py) | l2 {a['l2']:g} | {a['val_top1']:.3f} | "
+        f"{a['test_top1']:.3f} | {a['seconds']:.1f} |",
+        f"| heads.LogisticProbe (scikit-learn, per-feature standardization) | C {b['C']:g} | {b['val_top1']:.3f} | "
+        f"{b['test_top1']:.3f} | {b['seconds']:.1f} |",
+        "",
+        f"The same accuracy; LP-FT keeps its own probe for speed. Command: `{r['command']}`",
+        "",
+    ]
+
+
 def main() -> None:
     rep, ft = _load("representations.json"), _load("finetune.json")
     lines = [
@@ -452,6 +472,7 @@ def main() -> None:
     lines += longtail_section(_load("longtail.json")) + cifar_lt_section(_load("longtail.json"))
     lines += evaluate_section(_load("evaluate.json"))
     lines += fit_section(_load("fit.json")) + parity_section(_load("parity.json"))
+    lines += lpft_probe_section(_load("lpft_probe.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")
