@@ -67,9 +67,9 @@ def main() -> None:
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", old, args.old], check=True)
         try:
             env = {**os.environ, "PYTHONPATH": os.path.join(old, "src")}
-            run = os.path.join(tmp, "run")
+            run, sample = os.path.join(tmp, "run"), os.path.join(ROOT, "src", "finegrain", "_demo", "birds10")
             subprocess.run(
-                [sys.executable, "-m", "finegrain", "train", os.path.join(ROOT, "examples", "birds10"), "--out", run,
+                [sys.executable, "-m", "finegrain", "train", sample, "--out", run,
                  "regime=last:1", "epochs=1", "workers=0", "--no-progress"], check=True, env=env, cwd=tmp,
             )  # fmt: skip
             outs = {}

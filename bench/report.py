@@ -371,7 +371,7 @@ def parity_section(par: dict) -> list[str]:
             f"## Refactor check: the same inputs through commit {key.removeprefix('vs ')} and this tree",
             "",
             f"{r['images']} cub100 test images on this machine, precision {r['precision']}; prediction with a small "
-            "model trained once by the old tree (examples/birds10, last:1, 1 epoch).",
+            "model trained once by the old tree (the bundled birds10 sample, last:1, 1 epoch).",
             "",
             "| path | max abs difference | bit-identical | top-1 agreement |",
             "|---|---:|:---:|---:|",

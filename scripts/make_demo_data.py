@@ -1,5 +1,6 @@
-"""Build examples/birds10 (the demo's data) from ../shared/data/cub100: 10 species in look-alike pairs,
-8 train + 4 test images each, resized to 160 px. Run once; the output is committed with its attribution.
+"""Build src/finegrain/_demo/birds10 (the demo's data, shipped in the package) from ../shared/data/cub100:
+10 species in look-alike pairs, 8 train + 4 test images each, resized to 160 px. Run once; the output is
+committed with its attribution.
 
     python scripts/make_demo_data.py
 """
@@ -12,7 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "..", "shared", "data", "cub100")
-DST = os.path.join(ROOT, "examples", "birds10")
+DST = os.path.join(ROOT, "src", "finegrain", "_demo", "birds10")
 SPECIES = [
     "020.American_Goldfinch",
     "021.European_Goldfinch",

@@ -97,7 +97,8 @@ def test_backbones_lists_offline_names(capsys):
 
 def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--data", os.path.join(ROOT, "examples", "birds10"), "--out", out, "--no-progress"]) == 0
+    sample = os.path.join(ROOT, "src", "finegrain", "_demo", "birds10")
+    assert main(["demo", "--data", sample, "--out", out, "--no-progress"]) == 0
     summary = _json(os.path.join(out, "fit", "fit.json"))
     assert summary["test"]["n"] == 40 and summary["test"]["metrics"]["top1"] >= 0.75
     printed = capsys.readouterr().out
@@ -106,7 +107,7 @@ def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
 
 
 def test_demo_data_ships_inside_the_package():
-    """`finegrain demo` without --data finds the sample in the installed package (a wheel has no examples/)."""
+    """`finegrain demo` without --data finds the sample in the installed package (what a wheel install has)."""
     import finegrain
     from finegrain.cli.commands import _default_demo_data
 

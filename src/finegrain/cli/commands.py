@@ -498,14 +498,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _default_demo_data() -> str:
-    """The bundled sample: package data of finegrain (so a wheel install has it), else the checkout's examples/."""
+    """The bundled sample: package data of finegrain, so a wheel install has it too."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (
-        os.path.join(here, "_demo", "birds10"),
-        os.path.normpath(os.path.join(here, "..", "..", "examples", "birds10")),
-    ):
-        if os.path.isdir(cand):
-            return cand
+    path = os.path.join(here, "_demo", "birds10")
+    if os.path.isdir(path):
+        return path
     raise FinegrainError("demo data not found in the installed package: pass --data FOLDER")
 
 
