@@ -58,6 +58,12 @@ def _with_device(cfg):
     return dataclasses.replace(cfg, device=resolve_device(cfg.device))
 
 
+def _cli_config(cls, args: argparse.Namespace, overrides: dict, choices: dict):
+    """A command's config: CLI defaults <- --config YAML <- options, validated, with its device resolved."""
+    cfg = build_config(cls, yaml_path=args.config, overrides=overrides, defaults=CLI_DEFAULTS, choices=choices)
+    return _with_device(cfg)
+
+
 def _skipped_summary(skipped: list[tuple[str, str]], n: int | None, listed: str) -> None:
     """The first skipped inputs and their reasons on stderr, then how many and where all of them are listed."""
     for path, reason in skipped[:10]:
@@ -67,14 +73,8 @@ def _skipped_summary(skipped: list[tuple[str, str]], n: int | None, listed: str)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    cfg = build_config(
-        ExtractConfig,
-        yaml_path=args.config,
-        overrides=_overrides(args, ExtractConfig),
-        defaults=CLI_DEFAULTS,
-        choices={"precision": PRECISIONS},
-    )
-    return run_extract(_with_device(cfg), progress=not args.no_progress)
+    cfg = _cli_config(ExtractConfig, args, _overrides(args, ExtractConfig), {"precision": PRECISIONS})
+    return run_extract(cfg, progress=not args.no_progress)
 
 
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
@@ -245,10 +245,7 @@ def train_config(args: argparse.Namespace):
         if isinstance(v, str) and v.strip()[:1] in ("[", "{"):
             options[k] = parse_overrides([f"{k}={v}"])[k]
     over = {**parse_overrides(args.overrides), **options}
-    cfg = build_config(
-        TrainConfig, yaml_path=args.config, overrides=over, defaults=CLI_DEFAULTS, choices=_train_choices()
-    )
-    return _with_device(cfg)
+    return _cli_config(TrainConfig, args, over, _train_choices())
 
 
 def _check_two_classes(data: str) -> None:
@@ -283,14 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from finegrain.recipe import FitConfig, fit
 
-    cfg = build_config(
-        FitConfig,
-        yaml_path=args.config,
-        overrides=_overrides(args, FitConfig),
-        defaults=CLI_DEFAULTS,
-        choices={"precision": PRECISIONS},
-    )
-    cfg = _with_device(cfg)
+    cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), {"precision": PRECISIONS})
     result = fit(cfg, progress=not args.no_progress)
     line = f"chose {result.chosen.name}: val top-1 {result.chosen.val_top1:.4f}"
     if result.test:

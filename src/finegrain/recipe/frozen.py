@@ -23,6 +23,8 @@ class FrozenStage:
         self.spi: dict[str, float] = {}  # seconds an image, measured per view
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
+        self._units: dict[str, float] = {}  # view -> compute relative to a 224 px forward
+        self._forward_spi: float | None = None
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
@@ -31,19 +33,24 @@ class FrozenStage:
         backbone.preprocess = backbone.preprocess.with_geometry(geo["image_size"], geo["crop_pct"])
         return backbone
 
+    def _cost_units(self, view: str) -> float:
+        """A view's compute relative to one 224 px forward (pixels x flips); its geometry is read once."""
+        if view not in self._units:
+            size = self.backbone(view).preprocess.input_size
+            self._units[view] = (size / 224) ** 2 * (2 if VIEWS[view]["flip"] else 1)
+        return self._units[view]
+
     def _estimate_spi(self, view: str) -> float:
         """Seconds an image for a view: measured if extracted, else scaled from a measured one (pixels x flips),
-        else from a short forward of the backbone here."""
+        else from a short forward of the backbone here (measured once)."""
         if view in self.spi:
             return self.spi[view]
-        pre = self.backbone(view).preprocess
-        cost = (pre.input_size / 224) ** 2 * (2 if VIEWS[view]["flip"] else 1)
-        known = [(v, s) for v, s in self.spi.items()]
-        if known:
-            v, s = known[0]
-            base = (self.backbone(v).preprocess.input_size / 224) ** 2 * (2 if VIEWS[v]["flip"] else 1)
-            return s * cost / base
-        return cost * _measure_spi(self.backbone("eval"), Runtime(self.cfg.device, self.cfg.precision))
+        if self.spi:
+            v, s = next(iter(self.spi.items()))
+            return s * self._cost_units(view) / self._cost_units(v)
+        if self._forward_spi is None:
+            self._forward_spi = _measure_spi(self.backbone("eval"), Runtime(self.cfg.device, self.cfg.precision))
+        return self._cost_units(view) * self._forward_spi
 
     def test_cost(self, view: str, n_test: int) -> float:
         """Seconds to score the test split with a model on this view."""
