@@ -24,7 +24,6 @@ import numpy as np
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
-from finegrain.embed import FeatureStore
 from finegrain.errors import FinegrainError
 from finegrain.recipe.candidates import Candidate, ensembles, pick
 from finegrain.recipe.frozen import FrozenStage
@@ -302,7 +301,3 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
         "test_note": "scored once at the end; never used for a choice" if test else "no test split",
     }
     atomic_write_json(os.path.join(cfg.out, "fit.json"), summary)
-
-
-def open_store(path: str) -> FeatureStore:
-    return FeatureStore.open(path)
