@@ -1,5 +1,6 @@
 """Fine-tuning engine on a tiny real dataset: regimes, exact resume after SIGKILL, errors, export and load."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -217,6 +218,22 @@ def test_no_validation_split_keeps_the_last_epoch(data, tmp_path):
     assert len(__import__("finegrain").load(str(tmp_path / "noval")).classes) == 3
 
 
+def test_a_time_budget_bounds_the_trunk_cache_and_reserves_the_test_pass(data, tmp_path):
+    from finegrain.train.engine import Trainer
+
+    # a budget (0.06 s) spent by the first view: the other 7 views asked for are never built, one epoch runs
+    cfg = _cfg(data, tmp_path / "c", regime="last:1", epochs=3, cache_views=8, time_budget_min=0.001)
+    trainer = Trainer(cfg, progress=False)
+    r = trainer.fit()
+    assert trainer.steps.train_cache.num_views == 1 and len(r.history) == 1
+    # the test pass was reserved at a measured pace, and it ran
+    assert trainer.steps.eval_pace() > 0 and r.test_metrics["n"] == 12
+    # without a budget, views are sized to the epochs asked for
+    trainer = Trainer(_cfg(data, tmp_path / "d", regime="last:1", epochs=2, cache_views=8), progress=False)
+    trainer.fit()
+    assert trainer.steps.train_cache.num_views == 2
+
+
 def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
     from finegrain.train.engine import Trainer
 
@@ -358,15 +375,24 @@ def test_auto_regime_is_explained_saved_and_kept_on_resume(data, tmp_path, capsy
 
     from finegrain.train.engine import Trainer
 
-    cfg = _cfg(data, tmp_path / "auto", regime="auto", epochs=1)
-    train(cfg, progress=True)
-    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
-    # 9 training images a class and no time budget: the last stage, a cached trunk on the CPU
-    assert saved["regime"] == "last:1" and saved["cache_views"] == 8
+    cfg = _cfg(data, tmp_path / "auto", regime="auto", epochs=2)
+    first = train(cfg, progress=True)
+    config_yaml = (tmp_path / "auto" / "config.yaml").read_text()
+    saved = yaml.safe_load(config_yaml)
+    # 9 training images a class and no time budget: the last stage, a trunk cached on the CPU over as many
+    # augmented views as there are epochs (each epoch draws one view of each image; 8 would be wasted work)
+    assert saved["regime"] == "last:1" and saved["cache_views"] == 2
     assert (
         saved["resolved"]["regime_auto"]["images_per_class"] == 9 and "regime auto -> last:1" in capsys.readouterr().out
     )
     resumed = Trainer(_cfg(data, tmp_path / "auto", regime="auto", epochs=2, resume=True), progress=False).setup()
-    assert str(resumed.regime) == "last:1" and resumed.cfg.cache_views == 8
+    assert str(resumed.regime) == "last:1" and resumed.cfg.cache_views == 2
+    # resuming the run that ended is a no-op that says so: nothing recomputed, config.yaml (auto's reason) kept
+    model_file = tmp_path / "auto" / "model" / "model.safetensors"
+    stamp = model_file.stat().st_mtime_ns
+    again = train(dataclasses.replace(cfg, resume=True), progress=True)
+    assert "nothing to resume" in capsys.readouterr().out
+    assert again.test_metrics == first.test_metrics and len(again.history) == 2
+    assert model_file.stat().st_mtime_ns == stamp and (tmp_path / "auto" / "config.yaml").read_text() == config_yaml
     tight = Trainer(_cfg(data, tmp_path / "tight", regime="auto", time_budget_min=0.001), progress=False).setup()
     assert str(tight.regime) == "head" and tight.regime_choice.passes < 1

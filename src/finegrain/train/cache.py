@@ -8,6 +8,7 @@ is most of the cost.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ class TrunkCache:
 
     def __init__(self, views: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
         self.views, self.labels, self.valid = views, labels, valid
+        self.seconds_per_image: float | None = None  # the measured pace of building one view
 
     @property
     def num_views(self) -> int:
@@ -58,15 +60,21 @@ def build_trunk_cache(
     batch_size: int,
     progress: bool = False,
     on_bad: Callable | None = None,
+    deadline: float | None = None,
 ) -> TrunkCache:
     """Run `trunk` over every sample once per transform (view); view v's random augmentation is seeded by (seed, v).
 
-    `runtime` places and autocasts the input; `on_bad(samples, [(position, reason)])` hears of undecodable files."""
+    `runtime` places and autocasts the input; `on_bad(samples, [(position, reason)])` hears of undecodable files.
+    `deadline` (a time.perf_counter() value): no view is started that would end after it (the first always runs);
+    the cache then holds fewer views. The cache's `seconds_per_image` is the measured pace of one view."""
     views: torch.Tensor | None = None
+    t0, done = time.perf_counter(), 0
     valid = torch.zeros(len(samples), dtype=torch.bool)
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     bar = tqdm(total=len(samples) * len(transforms), desc="cache trunk", unit="img", disable=not progress, leave=False)
     for v, transform in enumerate(transforms):
+        if v and deadline is not None and time.perf_counter() + (time.perf_counter() - t0) / v > deadline:
+            break
         torch.manual_seed(seed + 7919 * v)
         files = ImageFiles([s.path for s in samples], transform, labels=[s.label for s in samples])
         generator = torch.Generator().manual_seed(seed + v)
@@ -83,7 +91,10 @@ def build_trunk_cache(
             views[v, torch.tensor(idx)] = h
             valid[torch.tensor(idx)] = True
             bar.update(len(idx) + len(bad))
+        done += 1
     bar.close()
     if views is None:
         views = torch.zeros((len(transforms), len(samples), 1))
-    return TrunkCache(views, labels, valid)
+    cache = TrunkCache(views[:done] if done else views, labels, valid)
+    cache.seconds_per_image = (time.perf_counter() - t0) / max(1, done * len(samples))
+    return cache

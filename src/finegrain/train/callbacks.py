@@ -10,6 +10,7 @@ BestModel decides "improved" before EarlyStopping counts and the checkpoint save
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,18 @@ class Checkpointer(Callback):
         }
 
 
+def finished_run(out: str) -> dict | None:
+    """The metrics.json of a run that ended (its model saved, then metrics.json), None for one that did not."""
+    path = os.path.join(out, "metrics.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(out, "model", "model.json"))):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 class BestModel(Callback):
     """best.safetensors: the evaluated model (the EMA when there is one) whenever val top-1 improves; without a val
     split, the newest. With head_init=probe the probe-initialised model is the first candidate: fine-tuning must
@@ -152,8 +165,9 @@ class EarlyStopping(Callback):
 
 class TimeBudget(Callback):
     """time_budget_min: plan only the epochs that fit (at the last epoch's pace) and end the schedule there; stop
-    when the budget is spent. Timing-dependent by nature; the plan is saved in the checkpoint, so a resumed run
-    keeps it."""
+    when the budget is spent. The budget bounds the whole run: the final pass over the test split is reserved (its
+    images at the measured evaluation pace) and the trunk cache may take at most half of it (steps.py).
+    Timing-dependent by nature; the plan is saved in the checkpoint, so a resumed run keeps it."""
 
     def __init__(self, minutes: float) -> None:
         self.seconds, self.epoch_start = 60 * minutes, 0.0
@@ -164,12 +178,13 @@ class TimeBudget(Callback):
     def on_epoch_end(self, trainer: Trainer, state: FitState, epoch: int, row: dict) -> bool:
         # the pace of this epoch alone: one-off work before it (the trunk cache) is in `seconds`, not in the pace
         pace = time.perf_counter() - self.epoch_start
-        remaining = self.seconds - row["seconds"]
+        reserve = (trainer.steps.eval_pace() or 0.0) * len(trainer.splits.test)
+        remaining = self.seconds - reserve - row["seconds"]
         fits = epoch + 1 + int(max(remaining, 0) // max(pace, 1e-9))
         plan = max(epoch + 1, min(trainer.planned_epochs, fits))
         if plan < trainer.planned_epochs:
             trainer.plan_epochs(plan)
-        return row["seconds"] >= self.seconds
+        return row["seconds"] + reserve >= self.seconds
 
 
 class MaxSteps(Callback):
@@ -190,7 +205,9 @@ class MetricsLogger(Callback):
         self.out, self.progress, self.writer = out, progress, None
 
     def on_fit_start(self, trainer: Trainer, state: FitState) -> None:
-        if trainer.dist.is_main:
+        # a resumed run keeps the config.yaml and splits.json it started with (and regime=auto's recorded reason)
+        resumed = trainer.cfg.resume and os.path.isfile(os.path.join(self.out, "config.yaml"))
+        if trainer.dist.is_main and not resumed:
             save_config(trainer.cfg, self.out, extra={"resolved": describe_run(trainer)})
             splits = trainer.splits
             recorded = {"train": splits.train, "val": splits.val, "test": splits.test}
@@ -200,6 +217,7 @@ class MetricsLogger(Callback):
                 how=splits.note,
                 splits={k: [s.path for s in v] for k, v in recorded.items()},
             )
+        if trainer.dist.is_main:
             self.writer = _tensorboard(self.out)
 
     def on_epoch_end(self, trainer: Trainer, state: FitState, epoch: int, row: dict) -> bool:

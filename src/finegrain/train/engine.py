@@ -28,9 +28,10 @@ from finegrain.data import Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.longtail import shot_accuracy
 from finegrain.losses import create_loss
-from finegrain.models import ModelSpec, save_model
+from finegrain.models import ModelSpec, load_checkpoint, save_model
 from finegrain.runtime import Runtime
 from finegrain.train.callbacks import (
+    CHECKPOINT,
     BestModel,
     Callback,
     Checkpointer,
@@ -39,6 +40,7 @@ from finegrain.train.callbacks import (
     MaxSteps,
     MetricsLogger,
     TimeBudget,
+    finished_run,
     split_sizes,
 )
 from finegrain.train.data import make_splits
@@ -255,7 +257,10 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Run the planned epochs (with cfg.resume, the rest of them), then the test split; writes the run folder."""
+        """Run the planned epochs (with cfg.resume, the rest of them), then the test split; writes the run folder.
+        Resuming a run that already ended does nothing and returns what it recorded."""
+        if self.cfg.resume and (done := finished_run(self.cfg.out)) is not None:
+            return _recorded_result(self.cfg.out, done, progress=self.progress)
         self.setup()
         cfg, state, callbacks = self.cfg, FitState(), self._callbacks()
         for cb in callbacks:
@@ -383,6 +388,23 @@ def _summary(trainer: Trainer, state: FitState, test: dict | None, seconds: floa
         "splits": split_sizes(trainer.splits),
         "seconds": seconds,
     }
+
+
+def _recorded_result(out: str, metrics: dict, *, progress: bool) -> TrainResult:
+    """The TrainResult of a run that ended, from its metrics.json and last checkpoint (nothing is recomputed)."""
+    if progress:
+        print(f"{out} already ended (metrics.json, model/): nothing to resume", flush=True)
+    saved = load_checkpoint(os.path.join(out, CHECKPOINT)) if os.path.isfile(os.path.join(out, CHECKPOINT)) else {}
+    skipped = [(s["path"], s["reason"]) for s in metrics.get("skipped", [])]
+    return TrainResult(
+        out,
+        list(saved.get("history", [])),
+        int(metrics.get("best_epoch", 0)),
+        float(metrics.get("best_val_top1", float("nan"))),
+        metrics.get("test"),
+        skipped,
+        float(metrics.get("seconds", 0.0)),
+    )
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:

@@ -101,7 +101,7 @@ def settle_auto_regime(
     views = cfg.cache_views
     cacheable = choice.regime != "full" and cfg.mixup == 0 and cfg.cutmix == 0 and not dist.enabled
     if views == 0 and cacheable and dist.device.type == "cpu":
-        views = auto_cache_views(choice.passes)
+        views = min(auto_cache_views(choice.passes), cfg.epochs)  # an epoch draws one view of each image
     if progress and dist.is_main:
         extra = f"; the frozen trunk is cached over {views} augmented views" if views != cfg.cache_views else ""
         print(f"regime auto -> {choice.regime}: {choice.reason}{extra}", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -112,9 +113,14 @@ class ImageSteps:
         self.model, self.splits, self.cfg, self.runtime, self.dist = model, splits, cfg, runtime, dist
         self.num_classes = num_classes
         self.forward_module = forward if forward is not None else model
+        self.image_eval_pace: float | None = None  # seconds an image, measured on the last pass over images
 
     def prepare(self) -> None:
         """Build what the first epoch needs (nothing here)."""
+
+    def eval_pace(self) -> float | None:
+        """Seconds an image an evaluation pass through the images takes (the test split's cost), once measured."""
+        return self.image_eval_pace
 
     def loader(self, samples: list[Sample], transform: Callable, *, sampler: Sampler | None = None, epoch: int = 0):
         """A DataLoader of runtime `Batch`es of `samples` (uint8 images), seeded by (seed, epoch)."""
@@ -172,6 +178,7 @@ class ImageSteps:
         """(logits [B, C] float32, labels [B], failed) of this rank's share of `samples` through `model`, on the
         eval view. `cached`: the val split may come from a trunk cache (only for the trained model itself)."""
         sampler = ShardSampler(len(samples), rank=self.dist.rank, world_size=self.dist.world_size)
+        t0 = time.perf_counter()
         for x, y, _, failed in self.loader(samples, build_eval_transform(self.model.preprocess), sampler=sampler):
             if x is None:
                 yield None, None, failed
@@ -179,6 +186,8 @@ class ImageSteps:
             with self.runtime.autocast():
                 logits = model(self.runtime.to_input(x, self.model.preprocess)).float()
             yield logits, y.to(self.runtime.torch_device), failed
+        if samples:
+            self.image_eval_pace = (time.perf_counter() - t0) / len(samples)
 
     @torch.no_grad()
     def head_inputs(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +240,11 @@ class CachedTrunkSteps(ImageSteps):
             return
         cfg, model = self.cfg, self.model.eval()
         train_tf = build_train_transform(cfg.augment, model.preprocess, scale=cfg.crop_scale)
-        n_views = 1 if cfg.augment == "none" else max(cfg.cache_views, 1)
+        # More views than epochs are never all seen: each epoch draws one view of each image
+        n_views = 1 if cfg.augment == "none" else min(max(cfg.cache_views, 1), cfg.epochs)
+        # A time budget bounds the whole run: the augmented views may take at most half of it
+        budget = cfg.time_budget_min
+        deadline = time.perf_counter() + 30 * budget if budget else None
         # The frozen trunk only runs forward: bf16 autocast where the hardware makes it faster (the cache is
         # stored in bf16 anyway), whatever precision the trained tail uses.
         fast = native_bf16(self.runtime.torch_device)
@@ -245,9 +258,16 @@ class CachedTrunkSteps(ImageSteps):
         )
         train, val = self.splits.train, self.splits.val
         views = [train_tf] * n_views
-        self.train_cache = build_trunk_cache(self._trunk(), train, views, seed=epoch_seed(cfg.seed, 0, 5), **common)
+        seed = epoch_seed(cfg.seed, 0, 5)
+        self.train_cache = build_trunk_cache(self._trunk(), train, views, seed=seed, deadline=deadline, **common)
         val_view = [build_eval_transform(model.preprocess)]
         self.val_cache = build_trunk_cache(self._trunk(), val, val_view, seed=epoch_seed(cfg.seed, 0, 6), **common)
+
+    def eval_pace(self) -> float | None:
+        """Measured on images when a pass went through them, else the trunk cache's pace (the trunk is most of it)."""
+        if self.image_eval_pace is None and self.train_cache is not None:
+            return self.train_cache.seconds_per_image
+        return self.image_eval_pace
 
     def _trunk(self) -> Callable[[torch.Tensor], torch.Tensor]:
         model = self.model
