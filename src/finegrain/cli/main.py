@@ -239,6 +239,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     overrides = [t for t in extra if "=" in t and not t.startswith("-")]
     bad = [t for t in extra if t not in overrides or args.command != "train"]
     if bad:
+    p = add("serve", help="serve a model over HTTP: POST /predict, GET /model, /health, and a page at /")
+    p.add_argument("model", help="a finegrain model folder (fit's, train's, probe's, knn's, an ensemble) or run folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="inference path")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-batch", type=int, default=16, help="images run together at most (1: one at a time)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request may wait to fill a batch")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument("-k", "--k", type=int, default=5, help="classes returned when a request does not say")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
+    )
+
         hint = "; train options are --name VALUE or name=VALUE" if args.command == "train" else ""
         raise UsageError(f"unrecognized arguments: {' '.join(bad)} (see finegrain {args.command} --help{hint})")
     args.overrides = overrides
@@ -262,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print("finegrain: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if args.command == "serve":
+            from finegrain.cli import serve_cmd as commands
         os._exit(0)
 
 

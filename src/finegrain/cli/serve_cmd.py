@@ -1,0 +1,53 @@
+"""`finegrain serve MODEL`: the model behind an HTTP service (FastAPI on uvicorn) with its page at GET /."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+from finegrain.errors import FinegrainError
+
+RUNTIMES = ("auto", "torch", "onnx")
+SERVE_EXTRAS = ("fastapi", "uvicorn", "multipart")
+
+
+def check_serve_extras() -> None:
+    """FinegrainError (one line) when the optional web stack is not installed."""
+    missing = [m for m in SERVE_EXTRAS if importlib.util.find_spec(m) is None]
+    if missing:
+        names = ", ".join("python-multipart" if m == "multipart" else m for m in missing)
+        raise FinegrainError(f"finegrain serve needs {names}: pip install 'finegrain[serve]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from finegrain.cli.commands import resolve_device
+
+    if not os.path.exists(args.model):
+        raise FinegrainError(f"no model at {args.model}: give a model folder (or a run folder) saved by finegrain")
+    if not 0 <= args.port < 65536:
+        raise FinegrainError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.k < 1:
+        raise FinegrainError("--max-batch and -k must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    check_serve_extras()
+    from finegrain.serve import create_app, run_server
+
+    app = create_app(
+        args.model,
+        device=resolve_device(args.device),
+        runtime=args.runtime,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        default_k=args.k,
+    )
+    served = app.state.service.served
+    print(
+        f"finegrain serve: {len(served.classes)} classes from {args.model}; page and API on "
+        f"http://{args.host}:{args.port}/ (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,197 @@
+"""The ASGI service: FastAPI routes over a ServedModel, a MicroBatcher and the upload rules.
+
+GET /          the page (serve/page.py): pick or drop a photo, see the top-5, the CAM, similar training images
+GET /health    liveness and counters: requests, refusals, batches and their sizes
+GET /model     classes, preprocessing, kind, gallery, metrics found beside the model, limits
+POST /predict  one image (multipart field `image`, or a raw image body); `k` (default 5), `cam=true`,
+               `neighbours=true` as form fields or query parameters -> JSON top-k with probabilities
+GET /gallery/N the training image of gallery row N (k-NN models whose training files were found), as a thumbnail
+
+Refusals are JSON `{"error": reason, "status": code}` with a 4xx code; the service keeps serving after any of them.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route annotations (Request) at runtime
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from finegrain.errors import FinegrainError
+from finegrain.serve.batcher import MicroBatcher
+from finegrain.serve.model import ServedModel, load_predictor
+from finegrain.serve.page import PAGE_CSP, page_html
+from finegrain.serve.uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, decode_upload, read_upload
+
+TRUE = ("1", "true", "yes", "on")
+
+
+def _served(model, *, device: str, runtime: str | None) -> ServedModel:
+    if isinstance(model, ServedModel):
+        return model
+    if isinstance(model, str):
+        return ServedModel(load_predictor(model, device=device, runtime=runtime), path=model)
+    return ServedModel(model)
+
+
+def _param_k(params, default: int, n_classes: int) -> int:
+    text = params.get("k")
+    if text in (None, ""):
+        return min(default, n_classes)
+    try:
+        k = int(text)
+    except ValueError:
+        raise UploadError(422, f"k must be an integer between 1 and {n_classes}, got {text!r}") from None
+    if not 1 <= k <= n_classes:
+        raise UploadError(422, f"k must be an integer between 1 and {n_classes}, got {k}")
+    return k
+
+
+def _error(status: int, reason: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": reason, "status": status}, status_code=status)
+
+
+class _Service:
+    """State shared by the routes: the model, the batcher, its model thread, limits and counters."""
+
+    def __init__(self, served: ServedModel, *, max_batch: int, max_wait_ms: float, max_upload_bytes: int,
+                 max_pixels: int, default_k: int) -> None:  # fmt: skip
+        self.served, self.default_k = served, default_k
+        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegrain-model")
+        self.batcher = MicroBatcher(
+            served.predict_batch, executor=self.executor, max_batch=max_batch, max_wait_ms=max_wait_ms
+        )
+        self.counts: Counter[str] = Counter()
+        self.started = time.time()
+
+    async def in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def read_image(self, request):
+        """(RGB image, request parameters) or UploadError."""
+        data, fields = await read_upload(request, self.max_upload_bytes)
+        params = {**fields, **request.query_params}
+        image = await asyncio.to_thread(decode_upload, data, min_side=self.served.min_side, max_pixels=self.max_pixels)
+        return image, params
+
+    async def predict(self, request) -> dict:
+        start = time.perf_counter()
+        image, params = await self.read_image(request)
+        k = _param_k(params, self.default_k, len(self.served.classes))
+        proba = await self.batcher.submit(image)
+        top = np.argsort(-proba)[:k]
+        out = {
+            "top": [{"class": self.served.classes[j], "probability": round(float(proba[j]), 6)} for j in top],
+            "k": k,
+        }
+        if str(params.get("cam", "")).lower() in TRUE:
+            out["cam"] = await self.in_model_thread(self.served.cam, image)
+        if str(params.get("neighbours", params.get("neighbors", ""))).lower() in TRUE:
+            out["neighbours"] = await self.in_model_thread(self.served.neighbours, image)
+            out["neighbours_note"] = self.served.gallery_note
+        out["time_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        return out
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "uptime_s": round(time.time() - self.started, 1),
+            "counts": dict(self.counts),
+            "batching": self.batcher.stats(),
+        }
+
+    def describe(self) -> dict:
+        limits = {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels}
+        batching = {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000}
+        return {**self.served.describe(), "limits": limits, "batching": batching, "default_k": self.default_k}
+
+
+def create_app(
+    model,
+    *,
+    device: str = "cpu",
+    runtime: str | None = None,
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    default_k: int = 5,
+):
+    """The FastAPI app serving `model`: a model folder path (loaded on `device` with `runtime`), a loaded
+    Predictor / Ensemble, or a ServedModel. Run it with `run_server` or any ASGI server (uvicorn app:...)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, Response
+    from starlette.exceptions import HTTPException
+
+    if max_batch < 1 or max_wait_ms < 0 or max_upload_bytes < 1 or max_pixels < 1 or default_k < 1:
+        raise FinegrainError("max_batch, max_upload_bytes, max_pixels and default_k must be >= 1, max_wait_ms >= 0")
+    service = _Service(
+        _served(model, device=device, runtime=runtime), max_batch=max_batch, max_wait_ms=max_wait_ms,
+        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, default_k=default_k,
+    )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+            service.executor.shutdown(wait=False)
+
+    app = FastAPI(title="finegrain", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(page_html(), headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/model")
+    async def describe():
+        return service.describe()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            out = await service.predict(request)
+        except UploadError as e:
+            service.counts[f"refused_{e.status}"] += 1
+            return _error(e.status, e.reason)
+        service.counts["predicted"] += 1
+        return out
+
+    @app.get("/gallery/{row}")
+    async def gallery(row: int):
+        try:
+            data = await asyncio.to_thread(service.served.gallery_thumbnail, row)
+        except Exception as e:  # noqa: BLE001 - no such row, or its file is gone or unreadable
+            return _error(404, str(e) if isinstance(e, FinegrainError) else f"no gallery image {row}: {e}")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)

@@ -1,0 +1,122 @@
+"""Uploads: the size limit (declared and streamed), the multipart form, and decoding with finegrain's robust decoder.
+
+Every way an upload can be wrong ends as an `UploadError` with an HTTP status and a one-line reason: 413 too large
+(by Content-Length before reading, or counted while the body streams in), 415 not an image, 422 a file that starts
+like an image but cannot be used (empty, truncated, a decompression bomb) or a form without an image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from PIL import Image
+
+from finegrain.data import ImageDecodeError, load_image
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# A 20 MB file can hold ~100 megapixels of JPEG; 50 megapixels covers phone and most camera photos, and refuses
+# the decompression bombs Pillow would only warn about (its own warning starts at 89 megapixels).
+MAX_PIXELS = 50_000_000
+FORM_SLACK_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields beside the file
+
+
+class UploadError(Exception):
+    """An upload the service refuses: `status` (4xx) and a one-line `reason`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class _CountingReceive:
+    """The ASGI `receive` of a request, refusing a body that streams past `limit` bytes (chunked, or lying about
+    its Content-Length)."""
+
+    def __init__(self, receive, limit: int, shown_limit: int) -> None:
+        self.receive, self.limit, self.shown_limit, self.seen = receive, limit, shown_limit, 0
+
+    async def __call__(self):
+        message = await self.receive()
+        if message.get("type") == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise UploadError(413, f"upload larger than the {_mb(self.shown_limit)} limit")
+        return message
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MB"
+
+
+def check_declared_size(headers, max_bytes: int) -> None:
+    """413 before reading anything when Content-Length already says the body is too large."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + FORM_SLACK_BYTES:
+        raise UploadError(413, f"upload of {_mb(int(declared))} is larger than the {_mb(max_bytes)} limit")
+
+
+async def read_upload(request, max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[bytes, dict[str, str]]:
+    """The image bytes of a request and its other form fields. Accepts multipart/form-data with one file field
+    (any name; `image` by convention) or a raw body with an image/* or application/octet-stream content type."""
+    from starlette.requests import Request
+
+    check_declared_size(request.headers, max_bytes)
+    limited = Request(request.scope, _CountingReceive(request.receive, max_bytes + FORM_SLACK_BYTES, max_bytes))
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await limited.body()
+        fields: dict[str, str] = {}
+    elif ctype == "multipart/form-data":
+        data, fields = await _read_form(limited)
+    else:
+        raise UploadError(415, f"send the image as multipart/form-data (field 'image'), not {ctype or 'no type'}")
+    if len(data) > max_bytes:
+        raise UploadError(413, f"upload of {_mb(len(data))} is larger than the {_mb(max_bytes)} limit")
+    return data, fields
+
+
+async def _read_form(request) -> tuple[bytes, dict[str, str]]:
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except UploadError:
+        raise
+    except HTTPException as e:  # Starlette's own refusal of a malformed form
+        raise UploadError(400, f"malformed multipart form: {e.detail}") from None
+    except (MultiPartException, Exception) as e:  # noqa: BLE001 - hostile bytes are the request's fault
+        raise UploadError(400, f"malformed multipart form: {getattr(e, 'message', None) or e}") from None
+    try:
+        files = [v for v in form.values() if isinstance(v, UploadFile)]
+        if not files:
+            raise UploadError(422, "no image in the request: send a file in the multipart field 'image'")
+        data = await files[0].read()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    finally:
+        await form.close()
+    return data, fields
+
+
+def decode_upload(data: bytes, *, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Upload bytes -> an RGB image (EXIF orientation applied), through `finegrain.data.load_image`.
+
+    UploadError 415 when the bytes are not an image at all, 422 when they are an unusable one."""
+    if not data:
+        raise UploadError(422, "empty file (0 bytes)")
+    # load_image reads a path: its size check, format sniffing and Pillow's lazy decoding all work on the file
+    fd, path = tempfile.mkstemp(prefix="finegrain-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return load_image(path, min_side=min_side, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        status = 415 if str(e).startswith("not an image") else 422
+        raise UploadError(status, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a decoder crash on hostile bytes is the upload's fault, not a 500
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UploadError(422, f"cannot decode ({type(e).__name__}: {first_line})") from None
+    finally:
+        os.unlink(path)
