@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         from finegrain.cli import commands
 
+        if args.command == "serve":
+            from finegrain.cli import serve_cmd as commands
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
@@ -276,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         print("finegrain: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        if args.command == "serve":
-            from finegrain.cli import serve_cmd as commands
         os._exit(0)
 
 
