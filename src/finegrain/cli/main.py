@@ -229,16 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--no-progress", action="store_true")
 
-    add("backbones", help="list the backbones that work offline")
-    return ap
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The parsed command line; `key=value` words (train only) land in args.overrides. Raises UsageError."""
-    args, extra = build_parser().parse_known_args(argv)
-    overrides = [t for t in extra if "=" in t and not t.startswith("-")]
-    bad = [t for t in extra if t not in overrides or args.command != "train"]
-    if bad:
     p = add("serve", help="serve a model over HTTP: POST /predict, GET /model, /health, and a page at /")
     p.add_argument("model", help="a finegrain model folder (fit's, train's, probe's, knn's, an ensemble) or run folder")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
@@ -253,6 +243,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
 
+    add("backbones", help="list the backbones that work offline")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; `key=value` words (train only) land in args.overrides. Raises UsageError."""
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = [t for t in extra if "=" in t and not t.startswith("-")]
+    bad = [t for t in extra if t not in overrides or args.command != "train"]
+    if bad:
         hint = "; train options are --name VALUE or name=VALUE" if args.command == "train" else ""
         raise UsageError(f"unrecognized arguments: {' '.join(bad)} (see finegrain {args.command} --help{hint})")
     args.overrides = overrides
