@@ -127,6 +127,7 @@ TABLE = [
     ("empty", "train {empty} --out {out}/t", 2, E),
     ("empty", "extract {bad} --out {out}/bad --workers 0 --no-progress", 2, E + "none of the 2 images of {bad}"),
     ("empty", "predict {run} {text} {data}", 2, E + "nothing predicted, all 2 input(s) skipped"),
+    ("empty", "explain {run} {text} {missing} --out {out}/e", 2, E + "nothing explained, all 2 input(s) skipped"),
     # absent device (no CUDA: torch.cuda.is_available is patched to False)
     ("device", "extract {data} --out {out}/x --device cuda", 2, E + "device cuda is not available"),
     ("device", "train {flat} --out {out}/t device=cuda", 2, E + "device cuda is not available"),
@@ -235,3 +236,62 @@ def test_a_run_on_a_flat_folder_is_evaluated_on_its_recorded_test_images_only(bu
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
         scored = json.load(f)["scored_images"]
     assert scored["includes_training_images"] is True and scored["training_images_scored"] == 27
+
+
+def test_json_output_of_predict_search_and_evaluate_parses_and_matches_the_text(built, capsys):
+    run, image, text = built["run"], built["image"], built["text"]
+    assert main(["predict", run, image, "-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert main(["predict", run, image, text, "-k", "2", "--json"]) == 1  # one input skipped: partly done
+    doc = json.loads(capsys.readouterr().out)
+    (pred,) = doc["predictions"]
+    assert pred["path"] == image and len(pred["top"]) == 2 and pred["top"][0]["class"] in ("red", "green", "blue")
+    assert line.split("\t")[1].split()[0] == pred["top"][0]["class"]
+    assert doc["skipped"][0]["path"] == text
+    assert main(["search", built["store"], "--query", image, "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2] and hits[0]["score"] >= hits[1]["score"]
+    out = os.path.join(built["out"], "eval-json")
+    argv = ["evaluate", run, built["flat"], "--out", out, "--bootstrap", "10", "--workers", "0", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n"] == 3 and 0 <= doc["metrics"]["top1"] <= 1 and doc["out"] == out
+
+
+def test_explain_skips_a_bad_image_with_exit_1_and_lists_it(built, capsys):
+    out = os.path.join(built["out"], "explain-partly")
+    assert main(["explain", built["run"], built["image"], built["text"], "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {built['text']}" in err and "1 of 2 input(s) skipped" in err
+    with open(os.path.join(out, "explanations.json"), encoding="utf-8") as f:
+        records = json.load(f)
+    assert len(records) == 2 and records[1]["path"] == built["text"] and "skipped" in records[1]
+
+
+def test_a_trained_model_is_reused_as_a_backbone_and_its_weights_load_in_timm(built, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from finegrain.embed import FeatureStore
+    from finegrain.models import load_model, save_timm_weights
+
+    run, data = built["run"], built["data"]
+    common = ["--workers", "0", "--no-progress", "--pooling", "gap"]
+    by_run = str(tmp_path / "by-run")
+    assert main(["extract", data, "--out", by_run, "--backbone", run, *common]) == 0
+    weights = os.path.join(run, "model", "model.safetensors")
+    by_ckpt = str(tmp_path / "by-ckpt")
+    argv = ["extract", data, "--out", by_ckpt, "--backbone", "test_efficientnet", "--checkpoint", weights]
+    assert main([*argv, "--image-size", "32", *common]) == 0
+    fa, fb = FeatureStore.open(by_run).features("gap"), FeatureStore.open(by_ckpt).features("gap")
+    assert fa.shape == fb.shape and float(abs(fa - fb).max()) < 1e-4  # the fine-tuned trunk both ways
+    # the trunk's own key layout: timm loads it; with a plain linear head on GAP the logits are the model's
+    model, spec = load_model(run)
+    path = str(tmp_path / "timm.safetensors")
+    assert save_timm_weights(model, path) is True
+    assert not any(k.startswith("backbone.") for k in load_file(path))
+    overlay = dict(file=path, num_classes=len(spec.classes))
+    net = timm.create_model("test_efficientnet", pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), atol=1e-5, rtol=1e-4)

@@ -84,6 +84,9 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
             break
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    prefix = "backbone.model."  # a finegrain model's weights (model.safetensors, best.safetensors): its trunk
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in state and not k.startswith(("classifier.", "fc.", "head."))]
     if missing:

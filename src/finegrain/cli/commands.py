@@ -77,13 +77,35 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return run_extract(cfg, progress=not args.no_progress)
 
 
+def _is_model_path(name: str) -> bool:
+    """A finegrain model folder, a training run folder, or one of a run's weight files (not a timm name)."""
+    return os.path.isdir(name) or os.path.isfile(name)
+
+
+def _trained_backbone(path: str, checkpoint: str | None):
+    """`--backbone RUN`: the trunk of a saved finegrain model (fine-tuned weights, its preprocessing). The store
+    records it as a checkpoint source, so search and the probes rebuild the same trunk."""
+    from finegrain.models import find_model_folder, load_model
+
+    if checkpoint is not None:
+        raise FinegrainError("--backbone RUN already names the weights: drop --checkpoint")
+    folder, weights = find_model_folder(path)
+    model, _ = load_model(path)
+    backbone = model.backbone
+    backbone.source = "checkpoint:" + os.path.abspath(weights or os.path.join(folder, "model.safetensors"))
+    return backbone
+
+
 def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
     from finegrain.backbones import create_backbone
     from finegrain.data import load_image_set
     from finegrain.embed import extract_to_store
 
     image_set = load_image_set(cfg.data)
-    backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
+    if _is_model_path(cfg.backbone):
+        backbone = _trained_backbone(cfg.backbone, cfg.checkpoint)
+    else:
+        backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
     backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
     result = extract_to_store(
         image_set,
@@ -206,6 +228,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not store:
         raise FinegrainError("give the store: finegrain search STORE --query IMAGE")
     results = search_store(store, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
+    if args.json:
+        queries = [
+            {
+                "query": q,
+                "hits": [{"rank": r, "score": s, "path": p, "label": lab} for r, (s, p, lab) in enumerate(h, 1)],
+            }
+            for q, h in results.items()
+        ]
+        _print_json({"store": store, "queries": queries})
+        return 0
     for query, hits in results.items():
         print(query)
         for rank, (score, path, label) in enumerate(hits, 1):
@@ -291,6 +323,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(doc: dict) -> None:
+    """--json: one document on stdout (NaN written as null, numpy scalars as numbers)."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if hasattr(v, "item") and not isinstance(v, str):
+            v = v.item() if getattr(v, "ndim", 0) == 0 else v.tolist()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    print(json.dumps(clean(doc), indent=1), flush=True)
+
+
 def _unreadable(path: str) -> str | None:
     """Why `path` cannot be an image file (None: it may be one; decoding decides)."""
     if os.path.isdir(path):
@@ -307,7 +356,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise FinegrainError(f"k must be an integer >= 1, got {args.k}")
     predictor = load(args.model, device=resolve_device(args.device))
-    skipped = []
+    skipped, predictions = [], []
     for path in args.images:
         reason = _unreadable(path)
         try:
@@ -317,7 +366,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if reason is not None:
             skipped.append((path, reason))
             continue
-        print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
+        predictions.append({"path": path, "top": [{"class": name, "probability": p} for name, p in top]})
+        if not args.json:
+            print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
+    if args.json:
+        _print_json(
+            {"model": args.model, "predictions": predictions, "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+        )
     if len(skipped) == len(args.images):
         reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
         raise FinegrainError(f"nothing predicted, all {len(skipped)} input(s) skipped: {reasons}")
@@ -342,6 +397,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)
     m, ci = s["metrics"], s["intervals"]
+    if args.json:
+        _say_scored(s["scored_images"])
+        _print_json({**s, "out": out})
+        return 1 if s["skipped"] else 0
 
     def fmt(k):
         lo_hi = ci.get(k)
@@ -381,15 +440,18 @@ def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
     if cfg.sizes:
         raise FinegrainError("use --sweep or --sizes, not both")
     rows = {}
-    print("size  top-1   [95% interval]      mean per-class")
+    say = (lambda line: None) if args.json else print
+    say("size  top-1   [95% interval]      mean per-class")
     for size in sizes:
         sub = dataclasses.replace(cfg, sizes=(size,), out=os.path.join(cfg.out, str(size)))
         s = evaluate_models(sub, progress=not args.no_progress)
         m, ci = s["metrics"], s["intervals"].get("top1") or [float("nan")] * 2
         rows[str(size)] = {"top1": m["top1"], "top1_ci95": ci, "mean_per_class": m["mean_per_class"]}
-        print(f"{size:4d}  {m['top1']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  {m['mean_per_class']:.4f}")
+        say(f"{size:4d}  {m['top1']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  {m['mean_per_class']:.4f}")
     atomic_write_json(os.path.join(cfg.out, "sweep.json"), {"tta": cfg.tta, "sizes": rows})
-    print(f"-> {cfg.out}")
+    if args.json:
+        _print_json({"tta": cfg.tta, "sizes": rows, "out": cfg.out})
+    say(f"-> {cfg.out}")
     return 0
 
 
@@ -401,15 +463,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     predictor = load(args.model, device=resolve_device(args.device))
     os.makedirs(args.out, exist_ok=True)
-    records, seen = [], set()
+    records, seen, skipped = [], set(), []
     for path in args.images:
+        reason = _unreadable(path)
         try:
-            (e,) = explain_images(
-                predictor, [path], method=args.method, target=args.target, layer=args.layer, threshold=args.threshold
-            )
+            if reason is None:
+                (e,) = explain_images(
+                    predictor,
+                    [path],
+                    method=args.method,
+                    target=args.target,
+                    layer=args.layer,
+                    threshold=args.threshold,
+                )
         except ImageDecodeError as err:
-            print(f"{path}\tskipped: {err}")
-            records.append({"path": path, "skipped": str(err)})
+            reason = str(err)
+        if reason is not None:
+            skipped.append((path, reason))
+            records.append({"path": path, "skipped": reason})
             continue
         stem = os.path.splitext(os.path.basename(path))[0]
         name, i = f"{stem}-{e.method}.png", 1
@@ -421,7 +492,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         records.append({**e.to_dict(), "overlay": name})
         print(f"{path}\t{e.target_name} {e.probability:.3f}\tbox {e.box_original}\t-> {name}")
     atomic_write_json(os.path.join(args.out, "explanations.json"), records)
-    return 0
+    listed = os.path.join(args.out, "explanations.json")
+    if len(skipped) == len(args.images):
+        raise FinegrainError(f"nothing explained, all {len(skipped)} input(s) skipped (listed in {listed})")
+    if skipped:
+        _skipped_summary(skipped, len(args.images), listed)
+    return 1 if skipped else 0
 
 
 def cmd_fixres(args: argparse.Namespace) -> int:

@@ -104,8 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", help="images -> feature store (resumable)")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
     p.add_argument("--out", required=True, help="store folder")
-    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline), any timm name, hf-hub:...")
-    p.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="efficientnet_lite0 (default, offline), any timm name, hf-hub:..., or a finegrain model/run folder "
+        "(its trained trunk and preprocessing)",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone (a finegrain model's too)"
+    )
     p.add_argument("--pooling", type=_csv_list, default=None, help="comma list of gap, gem, gem:P, max")
     p.add_argument("--flip", action="store_true", default=None, help="average with the mirrored image (2x compute)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the weights' own)")
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=10)
     p.add_argument("--pooling", default=None)
     p.add_argument("--norm", default="l2", help="normalizer fitted on the gallery (default l2: cosine similarity)")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
 
     p = add("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", "--k", type=int, default=3, help="classes to show per image")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", help="none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
     p.add_argument("--sizes", default=None, help="test resolutions to average, e.g. 224,256,288 (multi-scale)")
     p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the confidence intervals (0: none)")
     p.add_argument("--many", type=int, default=100, help="many-shot: more than this many training images")
     p.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many training images")

@@ -2,7 +2,14 @@
 
 from finegrain.models.checkpoint import load_checkpoint, save_checkpoint
 from finegrain.models.classifier import HEADS, ImageClassifier, StageView, stage_view
-from finegrain.models.io import find_model_folder, load_model, save_model, save_weights
+from finegrain.models.io import (
+    find_model_folder,
+    load_model,
+    save_model,
+    save_timm_weights,
+    save_weights,
+    timm_state_dict,
+)
 from finegrain.models.layers import FeatureNorm, NormedLinear, msra_init_
 from finegrain.models.pooling import POOLINGS, GeM, create_pooling, has_learned_pooling
 from finegrain.models.spec import FORMAT, ModelSpec, build_backbone, build_model
@@ -27,6 +34,8 @@ __all__ = [
     "msra_init_",
     "save_checkpoint",
     "save_model",
+    "save_timm_weights",
     "save_weights",
     "stage_view",
+    "timm_state_dict",
 ]

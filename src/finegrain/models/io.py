@@ -33,6 +33,37 @@ def save_model(model: ImageClassifier, folder: str, spec: ModelSpec) -> str:
     return folder
 
 
+def timm_state_dict(model: ImageClassifier) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict in the backbone's own key layout, whether it carries the classifier).
+
+    The trunk's keys lose finegrain's `backbone.model.` prefix, so `timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...))` loads them. A plain linear head on GAP without a feature normalizer is
+    exactly timm's classifier and is included as `classifier.*` (timm's `num_classes=C` then reproduces the logits);
+    any other head is left out (use `num_classes=0`: the trunk's pooled features)."""
+    prefix = "backbone.model."
+    state = {k[len(prefix) :]: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefix)}
+    plain = (
+        model.head_kind == "linear"
+        and model.pooling_name in ("gap", "avg")
+        and model.normalizer_name == "none"
+        and not getattr(model, "flip", False)
+    )
+    name = model.backbone.model.default_cfg.get("classifier", "classifier") if plain else None
+    if plain and isinstance(name, str):
+        state[f"{name}.weight"] = model.head.weight.detach().cpu()
+        state[f"{name}.bias"] = model.head.bias.detach().cpu()
+    return {k: v.contiguous() for k, v in state.items()}, plain and isinstance(name, str)
+
+
+def save_timm_weights(model: ImageClassifier, path: str) -> bool:
+    """`timm_state_dict` as a safetensors file (atomic); returns whether the classifier is in it."""
+    from safetensors.torch import save
+
+    state, with_head = timm_state_dict(model)
+    atomic_write(path, lambda f: f.write(save(state)))
+    return with_head
+
+
 def read_state(path: str) -> dict[str, torch.Tensor]:
     """Weights from a .safetensors file or a training checkpoint (.pt, read with weights_only=True)."""
     from safetensors.torch import load_file
