@@ -295,3 +295,18 @@ def test_a_trained_model_is_reused_as_a_backbone_and_its_weights_load_in_timm(bu
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_fixres_never_fits_on_test_images(built, capsys):
+    argv = ["fixres", built["run"], built["data"], "--size", "40", "--out", "x", "--split", "test"]
+    code, _, line = _run(argv, capsys)
+    assert code == 2 and line.startswith(E + "fixres fits BatchNorm statistics and the head on --split test")
+    # a flat folder: the run's recorded train images only (27 of 30 minus val), not its 3 held-out test images
+    from finegrain.cli.commands import _fixres_samples
+    from finegrain.config import load_splits
+
+    paths, labels = _fixres_samples(built["run"], built["flat"], "train", ["red", "green", "blue"])
+    recorded = load_splits(built["run"])[1]
+    assert {os.path.abspath(p) for p in paths} == {os.path.abspath(p) for p in recorded["train"]}
+    assert not {os.path.abspath(p) for p in paths} & {os.path.abspath(p) for p in recorded["test"]}
+    assert len(labels) == len(paths)

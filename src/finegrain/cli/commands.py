@@ -500,13 +500,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
-def cmd_fixres(args: argparse.Namespace) -> int:
+def _fixres_samples(model: str, data: str, split: str, classes: list[str]):
+    """The images fixres may fit on: the split asked for; in a flat folder, the run's recorded train (or val)
+    images, never its recorded test holdout."""
+    import numpy as np
+
+    from finegrain.config import load_splits
+    from finegrain.data import load_image_set
     from finegrain.evaluate.evaluation import samples_for_model
+
+    if load_image_set(data).splits != ["all"]:
+        return samples_for_model(data, split, classes)[:2]
+    record = load_splits(model)
+    if record is None or not record[1].get(split):
+        raise FinegrainError(
+            f"{data} is a flat folder and {model} records no {split} split: fixres would fit on images the test "
+            "score may use; give a folder with train/ and test/ or the run trained on this folder"
+        )
+    allowed = {os.path.abspath(p) for p in record[1][split]}
+    paths, labels, _ = samples_for_model(data, "all", classes)
+    keep = [i for i, p in enumerate(paths) if os.path.abspath(p) in allowed]
+    return [paths[i] for i in keep], np.asarray(labels)[keep]
+
+
+def cmd_fixres(args: argparse.Namespace) -> int:
     from finegrain.evaluate.fixres import fix_resolution, save_predictor
     from finegrain.evaluate.predictor import load
 
+    if args.split in ("test", "all"):
+        raise FinegrainError(
+            f"fixres fits BatchNorm statistics and the head on --split {args.split}, whose images must stay unseen "
+            "for an honest test score: use --split train (the default) or val"
+        )
     predictor = load(args.model, device=resolve_device(args.device))
-    paths, labels, _ = samples_for_model(args.data, args.split, predictor.classes)
+    paths, labels = _fixres_samples(args.model, args.data, args.split, predictor.classes)
     fixed = fix_resolution(
         predictor,
         paths,
