@@ -310,3 +310,30 @@ def test_fixres_never_fits_on_test_images(built, capsys):
     assert {os.path.abspath(p) for p in paths} == {os.path.abspath(p) for p in recorded["train"]}
     assert not {os.path.abspath(p) for p in paths} & {os.path.abspath(p) for p in recorded["test"]}
     assert len(labels) == len(paths)
+
+
+def test_every_command_takes_a_config_file_checked_like_the_command_line(built, tmp_path, capsys):
+    from finegrain.cli.main import build_parser, parse_args
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert all(any("--config" in a.option_strings for a in p._actions) for p in sub.choices.values())
+    good = tmp_path / "predict.yaml"
+    good.write_text("k: 2\njson: true\n")
+    assert main(["predict", built["run"], built["image"], "--config", str(good)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"][0]["top"]) == 2
+    assert parse_args(["predict", "m", "x.jpg", "--config", str(good), "-k", "4"]).k == 4  # the command line wins
+    explain = tmp_path / "explain.yaml"
+    explain.write_text(f"out: {tmp_path / 'e'}\nthreshold: 0.3\n")  # a required option from the file
+    args = parse_args(["explain", "m", "x.jpg", "--config", str(explain)])
+    assert args.out == str(tmp_path / "e") and args.threshold == 0.3
+    for text, first in (
+        ("k: many\n", "k in {}: invalid int value 'many'"),
+        ("bogus: 1\n", "unknown option(s) bogus in {}; valid: "),
+        ("precision: fp64\n", "precision in {} must be one of auto, fp32, bf16"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        command = "evaluate" if "precision" in text else "predict"
+        argv = [command, built["run"], built["image"], "--config", str(bad)]
+        code, _, line = _run(argv, capsys)
+        assert code == 2 and line.startswith(E + first.format(bad)), line

@@ -254,12 +254,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add("backbones", help="list the backbones that work offline")
+    _config_everywhere(sub)
     return ap
+
+
+# Commands whose options are a typed config (build_config reads --config itself, with the same validation)
+CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train"}
+
+
+def _config_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Every command takes --config FILE.yaml: its keys are the command's options (dashes or underscores)."""
+    for p in sub.choices.values():
+        if not any("--config" in a.option_strings for a in p._actions):
+            p.add_argument("--config", help="YAML file of this command's options (command-line values win)")
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of --config in a command line (the last one given), None without one."""
+    path = None
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif word.startswith("--config="):
+            path = word.split("=", 1)[1]
+    return path
+
+
+def _yaml_defaults(p: argparse.ArgumentParser, path: str) -> dict:
+    """The --config file of a plain command as parser defaults, each checked as if typed on the command line."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read --config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must be a mapping of option: value")
+    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - actions.keys())
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)} in {path}; valid: {', '.join(sorted(actions))}")
+    for key, value in values.items():
+        action = actions[key]
+        if action.type is not None and value is not None:
+            try:
+                value = action.type(value if isinstance(value, str) else str(value))
+            except (TypeError, ValueError):
+                raise UsageError(f"{key} in {path}: invalid {action.type.__name__} value {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"{key} in {path} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        values[key] = value
+    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The parsed command line; `key=value` words (train only) land in args.overrides. Raises UsageError."""
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    path = _config_path(argv)
+    if path and argv[0] in commands and argv[0] not in CONFIG_COMMANDS:
+        sub = commands[argv[0]]
+        values = _yaml_defaults(sub, path)
+        for action in sub._actions:
+            action.required = action.required and action.dest not in values  # given in the file
+        sub.set_defaults(**values)
+    args, extra = parser.parse_known_args(argv)
     overrides = [t for t in extra if "=" in t and not t.startswith("-")]
     bad = [t for t in extra if t not in overrides or args.command != "train"]
     if bad:
