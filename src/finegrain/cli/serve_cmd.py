@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import sys
 
 from finegrain.errors import FinegrainError
 
-RUNTIMES = ("auto", "torch", "onnx")
-SERVE_EXTRAS = ("fastapi", "uvicorn", "multipart")
+# module names; python-multipart is `python_multipart` since 0.0.13, `multipart` before
+SERVE_EXTRAS = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
 
 
 def check_serve_extras() -> None:
     """FinegrainError (one line) when the optional web stack is not installed."""
-    missing = [m for m in SERVE_EXTRAS if importlib.util.find_spec(m) is None]
+    missing = [name for name, modules in SERVE_EXTRAS.items() if not any(map(_importable, modules))]
     if missing:
-        names = ", ".join("python-multipart" if m == "multipart" else m for m in missing)
-        raise FinegrainError(f"finegrain serve needs {names}: pip install 'finegrain[serve]'")
+        raise FinegrainError(f"finegrain serve needs {', '.join(missing)}: pip install 'finegrain[serve]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -73,17 +73,12 @@ class _Service:
     async def in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def read_image(self, request):
-        """(RGB image, request parameters) or UploadError."""
-        data, fields = await read_upload(request, self.max_upload_bytes)
-        params = {**fields, **request.query_params}
-        image = await asyncio.to_thread(decode_upload, data, min_side=self.served.min_side, max_pixels=self.max_pixels)
-        return image, params
-
     async def predict(self, request) -> dict:
         start = time.perf_counter()
-        image, params = await self.read_image(request)
-        k = _param_k(params, self.default_k, len(self.served.classes))
+        data, fields = await read_upload(request, self.max_upload_bytes)
+        params = {**fields, **request.query_params}
+        k = _param_k(params, self.default_k, len(self.served.classes))  # before decoding: the cheap refusal first
+        image = await asyncio.to_thread(decode_upload, data, min_side=self.served.min_side, max_pixels=self.max_pixels)
         proba = await self.batcher.submit(image)
         top = np.argsort(-proba)[:k]
         out = {

@@ -40,6 +40,14 @@ def _png_data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _model_name(path: str | None) -> str | None:
+    """The model folder's name, or its parent's when the folder is the conventional `model/`."""
+    if not path:
+        return None
+    parts = os.path.abspath(path).rstrip(os.sep).split(os.sep)
+    return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+
+
 def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, int | float | str | bool) or v is None}
 
@@ -126,7 +134,7 @@ class ServedModel:
         first = self.members[0]
         meta = first.meta
         out = {
-            "name": os.path.basename(os.path.normpath(self.path)) if self.path else None,
+            "name": _model_name(self.path),
             "path": self.path,
             "kind": "ensemble" if len(self.members) > 1 else meta.get("kind", "fine-tuned"),
             "backbone": meta.get("backbone"),

@@ -34,7 +34,7 @@ figure{margin:0}
 figure img{width:100%;border-radius:8px;background:#dde3e8}
 figcaption{font-size:12px;color:#4a5a66}
 #top{list-style:none;padding:0;margin:0}
-#top li{display:grid;grid-template-columns:1fr 3fr 4em;gap:8px;align-items:center;margin:6px 0}
+#top li{display:grid;grid-template-columns:2fr 3fr 4em;gap:8px;align-items:center;margin:6px 0}
 #top .name{overflow-wrap:anywhere}
 #top li:first-child .name{font-weight:600}
 .bar{background:#dde3e8;border-radius:4px;height:14px;overflow:hidden}
