@@ -14,6 +14,7 @@ Refusals are JSON `{"error": reason, "status": code}` with a 4xx code; the servi
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -120,10 +121,7 @@ def create_app(
 ):
     """The FastAPI app serving `model`: a model folder path (loaded on `device` with `runtime`), a loaded
     Predictor / Ensemble, or a ServedModel. Run it with `run_server` or any ASGI server (uvicorn app:...)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, Response
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     if max_batch < 1 or max_wait_ms < 0 or max_upload_bytes < 1 or max_pixels < 1 or default_k < 1:
         raise FinegrainError("max_batch, max_upload_bytes, max_pixels and default_k must be >= 1, max_wait_ms >= 0")
@@ -143,6 +141,16 @@ def create_app(
 
     app = FastAPI(title="finegrain", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every refusal in the same JSON shape: {"error": reason, "status": code}."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -151,6 +159,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return _error(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
+
+
+def _add_routes(app, service: _Service) -> None:
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, Response
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -171,6 +184,10 @@ def create_app(
         except UploadError as e:
             service.counts[f"refused_{e.status}"] += 1
             return _error(e.status, e.reason)
+        except Exception as e:  # noqa: BLE001 - a fault of the service itself: said in JSON, logged, and served on
+            service.counts["failed_500"] += 1
+            logging.getLogger("finegrain.serve").exception("predict failed")
+            return _error(500, f"internal error ({type(e).__name__}: {e})")
         service.counts["predicted"] += 1
         return out
 
@@ -181,8 +198,6 @@ def create_app(
         except Exception as e:  # noqa: BLE001 - no such row, or its file is gone or unreadable
             return _error(404, str(e) if isinstance(e, FinegrainError) else f"no gallery image {row}: {e}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-
-    return app
 
 
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -1,0 +1,162 @@
+"""The page at GET / in Debian's real Chromium, against a real `finegrain serve` app on a free port: a real photo
+goes in through the page's file input and the predicted species is drawn; a text file shows the API's error.
+
+Chromium is driven over the DevTools protocol on `--remote-debugging-pipe` (JSON messages separated by NUL bytes
+on file descriptors 3 and 4), so no browser driver or websocket package is needed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="finegrain serve needs the serve extra: pip install 'finegrain[serve]'")
+
+from finegrain.report.browser import BASE_FLAGS  # noqa: E402
+from finegrain.serve import create_app  # noqa: E402
+from tests.unit.test_serve import bird_test_images, build_bird_models, live_server  # noqa: E402
+
+
+class PipeBrowser:
+    """Headless Chromium with one page, commanded over --remote-debugging-pipe."""
+
+    def __init__(self, binary: str, *, timeout: float = 60) -> None:
+        self.timeout, self._id, self._buf = timeout, 0, b""
+        self.profile = tempfile.TemporaryDirectory(prefix="finegrain-cdp-")
+        to_browser, self._to_browser = os.pipe()
+        self._from_browser, from_browser = os.pipe()
+        flags = [f for f in BASE_FLAGS if not f.startswith("--virtual-time-budget")]  # real time: the page fetches
+        # bash puts the pipe ends on fds 3 (Chromium reads) and 4 (it writes), then becomes Chromium
+        script = f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}'
+        cmd = ["bash", "-c", script, binary, *flags, f"--user-data-dir={self.profile.name}"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--remote-debugging-pipe", "about:blank"],
+            pass_fds=(to_browser, from_browser),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, HOME=self.profile.name),
+            start_new_session=True,
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def send(self, method: str, *, session: str | None = None, **params) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\0" in self._buf:  # events (no id) and late replies are skipped
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
+                raise TimeoutError(f"chromium did not answer {method} in {self.timeout:g} s")
+            chunk = os.read(self._from_browser, 1 << 16)
+            if not chunk:
+                raise RuntimeError(f"chromium closed the pipe (exit code {self.proc.poll()})")
+            self._buf += chunk
+
+    def page(self, method: str, **params) -> dict:
+        return self.send(method, session=self.session, **params)
+
+    def eval(self, expression: str):
+        r = self.page("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise TimeoutError(f"still false after {timeout:g} s: {expression}")
+
+    def choose_file(self, selector: str, path: str) -> None:
+        """Set the file of an <input type=file>, as a person picking it would (input and change events fire)."""
+        root = self.page("DOM.getDocument", depth=0)["root"]["nodeId"]
+        node = self.page("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.page("DOM.setFileInputFiles", nodeId=node, files=[os.path.abspath(path)])
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+        self.profile.cleanup()
+
+
+SETTLED = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+RESULT = """JSON.stringify({
+  top: [...document.querySelectorAll('#top li')].map((li) => li.dataset.class),
+  shown: document.querySelector('#top li .name').textContent,
+  widths: [...document.querySelectorAll('#top .fill')].map((f) => parseFloat(f.style.width)),
+  status: document.getElementById('status').textContent,
+  cam: document.getElementById('cam').naturalWidth,
+  neighbours: [...document.querySelectorAll('#neighbours figure')].map((f) => f.textContent),
+  thumbs: [...document.querySelectorAll('#neighbours img')].filter((i) => i.complete && i.naturalWidth > 0).length,
+})"""
+
+
+@pytest.fixture(scope="module")
+def knn_page(tmp_path_factory):
+    models = build_bird_models(str(tmp_path_factory.mktemp("serve-page")))
+    with live_server(create_app(models["knn"])) as url:
+        yield url
+
+
+def test_the_page_classifies_an_uploaded_photo_and_shows_upload_errors(chromium, knn_page, tmp_path):
+    browser = PipeBrowser(chromium)
+    try:
+        browser.page("Page.navigate", url=knn_page + "/")
+        browser.wait_for("document.readyState === 'complete' && document.body.dataset.state === 'idle'")
+        assert "10 classes" in browser.wait_for("document.getElementById('model-info').textContent.includes('classes')"
+                                                " && document.getElementById('model-info').textContent")  # fmt: skip
+
+        path, truth = bird_test_images()[4]
+        browser.choose_file("#file", path)
+        assert browser.wait_for(SETTLED) == "done", browser.eval("document.getElementById('error').textContent")
+        browser.wait_for("[...document.querySelectorAll('#neighbours img')].every((i) => i.complete)")
+        shown = json.loads(browser.eval(RESULT))
+        assert shown["top"][0] == truth and len(shown["top"]) == 5
+        assert shown["shown"] == truth.replace("_", " ") and truth.replace("_", " ") in shown["status"]
+        assert shown["widths"] == sorted(shown["widths"], reverse=True) and shown["widths"][0] > 30
+        assert shown["cam"] == 128  # the CAM overlay decoded: the 128 px view the model saw
+        assert len(shown["neighbours"]) == 6 and shown["thumbs"] == 6  # similar training images, loaded
+        shot = base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "page.png").write_bytes(shot)
+
+        text = tmp_path / "notes.txt"
+        text.write_text("a shopping list, not a photo\n")
+        browser.choose_file("#file", str(text))
+        assert browser.wait_for(SETTLED + " === 'error'")
+        error = browser.eval("document.getElementById('error').textContent")
+        assert "notes.txt" in error and "not an image" in error
+        assert browser.eval("getComputedStyle(document.getElementById('error')).display") == "block"
+        assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
+
+        browser.choose_file("#file", path)  # and it still works after the error
+        assert browser.wait_for(SETTLED) == "done"
+        assert json.loads(browser.eval(RESULT))["top"][0] == truth
+    finally:
+        browser.close()
