@@ -1,0 +1,23 @@
+"""Learning from unlabeled images on frozen embeddings: label propagation, self-training, the out-of-class guard,
+and which unlabeled images to label next."""
+
+from finegrain.semi.graph import certainty, diffuse, knn_graph
+from finegrain.semi.guard import mass_threshold, similarity_guard
+from finegrain.semi.probe import WeightedProbe
+from finegrain.semi.propagation import LabelPropagationProbe
+from finegrain.semi.self_training import SelfTrainingProbe, capped_pseudo_labels
+from finegrain.semi.suggest import suggest_to_label, write_suggestions
+
+__all__ = [
+    "LabelPropagationProbe",
+    "SelfTrainingProbe",
+    "WeightedProbe",
+    "capped_pseudo_labels",
+    "certainty",
+    "diffuse",
+    "knn_graph",
+    "mass_threshold",
+    "similarity_guard",
+    "suggest_to_label",
+    "write_suggestions",
+]
