@@ -15,6 +15,7 @@ import sys
 import typing
 import warnings
 
+from finegrain.cli.suggest_cmd import add_suggest_parser
 from finegrain.config import EvalConfig, ExtractConfig, TrainConfig
 from finegrain.errors import FinegrainError
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="fixes the validation split and training (default 0)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None, help="frozen candidates only")
     p.add_argument("--no-ensemble", dest="ensemble", action="store_false", default=None, help="no ensembles")
+    p.add_argument("--unlabeled", default=None, help="folder of images without labels: semi-supervised candidates")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
@@ -253,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
 
+    add_suggest_parser(add)
     add("backbones", help="list the backbones that work offline")
     _config_everywhere(sub)
     return ap
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "serve":
             from finegrain.cli import serve_cmd as commands
+        if args.command == "suggest":
+            from finegrain.cli import suggest_cmd as commands
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

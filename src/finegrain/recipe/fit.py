@@ -27,6 +27,7 @@ from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.recipe.candidates import Candidate, ensembles, pick
 from finegrain.recipe.frozen import FrozenStage
+from finegrain.recipe.unlabeled import final_semi_model, run_semi, unlabeled_paths
 from finegrain.train.data import make_splits
 
 FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start
@@ -47,6 +48,7 @@ class FitConfig:
     precision: str = "auto"
     device: str = "cpu"
     bootstrap: int = 1000
+    unlabeled: str = ""  # a folder of images without labels: semi-supervised candidates too (recipe/unlabeled.py)
 
 
 @dataclass
@@ -142,6 +144,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     image_set = load_image_set(cfg.data)
     splits = make_splits(image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
     notes = _check_data(image_set, splits)
+    upaths = unlabeled_paths(cfg.unlabeled, image_set) if cfg.unlabeled else []
     for note in notes:
         print(f"fit: warning: {note}", flush=True)
     data = _relabelled(image_set, splits)
@@ -153,6 +156,8 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     y_val = np.array([s.label for s in splits.val])
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
     frozen.run(y_val, n_test=len(splits.test))
+    if upaths:
+        run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test))
     if cfg.finetune:
         reserve = frozen.test_cost("eval", len(splits.test)) + 20.0  # the fine-tuned model's own test pass
         _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
@@ -249,6 +254,8 @@ def _build_final(cfg: FitConfig, chosen: Candidate, state: FitState, frozen: Fro
         cand = state.candidates[name]
         if cand.kind == "finetune":
             members.append(load(cand.params["run"]))
+        elif cand.kind == "semi":
+            members.append(Predictor(*final_semi_model(frozen, cand, unlabeled_paths(cfg.unlabeled, data)), cfg.device))
         else:
             model, spec = frozen.final_model(cand)
             members.append(Predictor(model, spec, cfg.device))

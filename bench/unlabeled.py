@@ -1,0 +1,206 @@
+"""Learning from unlabeled images on cub100 (issue 14): a few labelled train images a class, the rest of the train
+split unlabeled, the full test split scored once. Supervised probe / NCM / 1-NN on the same features against label
+propagation and self-training, and the pick made on a validation split carved from the labelled images.
+
+Features: efficientnet_lite0, GeM, 256 px full frame + flip (bf16), L2 - the issue's reference - read from the
+store `bench/cache/cub100-lite0-finegrain` (made by bench.representations: `finegrain extract` with --image-size 256
+--crop-pct 1.0 --flip), extracted once and cached; numpy / scikit-learn from there on.
+
+    python -m bench.unlabeled                 # everything (about 15 minutes on 2 cores)
+    python -m bench.unlabeled --quick         # seed 0 only
+
+Hyper-parameters: label propagation's defaults are the literature's for frozen features (k = 20, gamma = 3,
+alpha = 0.8; Lazarou et al., ICCV 2021), never tuned on test. With 5 labelled images a class the pick is made on a
+validation split (1 labelled image a class held out, stratified, seeded) among the supervised heads, self-training
+and label propagation over k in {10, 20} x alpha in {0.8, 0.99}; the winner is refitted on all labelled images.
+With 1 labelled image a class there is nothing to validate on: the pick is label propagation with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+
+from bench.common import ROOT, record, require_dataset
+from finegrain.embed import FeatureStore
+from finegrain.heads import create_classifier
+from finegrain.heads.index import l2_normalize
+from finegrain.semi import LabelPropagationProbe, SelfTrainingProbe, suggest_to_label
+
+STORE = os.path.join(ROOT, "bench", "cache", "cub100-lite0-finegrain")
+LP_GRID = [{"k": k, "alpha": a} for k in (10, 20) for a in (0.8, 0.99)]
+
+
+def load_features(store_dir: str = STORE) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
+    """(GeM features [R, D] L2-normalised, 'split/class/file' -> row, labels [R])."""
+    store = FeatureStore.open(store_dir)
+    feats = l2_normalize(np.asarray(store.features("gem")))
+    rows, labels = {}, np.zeros(len(feats), np.int64)
+    for e in store.index():
+        rows["/".join(e.path.split(os.sep)[-3:])] = e.row
+        labels[e.row] = e.label
+    return feats, rows, labels
+
+
+def sample(base: str, rows: dict, shots: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(labelled rows, unlabeled rows, test rows): `shots` train images a class drawn as bench.fit draws them."""
+    rng = np.random.default_rng(seed)
+    lab, unl, test = [], [], []
+    for cls in sorted(os.listdir(os.path.join(base, "train"))):
+        files = sorted(os.listdir(os.path.join(base, "train", cls)))
+        chosen = set(rng.choice(files, shots, replace=False))
+        for f in files:
+            (lab if f in chosen else unl).append(rows[f"train/{cls}/{f}"])
+        test += [rows[f"test/{cls}/{f}"] for f in sorted(os.listdir(os.path.join(base, "test", cls)))]
+    return lab, unl, test
+
+
+def out_of_class(lab, unl, test, labels, seed: int, n_known: int = 50):
+    """The first n_known classes are the task; images of the others make half of the unlabeled pool."""
+    rng = np.random.default_rng(seed + 1000)
+    inside = [r for r in unl if labels[r] < n_known]
+    outside = [r for r in unl if labels[r] >= n_known]
+    pool = inside + list(rng.choice(outside, len(inside), replace=False))
+    return [r for r in lab if labels[r] < n_known], pool, [r for r in test if labels[r] < n_known]
+
+
+def supervised(X, y, Xt, yt) -> dict[str, float]:
+    out = {}
+    for name, clf in (("probe", "probe"), ("ncm", "ncm"), ("1-nn", "knn")):
+        opts = {"n_neighbors": 1} if clf == "knn" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_classifier(clf, **opts).fit(X, y)
+        out[name] = float(np.mean(model.predict(Xt) == yt))
+    return out
+
+
+def semi_models(grid: bool):
+    """(name, unfitted estimator) of the semi-supervised candidates."""
+    lps = LP_GRID if grid else [{}]
+    out = [(f"lp(k={p.get('k', 20)},alpha={p.get('alpha', 0.8)})", LabelPropagationProbe(**p)) for p in lps]
+    return out + [("self-training", SelfTrainingProbe())]
+
+
+def run_setting(F, labels, lab, unl, test, *, pick_on_val: bool, seed: int) -> dict:
+    """Every row of one setting: supervised heads, each semi-supervised method, the pick (on validation)."""
+    X, y, Xu = F[lab], labels[lab], F[unl]
+    Xt, yt = F[test], labels[test]
+    res = {"n_labelled": len(lab), "n_unlabeled": len(unl), "n_test": len(test), "supervised": supervised(X, y, Xt, yt)}
+    res["best_supervised"] = max(res["supervised"].values())
+    res["methods"], res["used"] = {}, {}
+    for name, model in semi_models(grid=False):
+        t0 = time.perf_counter()
+        model.fit(X, y, Xu)
+        res["methods"][name] = float(np.mean(model.predict(Xt) == yt))
+        res["used"][name] = {**model.report_, "seconds": round(time.perf_counter() - t0, 1)}
+        if len(np.unique(labels[unl])) > len(np.unique(y)):  # out-of-class: how many foreign images were used
+            foreign = labels[unl] >= y.max() + 1
+            res["used"][name]["n_used_out_of_class"] = int(((model.pseudo_labels_ >= 0) & foreign).sum())
+    res["pick"] = pick_on_validation(F, labels, lab, unl, test, seed) if pick_on_val else {
+        "name": "lp(k=20,alpha=0.8)", "why": "1 labelled image a class: no validation, the literature's defaults",
+        "test": res["methods"]["lp(k=20,alpha=0.8)"]}  # fmt: skip
+    res["gain_points"] = round(100 * (res["pick"]["test"] - res["best_supervised"]), 2)
+    return res
+
+
+def pick_on_validation(F, labels, lab, unl, test, seed: int) -> dict:
+    """fit's way: hold out 1 labelled image a class, score every candidate on it, refit the best on all."""
+    from finegrain.data import stratified_split
+
+    y = labels[lab]
+    tr, va = stratified_split(y, test_size=0.2, seed=seed)
+    tr, va = np.asarray(lab)[tr], np.asarray(lab)[va]
+    cands = [(n, create_classifier(c, **o)) for n, c, o in (("probe", "probe", {}), ("ncm", "ncm", {}),
+                                                            ("1-nn", "knn", {"n_neighbors": 1}))]  # fmt: skip
+    cands += semi_models(grid=True)
+    scores = {}
+    for name, model in cands:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name.startswith(("lp", "self")):
+                model.fit(F[tr], labels[tr], F[unl])
+            else:
+                model.fit(F[tr], labels[tr])
+        scores[name] = float(np.mean(model.predict(F[va]) == labels[va]))
+    best = max(scores, key=lambda n: (scores[n], n.startswith("lp")))
+    model = dict(cands)[best]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = model.fit(F[lab], y, F[unl]) if best.startswith(("lp", "self")) else model.fit(F[lab], y)
+    return {"name": best, "val": scores, "test": float(np.mean(model.predict(F[test]) == labels[test]))}
+
+
+def suggest_vs_random(F, labels, base, rows, seed: int, n_more: int = 100) -> dict:
+    """Start from 1 labelled image a class, label n_more more (suggested vs random), LP probe scored on test."""
+    lab, unl, test = sample(base, rows, 1, seed)
+    first = LabelPropagationProbe().fit(F[lab], labels[lab], F[unl])
+    order = suggest_to_label(F[unl], first.predict_proba(F[unl]), n_more, X_lab=F[lab], seed=seed)
+    rand = np.random.default_rng(seed + 2000).choice(len(unl), n_more, replace=False)
+    out = {}
+    for name, picked in (("suggest", order), ("random", rand)):
+        new_lab = list(lab) + [unl[i] for i in picked]
+        rest = [r for i, r in enumerate(unl) if i not in set(picked.tolist())]
+        model = LabelPropagationProbe().fit(F[new_lab], labels[new_lab], F[rest])
+        out[name] = float(np.mean(model.predict(F[test]) == labels[test]))
+        sup = create_classifier("probe").fit(F[new_lab], labels[new_lab])
+        out[f"{name}_supervised_probe"] = float(np.mean(sup.predict(F[test]) == labels[test]))
+    out["gain_points"] = round(100 * (out["suggest"] - out["random"]), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seed 0 only")
+    args = ap.parse_args()
+    base = require_dataset("cub100")
+    F, rows, labels = load_features()
+    seeds = [0] if args.quick else [0, 1, 2]
+    settings = {}
+    for key, shots, ooc in (("5shot", 5, False), ("1shot", 1, False), ("5shot_out_of_class", 5, True)):
+        for seed in seeds:
+            t0 = time.perf_counter()
+            lab, unl, test = sample(base, rows, shots, seed)
+            if ooc:
+                lab, unl, test = out_of_class(lab, unl, test, labels, seed)
+            r = run_setting(F, labels, lab, unl, test, pick_on_val=shots > 1, seed=seed)
+            settings[f"{key}/seed{seed}"] = r
+            print(f"{key} seed {seed}: best supervised {r['best_supervised']:.3f}, {r['methods']}, pick "
+                  f"{r['pick']['name']} {r['pick']['test']:.3f} ({r['gain_points']:+.1f}) "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    sug = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
+    print("suggest vs random:", sug, flush=True)
+    record("unlabeled.json", "cub100", {"settings": settings, "suggest": sug, "seeds": seeds,
+                                        "headline": headline(settings, sug), "features": features_note()})  # fmt: skip
+
+
+def _mean_gain(settings: dict, key: str) -> float:
+    return round(float(np.mean([v["gain_points"] for k, v in settings.items() if k.startswith(key + "/")])), 2)
+
+
+def headline(settings: dict, sug: dict) -> dict:
+    return {
+        "gain_5shot_points": _mean_gain(settings, "5shot"),
+        "gain_1shot_points": _mean_gain(settings, "1shot"),
+        "gain_5shot_out_of_class_points": _mean_gain(settings, "5shot_out_of_class"),
+        "worst_gain_points": round(min(v["gain_points"] for v in settings.values()), 2),
+        "suggest_gain_over_random_points": round(float(np.mean([v["gain_points"] for v in sug.values()])), 2),
+        "note": "gains of the pick over the best supervised head (probe / NCM / 1-NN, best on test in hindsight), "
+        "mean over seeds; worst: the lowest single gain",
+    }
+
+
+def features_note() -> dict:
+    meta = FeatureStore.open(STORE).meta
+    pre = meta["backbone"]["preprocess"]
+    return {"store": os.path.relpath(STORE, ROOT), "backbone": meta["backbone"]["name"], "pooling": "gem",
+            "image_size": pre["input_size"], "crop_pct": pre["crop_pct"], "flip": meta.get("flip"),
+            "precision": meta["precision"], "normalizer": "l2"}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

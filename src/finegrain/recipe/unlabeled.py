@@ -1,0 +1,179 @@
+"""fit's unlabeled images (`finegrain fit DATA --unlabeled DIR`, `finegrain suggest`): the folder is read and
+checked, its frozen features extracted on each view (same robust decoding: bad files skipped and listed in the
+store's skipped.csv), and the semi-supervised probes (label propagation, self-training) become candidates scored on
+the labelled validation split like every other one. A chosen one is refitted on train + val + the unlabeled images."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from finegrain.data import IMAGE_EXTENSIONS, ImageSet, Sample
+from finegrain.embed import FeatureStore, extract_to_store
+from finegrain.errors import FinegrainError
+from finegrain.heads.index import l2_normalize
+from finegrain.semi import LabelPropagationProbe, SelfTrainingProbe
+
+# (name, estimator factory); the literature's defaults (semi/propagation.py), never tuned on a test split
+SEMI_HEADS = (
+    ("lp-l2", lambda seed: LabelPropagationProbe(random_state=seed)),
+    ("lp-k10-l2", lambda seed: LabelPropagationProbe(k=10, random_state=seed)),
+    ("selftrain-l2", lambda seed: SelfTrainingProbe(random_state=seed)),
+)
+
+
+def _inside(a: str, b: str) -> bool:
+    """Whether folder a is b or inside it."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def unlabeled_paths(folder: str, image_set: ImageSet) -> list[str]:
+    """The image files under `folder` (any depth, sorted); one-line errors for a missing or empty folder, or one
+    that is (or overlaps) the labelled data."""
+    if not folder or not os.path.isdir(folder):
+        raise FinegrainError(f"unlabeled folder {folder!r} does not exist or is not a folder")
+    if _inside(image_set.root, folder):  # the labelled data itself, or a folder that holds it
+        raise FinegrainError(f"unlabeled folder {folder} overlaps the labelled data {image_set.root}")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths += [os.path.abspath(os.path.join(dirpath, f)) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]  # fmt: skip
+    if not paths:
+        raise FinegrainError(f"unlabeled folder {folder} has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    labelled = {os.path.realpath(s.path) for s in image_set.samples}
+    if any(os.path.realpath(p) in labelled for p in paths):
+        raise FinegrainError(f"unlabeled folder {folder} overlaps the labelled data: it holds {image_set.root} images")
+    return paths
+
+
+def unlabeled_store(frozen, view: str, paths: list[str]) -> FeatureStore:
+    """Features of the unlabeled images on one view (resumable store <out>/features-unlabeled/<view>)."""
+    from finegrain.recipe.candidates import POOLINGS, VIEWS
+
+    image_set = ImageSet(frozen.data.root, frozen.data.classes, [Sample(p, 0, "unlabeled") for p in paths])
+    cfg = frozen.cfg
+    result = extract_to_store(
+        image_set, frozen.backbone(view), os.path.join(cfg.out, "features-unlabeled", view), poolings=POOLINGS,
+        flip=VIEWS[view]["flip"], batch_size=cfg.batch_size, num_workers=cfg.workers, precision=cfg.precision,
+        device=cfg.device, progress=frozen.progress,
+    )  # fmt: skip
+    if result.skipped:
+        listed = os.path.join(cfg.out, "features-unlabeled", view, "skipped.csv")
+        print(f"fit: warning: {len(result.skipped)} unlabeled image(s) could not be read: listed in {listed}")
+    return result.store
+
+
+def _unlabeled_X(store: FeatureStore, pooling: str) -> np.ndarray:
+    entries = store.index()
+    if not entries:
+        return np.zeros((0, store.dim), np.float32)
+    return np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
+
+
+def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_test: int) -> list[dict]:
+    """Score the SEMI_HEADS on every extracted view x pooling (fit's validation split); returns their reports."""
+    from finegrain.recipe.candidates import POOLINGS, VIEWS, Candidate, class_proba, val_scores
+    from finegrain.recipe.frozen import _aligned, _features
+
+    reports = []
+    val_paths = [s.path for s in frozen.data.samples if s.split == "val"]
+    for view in VIEWS:
+        store_dir = os.path.join(frozen.cfg.out, "features", view)
+        if not os.path.exists(os.path.join(store_dir, "index.csv")):
+            continue  # fit skipped this view (budget)
+        if clock.remaining() < frozen.reserve(n_test) + len(paths) * frozen._estimate_spi(view) + 10:
+            frozen.skipped.append({"view": view, "why": "no time left to extract the unlabeled images"})
+            continue
+        store, ustore = FeatureStore.open(store_dir), unlabeled_store(frozen, view, paths)
+        for pooling in POOLINGS:
+            Xtr, ytr = _features(store, "train", pooling)
+            Xva, Xu = _aligned(store, "val", pooling, val_paths), _unlabeled_X(ustore, pooling)
+            for head, make in SEMI_HEADS:
+                name = f"{view}/{pooling}/{head}"
+                if name in state.candidates:
+                    continue
+                t0 = time.perf_counter()
+                clf = make(frozen.cfg.seed).fit(l2_normalize(Xtr), ytr, l2_normalize(Xu))
+                proba = np.zeros((len(y_val), len(frozen.data.classes)))
+                ok = ~np.isnan(Xva[:, 0])
+                proba[ok] = class_proba(clf, l2_normalize(Xva[ok]), len(frozen.data.classes))
+                top1, mpc = val_scores(proba, y_val)
+                params = {"view": view, "pooling": pooling, "head": head, "source": f"{view}/{pooling}",
+                          "spi": frozen.spi.get(view, 0.0), "unlabeled": clf.report_}  # fmt: skip
+                state.add(Candidate(name, "semi", top1, mpc, time.perf_counter() - t0, params), proba)
+                reports.append({"candidate": name, **clf.report_})
+    return reports
+
+
+def final_semi_model(frozen, cand, paths: list[str]):
+    """The semi-supervised candidate refitted on train + val + the unlabeled images, as (model, spec)."""
+    from finegrain.embed import create_normalizer
+    from finegrain.heads.to_model import frozen_model
+    from finegrain.recipe.candidates import VIEWS
+    from finegrain.recipe.frozen import _features
+
+    view, pooling = cand.params["view"], cand.params["pooling"]
+    X, y = _features(FeatureStore.open(os.path.join(frozen.cfg.out, "features", view)), ("train", "val"), pooling)
+    Xu = _unlabeled_X(unlabeled_store(frozen, view, paths), pooling)
+    make = dict(SEMI_HEADS)[cand.params["head"]]
+    clf = make(frozen.cfg.seed).fit(l2_normalize(X), y, l2_normalize(Xu))
+    counts = np.bincount(y, minlength=len(frozen.data.classes))
+    return frozen_model(
+        frozen.backbone(view), clf, create_normalizer("l2").fit(X), classes=frozen.data.classes, pooling=pooling,
+        flip=VIEWS[view]["flip"], train_counts=counts,
+        extra={"fit_candidate": cand.name, "refit": "train+val+unlabeled", "unlabeled": clf.report_},
+    )  # fmt: skip
+
+
+def suggest(
+    data: str, unlabeled: str, *, out: str, n: int = 50, backbone: str = "efficientnet_lite0", view: str = "eval",
+    seed: int = 0, batch_size: int = 32, workers: int | None = None, precision: str = "auto", device: str = "cpu",
+    progress: bool = True,
+) -> dict:  # fmt: skip
+    """Rank the unlabeled images of `unlabeled` to label next (label propagation's margins + k-center coverage on
+    frozen GeM features of one view) into <out>/suggestions.csv; returns the summary also saved as suggest.json."""
+    from finegrain.atomic import atomic_write_json
+    from finegrain.backbones import create_backbone
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import VIEWS
+    from finegrain.semi import suggest_to_label, write_suggestions
+
+    if n < 1:
+        raise FinegrainError(f"-n must be at least 1, got {n}")
+    if view not in VIEWS:
+        raise FinegrainError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    image_set = load_image_set(data)
+    labelled = [s for s in image_set.samples if s.split in ("train", "val", "all")]
+    if len({s.label for s in labelled}) < 2:
+        raise FinegrainError(f"{data}: suggest needs labelled images of at least 2 classes")
+    paths = unlabeled_paths(unlabeled, image_set)
+    net = create_backbone(backbone)
+    net.preprocess = net.preprocess.with_geometry(VIEWS[view]["image_size"], VIEWS[view]["crop_pct"])
+    opts = {"poolings": ("gem",), "flip": VIEWS[view]["flip"], "batch_size": batch_size, "num_workers": workers,
+            "precision": precision, "device": device, "progress": progress}  # fmt: skip
+    lab = extract_to_store(ImageSet(image_set.root, image_set.classes, labelled), net, os.path.join(out, "features"),
+                           **opts).store  # fmt: skip
+    unl = extract_to_store(ImageSet(image_set.root, image_set.classes, [Sample(p, 0, "unlabeled") for p in paths]),
+                           net, os.path.join(out, "features-unlabeled"), **opts)  # fmt: skip
+    entries = unl.store.index()
+    if not entries:
+        raise FinegrainError(f"no image of {unlabeled} could be read (listed in {out}/features-unlabeled/skipped.csv)")
+    X_lab = np.concatenate([lab.split(s, "gem")[0] for s in sorted({e.split for e in lab.index()})])
+    y = np.concatenate([lab.split(s, "gem")[1] for s in sorted({e.split for e in lab.index()})])
+    X_unl = _unlabeled_X(unl.store, "gem")
+    model = LabelPropagationProbe(random_state=seed).fit(l2_normalize(X_lab), y, l2_normalize(X_unl))
+    from finegrain.recipe.candidates import class_proba
+
+    proba = class_proba(model, l2_normalize(X_unl), len(image_set.classes))
+    order = suggest_to_label(X_unl, proba, n, X_lab=X_lab, seed=seed)
+    csv_path = write_suggestions(os.path.join(out, "suggestions.csv"), [e.path for e in entries], proba, order,
+                                 image_set.classes)  # fmt: skip
+    summary = {"suggestions": csv_path, "n": int(len(order)), "n_unlabeled": len(paths), "seed": seed,
+               "view": view, "backbone": backbone, "skipped": [list(s) for s in unl.skipped],
+               "propagation": model.report_}  # fmt: skip
+    atomic_write_json(os.path.join(out, "suggest.json"), summary)
+    return summary

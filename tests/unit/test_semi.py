@@ -1,0 +1,139 @@
+"""Learning from unlabeled images (issue 14): label propagation, self-training caps, the out-of-class guard,
+`suggest`, and the bad inputs of `fit --unlabeled` / `finegrain suggest`. Real computations on small arrays."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+from finegrain.data import load_image_set
+from finegrain.errors import FinegrainError
+from finegrain.heads import create_classifier
+from finegrain.recipe.unlabeled import unlabeled_paths
+from finegrain.semi import (
+    LabelPropagationProbe,
+    SelfTrainingProbe,
+    capped_pseudo_labels,
+    suggest_to_label,
+    write_suggestions,
+)
+from tests.conftest import COLOURS, write_class_images
+
+
+def _moons(n=400, seed=0):
+    """Two moons lifted to 3-D (x, y, 3): cosine neighbours are the plane's neighbours; not linearly separable."""
+    X, y = make_moons(n, noise=0.04, random_state=seed)
+    return np.hstack([X, np.full((n, 1), 3.0)]).astype(np.float32), y
+
+
+def test_label_propagation_recovers_two_moons_where_a_linear_probe_cannot():
+    X, y = _moons()
+    lab = np.array([np.flatnonzero(y == 0)[0], np.flatnonzero(y == 1)[0]])  # one labelled point a moon
+    unl = np.setdiff1d(np.arange(len(y)), lab)
+    lp = LabelPropagationProbe(k=10, alpha=0.99, max_iter=200, guard="none").fit(X[lab], y[lab], X[unl])
+    assert np.mean(lp.pseudo_labels_ == y[unl]) >= 0.97
+    oracle = create_classifier("probe").fit(X, y)  # a linear probe with every label still cannot
+    assert np.mean(oracle.predict(X) == y) < 0.92
+    assert lp.report_["n_unlabeled"] == len(unl) == lp.report_["n_used"]
+    assert 0 < lp.report_["mean_confidence"] <= 1 and lp.predict_proba(X).shape == (len(X), 2)
+
+
+def test_pseudo_label_caps_hold_per_class_and_keep_the_most_confident():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(500, 5)) * 3
+    logits[:, 0] += 2  # class 0 is predicted far more often than the others
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pseudo = capped_pseudo_labels(proba, threshold=0.6, cap=20)
+    counts = np.bincount(pseudo[pseudo >= 0], minlength=5)
+    assert counts.max() <= 20 and counts[0] == 20
+    assert (proba.max(1)[pseudo >= 0] >= 0.6).all()
+    rows0 = np.flatnonzero((proba.argmax(1) == 0) & (proba.max(1) >= 0.6))
+    assert set(np.flatnonzero(pseudo == 0)) == set(rows0[np.argsort(-proba.max(1)[rows0])][:20])
+
+
+def _clusters(n_classes, per_class, seed, centers):
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([centers[c] + 0.35 * rng.normal(size=(per_class, centers.shape[1])) for c in range(n_classes)])
+    return X.astype(np.float32), np.repeat(np.arange(n_classes), per_class)
+
+
+def test_self_training_respects_its_cap_and_reports_what_it_used():
+    centers = np.random.default_rng(1).normal(size=(6, 16))
+    Xl, yl = _clusters(6, 2, 2, centers)
+    Xu, _ = _clusters(6, 30, 3, centers)
+    st = SelfTrainingProbe(cap=10, threshold=0.3).fit(Xl, yl, Xu)
+    used = st.pseudo_labels_[st.pseudo_labels_ >= 0]
+    assert np.bincount(used).max() <= 10 and st.report_["n_used"] == len(used) <= 60
+    assert st.report_["cap"] == 10 and st.report_["n_unlabeled"] == len(Xu)
+
+
+def test_the_out_of_class_guard_keeps_accuracy_when_half_the_pool_is_foreign():
+    centers = np.random.default_rng(5).normal(size=(20, 24))  # classes 0-9 known, 10-19 foreign
+    Xl, yl = _clusters(10, 3, 6, centers)
+    Xin, _ = _clusters(10, 20, 7, centers)
+    Xall, yall = _clusters(20, 20, 8, centers)
+    Xout = Xall[yall >= 10]
+    Xt, yt = _clusters(10, 20, 9, centers)
+    Xu = np.concatenate([Xin, Xout])
+    sup = max(np.mean(create_classifier(c).fit(Xl, yl).predict(Xt) == yt) for c in ("probe", "ncm"))
+    lp = LabelPropagationProbe().fit(Xl, yl, Xu)
+    assert np.mean(lp.predict(Xt) == yt) >= sup - 0.005
+    foreign_used = (lp.pseudo_labels_[len(Xin) :] >= 0).sum()
+    assert foreign_used <= 0.2 * len(Xout) and lp.report_["n_dropped_by_guard"] >= 0.8 * len(Xout)
+    assert (lp.pseudo_labels_[: len(Xin)] >= 0).mean() >= 0.8  # in-class images are kept
+
+
+def test_suggest_is_deterministic_for_a_seed_and_written_atomically(tmp_path):
+    rng = np.random.default_rng(0)
+    X, Xl = rng.normal(size=(200, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
+    proba = rng.dirichlet(np.ones(4), size=200)
+    a = suggest_to_label(X, proba, 25, X_lab=Xl, seed=3)
+    assert np.array_equal(a, suggest_to_label(X, proba, 25, X_lab=Xl, seed=3)) and len(set(a.tolist())) == 25
+    classes = ["a", "b", "c", "d"]
+    path = write_suggestions(str(tmp_path / "s.csv"), [f"img{i}.jpg" for i in range(200)], proba, a, classes)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [f"img{i}.jpg" for i in a] and rows[0]["rank"] == "1"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("semi")
+    for c, name in enumerate(["red", "green", "blue"]):
+        write_class_images(str(root / "data" / "train" / name), COLOURS[c], 4, seed=c)
+        write_class_images(str(root / "data" / "test" / name), COLOURS[c], 2, seed=10 + c)
+        write_class_images(str(root / "pool" / name), COLOURS[c], 3, seed=20 + c)
+    (root / "empty").mkdir()
+    shutil.copy(root / "data" / "train" / "red" / "000.jpg", root / "copied.jpg")
+    return {k: str(root / k) for k in ("data", "pool", "empty")}
+
+
+def test_unlabeled_folder_errors_are_one_clear_line(folders):
+    image_set = load_image_set(folders["data"])
+    assert len(unlabeled_paths(folders["pool"], image_set)) == 9
+    for folder, words in (
+        (folders["empty"], "has no images"),
+        (folders["data"], "overlaps the labelled data"),
+        (folders["data"] + "/train", "overlaps the labelled data"),
+        (folders["data"] + "/nowhere", "does not exist"),
+    ):
+        with pytest.raises(FinegrainError, match=words):
+            unlabeled_paths(folder, image_set)
+
+
+@pytest.mark.parametrize("which", ["empty", "data"])
+def test_cli_bad_unlabeled_folder_is_exit_2_with_one_line(folders, which, tmp_path, capsys):
+    from finegrain.cli.main import main
+
+    for argv in (
+        ["suggest", folders["data"], "--unlabeled", folders[which], "--out", str(tmp_path / "s")],
+        ["fit", folders["data"], "--unlabeled", folders[which], "--out", str(tmp_path / "f"), "--no-progress"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("finegrain: error: unlabeled folder"), err
