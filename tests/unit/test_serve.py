@@ -218,6 +218,20 @@ def test_concurrent_requests_are_micro_batched_with_the_same_answers(bird_models
     assert stats["batch_sizes"] == {"1": 4}
 
 
+def test_max_batch_auto_measures_the_batch_sizes_on_this_machine(bird_models):
+    from finegrain.evaluate.predictor import load
+    from finegrain.serve.app import best_batch_size
+
+    app = create_app(load(bird_models["probe"]))  # max_batch="auto", the default
+    service = app.state.service
+    assert set(service.measured) <= {1, 2, 4, 8, 16} and 1 in service.measured
+    assert service.batcher.max_batch == best_batch_size(service.measured)
+    assert best_batch_size({1: 30.0, 2: 31.0, 4: 20.0}) == 1  # within timing noise: no batching, no added latency
+    assert best_batch_size({1: 30.0, 2: 40.0, 4: 45.0, 8: 30.0}) == 4
+    with pytest.raises(Exception, match="max_batch"):
+        create_app(load(bird_models["probe"]), max_batch=0)
+
+
 def test_model_and_health_describe_the_service(bird_models, client):
     info = client.get("/model").json()
     assert info["kind"] == "frozen" and info["backbone"] == "efficientnet_lite0" and info["num_classes"] == 10
@@ -283,7 +297,8 @@ def test_cli_serve_one_line_errors(tmp_path, capsys, monkeypatch, bird_models):
     assert err.count("\n") == 0 and "pip install 'finegrain[serve]'" in err
     assert main(["serve", bird_models["probe"], "--runtime", "tpu"]) == 2
     assert main(["serve", "--help"]) == 0
-    assert "(default: 16)" in capsys.readouterr().out
+    assert "(default: auto)" in capsys.readouterr().out
+    assert main(["serve", bird_models["probe"], "--max-batch", "0"]) == 2
 
 
 def test_cli_serve_runs_a_real_server(bird_models):

@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="inference path")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--max-batch", type=int, default=16, help="images run together at most (1: one at a time)")
+    p.add_argument(
+        "--max-batch", default="auto", help="images run together at most: N (1: one at a time) or auto (measured)"
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request may wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
     p.add_argument("-k", "--k", type=int, default=5, help="classes returned when a request does not say")

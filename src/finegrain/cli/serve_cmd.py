@@ -28,6 +28,18 @@ def _importable(module: str) -> bool:
     return True
 
 
+def _batch_size(text) -> int | str:
+    if str(text) == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FinegrainError(f"--max-batch must be auto or an integer >= 1, got {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from finegrain.cli.commands import resolve_device
 
@@ -35,8 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FinegrainError(f"no model at {args.model}: give a model folder (or a run folder) saved by finegrain")
     if not 0 <= args.port < 65536:
         raise FinegrainError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.k < 1:
-        raise FinegrainError("--max-batch and -k must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
+    max_batch = _batch_size(args.max_batch)
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0 or args.k < 1:
+        raise FinegrainError("-k must be >= 1, --max-wait-ms >= 0, --max-upload-mb > 0")
     check_serve_extras()
     from finegrain.serve import create_app, run_server
 
@@ -44,14 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model,
         device=resolve_device(args.device),
         runtime=args.runtime,
-        max_batch=args.max_batch,
+        max_batch=max_batch,
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         default_k=args.k,
     )
-    served = app.state.service.served
+    service = app.state.service
+    measured = service.measured and ", ".join(f"{k}: {v:.1f}" for k, v in service.measured.items())
+    how = f" (measured images/s by batch size: {measured})" if measured else ""
     print(
-        f"finegrain serve: {len(served.classes)} classes from {args.model}; page and API on "
+        f"finegrain serve: {len(service.served.classes)} classes from {args.model}, batches of up to "
+        f"{service.batcher.max_batch}{how}; page and API on "
         f"http://{args.host}:{args.port}/ (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,

@@ -28,6 +28,7 @@ from finegrain.serve.page import PAGE_CSP, page_html
 from finegrain.serve.uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, decode_upload, read_upload
 
 TRUE = ("1", "true", "yes", "on")
+AUTO_CEILING = 16  # the largest batch size max_batch="auto" tries
 
 
 def _served(model, *, device: str, runtime: str | None) -> ServedModel:
@@ -36,6 +37,16 @@ def _served(model, *, device: str, runtime: str | None) -> ServedModel:
     if isinstance(model, str):
         return ServedModel(load_predictor(model, device=device, runtime=runtime), path=model)
     return ServedModel(model)
+
+
+def best_batch_size(speeds: dict[int, float], *, min_gain: float = 1.05) -> int:
+    """The batch size to serve with: the smallest whose images/s no larger size beats by `min_gain` (timing noise
+    must not buy latency)."""
+    best = min(speeds)
+    for size in sorted(speeds):
+        if speeds[size] >= min_gain * speeds[best]:
+            best = size
+    return best
 
 
 def _param_k(params, default: int, n_classes: int) -> int:
@@ -60,11 +71,15 @@ def _error(status: int, reason: str):
 class _Service:
     """State shared by the routes: the model, the batcher, its model thread, limits and counters."""
 
-    def __init__(self, served: ServedModel, *, max_batch: int, max_wait_ms: float, max_upload_bytes: int,
+    def __init__(self, served: ServedModel, *, max_batch: int | str, max_wait_ms: float, max_upload_bytes: int,
                  max_pixels: int, default_k: int) -> None:  # fmt: skip
         self.served, self.default_k = served, default_k
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegrain-model")
+        self.measured: dict[int, float] | None = None
+        if max_batch == "auto":
+            self.measured = served.measure_batch_sizes(AUTO_CEILING)
+            max_batch = best_batch_size(self.measured)
         self.batcher = MicroBatcher(
             served.predict_batch, executor=self.executor, max_batch=max_batch, max_wait_ms=max_wait_ms
         )
@@ -105,6 +120,8 @@ class _Service:
     def describe(self) -> dict:
         limits = {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels}
         batching = {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000}
+        if self.measured is not None:
+            batching["measured_images_per_s"] = {str(k): round(v, 1) for k, v in self.measured.items()}
         return {**self.served.describe(), "limits": limits, "batching": batching, "default_k": self.default_k}
 
 
@@ -113,18 +130,24 @@ def create_app(
     *,
     device: str = "cpu",
     runtime: str | None = None,
-    max_batch: int = 16,
+    max_batch: int | str = "auto",
     max_wait_ms: float = 5.0,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     default_k: int = 5,
 ):
     """The FastAPI app serving `model`: a model folder path (loaded on `device` with `runtime`), a loaded
-    Predictor / Ensemble, or a ServedModel. Run it with `run_server` or any ASGI server (uvicorn app:...)."""
+    Predictor / Ensemble, or a ServedModel. Run it with `run_server` or any ASGI server (uvicorn app:...).
+
+    max_batch: the most images run together; "auto" measures images/s at batch sizes 1, 2, 4, ... (up to 16) on
+    this machine first and takes the fastest (1 where batching does not pay). max_wait_ms: how long the first
+    waiting request may wait for others to fill its batch."""
     from fastapi import FastAPI
 
-    if max_batch < 1 or max_wait_ms < 0 or max_upload_bytes < 1 or max_pixels < 1 or default_k < 1:
-        raise FinegrainError("max_batch, max_upload_bytes, max_pixels and default_k must be >= 1, max_wait_ms >= 0")
+    if max_batch != "auto" and not (isinstance(max_batch, int) and max_batch >= 1):
+        raise FinegrainError(f"max_batch must be auto or an integer >= 1, got {max_batch!r}")
+    if max_wait_ms < 0 or max_upload_bytes < 1 or max_pixels < 1 or default_k < 1:
+        raise FinegrainError("max_upload_bytes, max_pixels and default_k must be >= 1, max_wait_ms >= 0")
     service = _Service(
         _served(model, device=device, runtime=runtime), max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, default_k=default_k,
