@@ -137,3 +137,29 @@ def test_cli_bad_unlabeled_folder_is_exit_2_with_one_line(folders, which, tmp_pa
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("finegrain: error: unlabeled folder"), err
+
+
+def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation(folders, tmp_path):
+    import json
+
+    from finegrain.recipe import FitConfig, fit
+
+    cfg = FitConfig(data=folders["data"], out=str(tmp_path / "fit"), budget_min=1.0, finetune=False,
+                    ensemble=False, workers=0, bootstrap=20, unlabeled=folders["pool"])  # fmt: skip
+    result = fit(cfg, progress=False)
+    semi = [c for c in result.leaderboard if c.kind == "semi"]
+    assert semi and all(0 <= c.val_top1 <= 1 for c in semi)
+    runs = json.loads((tmp_path / "fit" / "unlabeled.json").read_text())["runs"]
+    assert runs and all(r["n_unlabeled"] == 9 and 0 <= r["n_used"] <= 9 for r in runs)
+    assert (tmp_path / "fit" / "model").is_dir() and result.test is not None
+
+
+def test_suggest_command_writes_the_same_csv_for_the_same_seed(folders, tmp_path, capsys):
+    from finegrain.cli.main import main
+
+    argv = ["suggest", folders["data"], "--unlabeled", folders["pool"], "-n", "4", "--workers", "0", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    first = (tmp_path / "a" / "suggestions.csv").read_text()
+    assert first == (tmp_path / "b" / "suggestions.csv").read_text() and len(first.strip().splitlines()) == 5
+    assert "4 of 9 unlabeled images to label next" in capsys.readouterr().out

@@ -20,6 +20,8 @@ from finegrain.config import EvalConfig, ExtractConfig, TrainConfig
 from finegrain.errors import FinegrainError
 
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+RUNTIME_CHOICES = ["auto", "torch", "onnx"]
+RUNTIME_HELP = "auto: the fastest engine that keeps accuracy, measured here (torch or ONNX Runtime)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a store made with other settings")
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     _show_config_defaults(p, ExtractConfig)
@@ -175,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=int, default=3, help="classes to show per image")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
 
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
     p.add_argument("model", nargs="+", help="run or model folder(s): several are averaged as an ensemble")
@@ -197,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
     p.add_argument("--no-progress", action="store_true")
 
     p = add("explain", help="CAM / Grad-CAM / attention heatmaps and boxes for images")
@@ -256,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
     )
+
+    p = add("export", help="a model -> ONNX (dynamic batch, classes + preprocessing inside), checked vs PyTorch")
+    p.add_argument("model", help="a model folder (or run folder) saved by finegrain; not an ensemble")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", default=None, help="the .onnx file (default: MODEL/model.onnx; int8: beside, .int8.onnx)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="also a static int8 graph, calibrated")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="labelled data: its train split calibrates int8, its test split checks (default: the model's records)",
+    )
+    p.add_argument("--max-images", type=int, default=200, help="images to check on (and to calibrate with)")
 
     add_suggest_parser(add)
     add("backbones", help="list the backbones that work offline")
@@ -347,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             from finegrain.cli import serve_cmd as commands
         if args.command == "suggest":
             from finegrain.cli import suggest_cmd as commands
+        if args.command == "export":
+            from finegrain.cli import export_cmd as commands
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

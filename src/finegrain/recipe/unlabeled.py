@@ -106,6 +106,10 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
                           "spi": frozen.spi.get(view, 0.0), "unlabeled": clf.report_}  # fmt: skip
                 state.add(Candidate(name, "semi", top1, mpc, time.perf_counter() - t0, params), proba)
                 reports.append({"candidate": name, **clf.report_})
+    if reports:  # how many unlabeled images each candidate used, at what confidence
+        from finegrain.atomic import atomic_write_json
+
+        atomic_write_json(os.path.join(frozen.cfg.out, "unlabeled.json"), {"n_files": len(paths), "runs": reports})
     return reports
 
 
