@@ -13,7 +13,7 @@ from finegrain.backbones import Backbone, create_backbone
 from finegrain.data import ImageSet
 from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.heads.to_model import frozen_model
-from finegrain.recipe.candidates import HEADS, POOLINGS, VIEWS, Candidate, class_proba, fit_head, val_scores
+from finegrain.recipe.candidates import HEADS, POOLINGS, Candidate, class_proba, fit_head, val_scores, views_for
 from finegrain.runtime import Runtime
 
 
@@ -23,13 +23,14 @@ class FrozenStage:
         self.spi: dict[str, float] = {}  # seconds an image, measured per view
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
-        self._units: dict[str, float] = {}  # view -> compute relative to a 224 px forward
-        self._forward_spi: float | None = None
+        self.views = views_for(cfg.backbone)
+        self._units: dict[str, float] = {}  # view -> compute relative to a 224 px forward of its backbone
+        self._forward_spi: dict[str, float] = {}  # backbone -> seconds an image of its bare 224 px forward
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
-        geo = VIEWS[view]
-        backbone = create_backbone(self.cfg.backbone)
+        geo = self.views[view]
+        backbone = create_backbone(geo["backbone"])
         backbone.preprocess = backbone.preprocess.with_geometry(geo["image_size"], geo["crop_pct"])
         return backbone
 
@@ -37,20 +38,23 @@ class FrozenStage:
         """A view's compute relative to one 224 px forward (pixels x flips); its geometry is read once."""
         if view not in self._units:
             size = self.backbone(view).preprocess.input_size
-            self._units[view] = (size / 224) ** 2 * (2 if VIEWS[view]["flip"] else 1)
+            self._units[view] = (size / 224) ** 2 * (2 if self.views[view]["flip"] else 1)
         return self._units[view]
 
     def _estimate_spi(self, view: str) -> float:
-        """Seconds an image for a view: measured if extracted, else scaled from a measured one (pixels x flips),
-        else from a short forward of the backbone here (measured once)."""
+        """Seconds an image for a view: measured if extracted, else scaled from a measured view of the same backbone
+        (pixels x flips), else from a short forward of that backbone here (measured once)."""
         if view in self.spi:
             return self.spi[view]
-        if self.spi:
-            v, s = next(iter(self.spi.items()))
-            return s * self._cost_units(view) / self._cost_units(v)
-        if self._forward_spi is None:
-            self._forward_spi = _measure_spi(self.backbone("eval"), Runtime(self.cfg.device, self.cfg.precision))
-        return self._cost_units(view) * self._forward_spi
+        name = self.views[view]["backbone"]
+        for v, s in self.spi.items():
+            if self.views[v]["backbone"] == name:
+                return s * self._cost_units(view) / self._cost_units(v)
+        if name not in self._forward_spi:
+            backbone = create_backbone(name)
+            backbone.preprocess = backbone.preprocess.with_geometry(224, None)
+            self._forward_spi[name] = _measure_spi(backbone, Runtime(self.cfg.device, self.cfg.precision))
+        return self._cost_units(view) * self._forward_spi[name]
 
     def test_cost(self, view: str, n_test: int) -> float:
         """Seconds to score the test split with a model on this view."""
@@ -58,7 +62,7 @@ class FrozenStage:
 
     def reserve(self, n_test: int) -> float:
         """Seconds to keep for the end: the test pass of a model on the cheapest view, and the refit."""
-        return min(self.test_cost(v, n_test) for v in VIEWS) + 20.0
+        return min(self.test_cost(v, n_test) for v in self.views) + 20.0
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         """Seconds the test pass of a candidate takes (an ensemble: its members'; a fine-tune: the eval view's)."""
@@ -72,7 +76,7 @@ class FrozenStage:
         t0 = time.perf_counter()
         result = extract_to_store(
             trainval, self.backbone(view), os.path.join(self.cfg.out, "features", view), poolings=POOLINGS,
-            flip=VIEWS[view]["flip"], batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+            flip=self.views[view]["flip"], batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
             precision=self.cfg.precision, device=self.cfg.device, progress=self.progress,
         )  # fmt: skip
         if result.n_extracted:
@@ -85,10 +89,12 @@ class FrozenStage:
     def run(self, y_val: np.ndarray, *, n_test: int) -> None:
         """Every view x pooling x head that fits the budget, cheapest view first; the first view always runs."""
         val_paths = [s.path for s in self.data.samples if s.split == "val"]
-        for i, view in enumerate(VIEWS):
-            cost = self.n_trainval * self._estimate_spi(view)
-            if i > 0 and self.clock.remaining() - 20.0 < cost + self.test_cost(view, n_test):
-                why = f"extraction (~{cost:.0f} s) and a test pass on it do not fit in the budget"
+        for i, view in enumerate(self.views):
+            cost = self.n_trainval * self._estimate_spi(view) + self.test_cost(view, n_test)
+            if self.views[view]["backbone"] != self.cfg.backbone:  # worth it in an ensemble: count a partner's test
+                cost += min((self.test_cost(v, n_test) for v in self.spi), default=0.0)
+            if i > 0 and self.clock.remaining() - 20.0 < cost:
+                why = f"extraction and a test pass on it (~{cost:.0f} s) do not fit in the budget"
                 self.skipped.append({"view": view, "why": why})
                 print(f"fit: skipping the {view} view: {why}", flush=True)
                 continue
@@ -125,7 +131,7 @@ class FrozenStage:
         norm, clf = fit_head(head, X, y, seed=self.cfg.seed)
         counts = np.bincount(y, minlength=len(self.data.classes))
         return frozen_model(
-            self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=VIEWS[view]["flip"],
+            self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=self.views[view]["flip"],
             gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
         )  # fmt: skip
 
