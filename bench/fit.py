@@ -25,7 +25,7 @@ from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.evaluate.inference import predict_paths
 from finegrain.evaluate.predictor import load
 from finegrain.recipe import FitConfig, fit
-from finegrain.recipe.candidates import HEADS, POOLINGS, VIEWS, class_proba, fit_head
+from finegrain.recipe.candidates import HEADS, POOLINGS, class_proba, fit_head
 from finegrain.recipe.frozen import FrozenStage, _aligned, _features
 
 CACHE = os.path.join(ROOT, "bench", "cache")
@@ -64,13 +64,13 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     stage = FrozenStage(cfg, test_set, None, None, progress=False)
     names = {c.name for c in result.leaderboard}
     probas: dict[str, np.ndarray] = {}
-    for view in VIEWS:
+    for view in stage.views:
         if not any(n.startswith(view + "/") for n in names):
             continue
         store = FeatureStore.open(os.path.join(cfg.out, "features", view))
         test_store = extract_to_store(
             test_set, stage.backbone(view), os.path.join(cfg.out, "features-test", view), poolings=POOLINGS,
-            flip=VIEWS[view]["flip"], progress=False,
+            flip=stage.views[view]["flip"], progress=False,
         ).store  # fmt: skip
         for pooling in POOLINGS:
             X, yy = _features(store, ("train", "val"), pooling)
