@@ -5,11 +5,13 @@ import os
 __version__ = "0.1.0"
 
 
-def load(path: str, *, device: str = "cpu"):
-    """Load a trained model folder; returns a Predictor (`predict(paths)`, `predict_proba(paths)`)."""
+def load(path: str, *, device: str = "cpu", runtime: str = "torch"):
+    """Load a trained model folder; returns a Predictor (`predict(paths)`, `predict_proba(paths)`).
+
+    runtime: torch | onnx | auto (ONNX Runtime where it converts with parity and measures faster)."""
     from finegrain.evaluate.predictor import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, runtime=runtime)
 
 
 def fit(data: str, *, out: str, budget_min: float = 10.0, progress: bool = True, **options):

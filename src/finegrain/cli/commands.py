@@ -74,7 +74,7 @@ def _skipped_summary(skipped: list[tuple[str, str]], n: int | None, listed: str)
 
 def cmd_extract(args: argparse.Namespace) -> int:
     cfg = _cli_config(ExtractConfig, args, _overrides(args, ExtractConfig), {"precision": PRECISIONS})
-    return run_extract(cfg, progress=not args.no_progress)
+    return run_extract(cfg, progress=not args.no_progress, runtime=getattr(args, "runtime", "torch"))
 
 
 def _is_model_path(name: str) -> bool:
@@ -96,7 +96,7 @@ def _trained_backbone(path: str, checkpoint: str | None):
     return backbone
 
 
-def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
+def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "torch") -> int:
     from finegrain.backbones import create_backbone
     from finegrain.data import load_image_set
     from finegrain.embed import extract_to_store
@@ -120,10 +120,10 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True) -> int:
         device=cfg.device,
         overwrite=cfg.overwrite,
         progress=progress,
+        runtime=runtime,
     )
-    save_config(
-        cfg, cfg.out, extra={"resolved": {"precision": result.store.meta["precision"], "backbone": backbone.describe()}}
-    )
+    resolved = {"precision": result.store.meta["precision"], "runtime": result.store.meta.get("runtime", "torch")}
+    save_config(cfg, cfg.out, extra={"resolved": {**resolved, "backbone": backbone.describe()}})
     listed = os.path.join(cfg.out, "skipped.csv")
     if result.skipped and result.n_extracted + result.n_reused == 0:
         raise FinegrainError(f"none of the {result.n_images} images of {cfg.data} could be read (listed in {listed})")
@@ -355,7 +355,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise FinegrainError(f"k must be an integer >= 1, got {args.k}")
-    predictor = load(args.model, device=resolve_device(args.device))
+    predictor = load(args.model, device=resolve_device(args.device), runtime=args.runtime)
     skipped, predictions = [], []
     for path in args.images:
         reason = _unreadable(path)
@@ -378,7 +378,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FinegrainError(f"nothing predicted, all {len(skipped)} input(s) skipped: {reasons}")
     if skipped:
         _skipped_summary(skipped, len(args.images), "the lines above")
+    say_engines(predictor)
     return 1 if skipped else 0
+
+
+def say_engines(predictor) -> None:
+    """On stderr, last: which engine ran each model and why (--runtime auto measures it)."""
+    for member in getattr(predictor, "members", [predictor]):
+        for note in getattr(member, "engine_notes", []):
+            _stderr(f"finegrain: engine at {note}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -392,6 +400,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("batch_size", "workers", "precision", "bootstrap", "many", "few", "allow_train_images"):
         values[name] = getattr(args, name)
     values["device"] = resolve_device(args.device)
+    values["runtime"] = getattr(args, "runtime", "torch")
     cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": PRECISIONS})
     if args.sweep:
         return _evaluate_sweep(args, cfg)
@@ -417,6 +426,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if s["skipped"]:
         skipped = [(item["path"], item["reason"]) for item in s["skipped"]]
         _skipped_summary(skipped, s["n"] + len(skipped), os.path.join(out, "metrics.json"))
+    for note in s.get("engines", []):
+        _stderr(f"finegrain: engine at {note}")
     return 1 if s["skipped"] else 0
 
 

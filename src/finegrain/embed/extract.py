@@ -15,7 +15,7 @@ from finegrain.backbones import Backbone
 from finegrain.data import ImageSet
 from finegrain.embed.store import FeatureStore, IndexEntry
 from finegrain.models.pooling import create_pooling
-from finegrain.runtime import ImageFiles, Runtime, collate_images, forward, image_loader
+from finegrain.runtime import ImageFiles, Runtime, choose_engine, collate_images, forward, image_loader
 
 
 def file_sha1(path: str) -> str | None:
@@ -79,16 +79,19 @@ def extract_to_store(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> ExtractResult:
     """Extract pooled features of every sample of `image_set` into the store at `out_dir`.
 
     Images already in the store (same file content, backbone, preprocessing, precision, poolings) are reused,
     so an interrupted run resumes where it stopped. Undecodable files are skipped and listed in skipped.csv.
+    runtime: torch | onnx | auto (runtime/engine.py; ONNX Runtime computes fp32 features, recorded as fp32).
     """
     rt = Runtime(str(device), precision, channels_last, num_workers)
-    precision = rt.resolved_precision
     backbone = backbone.to(rt.torch_device).eval()
-    meta = _store_meta(image_set, backbone, poolings, precision, flip)
+    engine = _engine(Embedder(backbone, poolings, flip=flip), runtime, rt, out_dir, overwrite, len(image_set.samples))
+    rt, embedder = engine.runtime, engine.module
+    meta = {**_store_meta(image_set, backbone, poolings, rt.resolved_precision, flip), "runtime": engine.name}
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
 
@@ -101,8 +104,10 @@ def extract_to_store(
     for p, h in zip(paths, sha1s):
         if h is not None and h not in done and h not in todo:
             todo[h] = p
-    embedder = rt.prepare(Embedder(backbone, poolings, flip=flip))
-    n_done, bad_sha = _extract_new(embedder, list(todo.items()), store, done, skipped, rt, batch_size, progress)
+    todo_items = list(todo.items())
+    n_done, bad_sha = _extract_new(
+        embedder, backbone.preprocess, todo_items, store, done, skipped, rt, batch_size, progress
+    )
     seconds = time.perf_counter() - t0
 
     entries = [
@@ -121,12 +126,25 @@ def extract_to_store(
     return ExtractResult(store, len(image_set.samples), n_done, len(entries) - n_done, skipped, seconds)
 
 
-def _extract_new(embedder, todo_items, store, done, skipped, rt: Runtime, batch_size: int, progress: bool):
+def _engine(embedder: Embedder, runtime: str, rt: Runtime, out_dir: str, overwrite: bool, n_images: int):
+    """The engine to extract with; `auto` resumes a store on the engine that started it (one precision a store)."""
+    import json
+    import os
+
+    if runtime == "auto" and not overwrite:
+        try:
+            with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+                runtime = json.load(f).get("runtime", "torch")
+        except (OSError, ValueError):
+            pass
+    return choose_engine(embedder, runtime, preprocess=embedder.backbone.preprocess, runtime=rt, n_images=n_images)
+
+
+def _extract_new(embedder, pre, todo_items, store, done, skipped, rt: Runtime, batch_size: int, progress: bool):
     """Embed [(sha1, path)] into the store, recording rows in `done` and failures in `skipped`;
     returns (images embedded, sha1s of the files that failed)."""
     from tqdm.auto import tqdm
 
-    pre = embedder.backbone.preprocess
     loader = image_loader(
         ImageFiles([p for _, p in todo_items], pre.pil_to_uint8, min_side=pre.resize_size),
         batch_size=batch_size,

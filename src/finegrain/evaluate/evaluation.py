@@ -39,6 +39,7 @@ class EvaluateConfig:
     workers: int | None = None
     precision: str = "auto"
     device: str = "cpu"
+    runtime: str = "torch"  # torch | onnx | auto (runtime/engine.py)
     bootstrap: int = 1000
     seed: int = 0
     many: int = 100
@@ -109,7 +110,7 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
 
     if not cfg.models:
         raise FinegrainError("give at least one model (a run folder of `finegrain train` or its model/ folder)")
-    predictors = [load(m, device=cfg.device) for m in cfg.models]
+    predictors = [load(m, device=cfg.device, runtime=cfg.runtime) for m in cfg.models]
     classes = predictors[0].classes
     tta = TTA.parse(cfg.tta, cfg.sizes)
     paths, labels, data_counts = samples_for_model(cfg.data, cfg.split, classes)
@@ -147,6 +148,7 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
             "tta": {"spec": tta.describe(), "views": tta.n_views(), **asdict(tta)},
             "seconds": round(pred.seconds, 2),
             "images_per_second": round(pred.images_per_second, 2),
+            "engines": [n for p in predictors for m in getattr(p, "members", [p]) for n in m.engine_notes],
             "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
             "train_counts_from": "model" if meta_counts is not None else ("data" if data_counts is not None else None),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},

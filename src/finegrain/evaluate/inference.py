@@ -39,8 +39,8 @@ def _predict_one(predictor, paths, tta: TTA, rt: Runtime, *, batch_size, progres
     """(proba [N_ok, C], features [N_ok, D] or None, kept positions, {position: reason})."""
     from tqdm.auto import tqdm
 
-    model = rt.prepare(predictor.model)
     pres = tta.preprocesses(predictor.preprocess)
+    engines = [predictor.engine(pre, rt, n_images=len(paths)) for pre in pres]
     data = ImageFiles(paths, TTAViews(pres, tta), min_side=max(p.resize_size for p in pres))
     loader = image_loader(data, batch_size=batch_size, workers=rt.num_workers)
     proba, feats, index, skipped = [], [], [], {}
@@ -48,7 +48,7 @@ def _predict_one(predictor, paths, tta: TTA, rt: Runtime, *, batch_size, progres
         skipped.update(failed)
         if per_size is None:
             continue
-        outs = [forward(model, views, pre, rt) for views, pre in zip(per_size, pres)]
+        outs = [forward(e.module, views, pre, e.runtime) for views, pre, e in zip(per_size, pres, engines)]
         proba.append((sum(o.proba for o in outs) / len(outs)).cpu().numpy())
         if features:
             feats.append((sum(o.features for o in outs) / len(outs)).cpu().numpy())

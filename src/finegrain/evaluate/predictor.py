@@ -13,17 +13,49 @@ from finegrain.atomic import atomic_write_json
 from finegrain.data import load_image
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.tta import TTA, TTAViews
-from finegrain.models import FORMAT, ImageClassifier, ModelSpec, load_model, save_model
-from finegrain.runtime import Runtime, forward
+from finegrain.models import FORMAT, ImageClassifier, ModelSpec, find_model_folder, load_model, save_model
+from finegrain.runtime import Engine, Runtime, check_runtime, choose_engine, forward
+
+ONNX_CACHE = "onnx-cache"  # beside model.json: the in-process ONNX conversion and the measured choice of `auto`
+INT8_GRAPH = "model.int8.onnx"  # `finegrain export --quantize int8`'s default output: `auto` may race it
 
 
 class Predictor:
-    """`predict(images)` -> [(class name, probability)] per image, `predict_proba(images)` -> [N, C]."""
+    """`predict(images)` -> [(class name, probability)] per image, `predict_proba(images)` -> [N, C].
 
-    def __init__(self, model: ImageClassifier, spec: ModelSpec, device: str = "cpu") -> None:
+    runtime: torch | onnx | auto, the engine that runs `model` (runtime/engine.py), chosen at the first prediction
+    of each input size; `folder`: the model folder, where the ONNX conversion is cached. `model` stays the torch
+    module (CAM, FixRes and training read it)."""
+
+    def __init__(
+        self, model: ImageClassifier, spec: ModelSpec, device: str = "cpu", *, runtime: str = "torch", folder=None
+    ) -> None:
         self.model = model.eval().to(device)
         self.spec = spec
         self.device = torch.device(device)
+        self.runtime = check_runtime(runtime)
+        self.folder = folder
+        self._engines: dict[tuple, Engine] = {}
+
+    def engine(self, preprocess, runtime: Runtime, *, n_images: int | None = None) -> Engine:
+        """The engine for views of `preprocess`'s size under `runtime`'s settings (chosen once, then reused)."""
+        key = (preprocess.input_size, runtime)
+        if key not in self._engines:
+            self._engines[key] = choose_engine(
+                self.model,
+                self.runtime,
+                preprocess=preprocess,
+                runtime=runtime,
+                cache_dir=os.path.join(self.folder, ONNX_CACHE) if self.folder else None,
+                int8_path=os.path.join(self.folder, INT8_GRAPH) if self.folder else None,
+                n_images=n_images,
+            )
+        return self._engines[key]
+
+    @property
+    def engine_notes(self) -> list[str]:
+        """Why each engine in use was chosen (one line each)."""
+        return [f"{size} px: {e.reason}" for (size, _), e in self._engines.items()]
 
     @property
     def classes(self) -> list[str]:
@@ -50,12 +82,13 @@ class Predictor:
         rt = runtime or Runtime(str(self.device), "fp32", channels_last=False, workers=0)
         pres = tta.preprocesses(self.preprocess)
         views = TTAViews(pres, tta)
+        engines = [self.engine(pre, rt, n_images=len(images)) for pre in pres]
         out = []
         for i in range(0, len(images), batch_size):
             batch = [im if isinstance(im, Image.Image) else load_image(im) for im in images[i : i + batch_size]]
             per_image = [views(im.convert("RGB")) for im in batch]
             per_size = [torch.stack([v[s] for v in per_image]) for s in range(len(pres))]
-            p = sum(forward(self.model, x, pre, rt).proba for x, pre in zip(per_size, pres))
+            p = sum(forward(e.module, x, pre, e.runtime).proba for x, pre, e in zip(per_size, pres, engines))
             out.append((p / len(pres)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
@@ -106,16 +139,19 @@ def _top_k(proba: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str
     return [[(classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
 
 
-def load(path: str, *, device: str = "cpu") -> Predictor | Ensemble:
+def load(path: str, *, device: str = "cpu", runtime: str = "torch") -> Predictor | Ensemble:
     """Load a model saved by finegrain: a model folder (fine-tuned, frozen probe / NCM / k-NN, ensemble), a training
     run folder, or one of the run's weight files (`best.safetensors`, `checkpoint-last.pt`: the same architecture
-    with that checkpoint's weights)."""
+    with that checkpoint's weights). runtime: torch | onnx | auto (the engine predictions run on; an ensemble's
+    members each get theirs)."""
+    check_runtime(runtime)
     meta_path = os.path.join(path, "model.json")
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("kind") == "ensemble":
-            members = [load(os.path.join(path, m), device=device) for m in meta["members"]]
+            members = [load(os.path.join(path, m), device=device, runtime=runtime) for m in meta["members"]]
             return Ensemble(members, meta.get("weights"))
     model, spec = load_model(path)
-    return Predictor(model, spec, device)
+    folder, weights = find_model_folder(path)
+    return Predictor(model, spec, device, runtime=runtime, folder=None if weights else folder)

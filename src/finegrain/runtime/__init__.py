@@ -1,15 +1,21 @@
-"""How models run: device, precision and layout (settings), one dataset/collate over image files, one forward."""
+"""How models run: device, precision and layout (settings), one dataset/collate over image files, one forward;
+the engine (torch or ONNX Runtime) chosen by a measured check."""
 
 from finegrain.runtime.data import Batch, ImageFiles, collate_images, image_loader
+from finegrain.runtime.engine import RUNTIMES, Engine, check_runtime, choose_engine
 from finegrain.runtime.forward import Output, forward
 from finegrain.runtime.settings import PRECISIONS, Runtime, default_num_workers, native_bf16, resolve_precision
 
 __all__ = [
     "PRECISIONS",
+    "RUNTIMES",
     "Batch",
+    "Engine",
     "ImageFiles",
     "Output",
     "Runtime",
+    "check_runtime",
+    "choose_engine",
     "collate_images",
     "default_num_workers",
     "forward",

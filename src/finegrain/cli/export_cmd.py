@@ -1,0 +1,30 @@
+"""`finegrain export MODEL --format onnx [--out F] [--quantize int8] [--calibration DATA]`: the graph, its
+self-check printed (max |logit diff| vs PyTorch fp32, top-1 agreement), exit 0; a model that cannot be exported
+(an ensemble, a k-NN gallery vote) or a graph that fails its check: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from finegrain.errors import FinegrainError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finegrain.export import export_model
+    from finegrain.runtime.engine import INT8_MIN_AGREEMENT
+
+    if args.max_images < 1:
+        raise FinegrainError(f"--max-images must be >= 1, got {args.max_images}")
+    if not os.path.exists(args.model):
+        raise FinegrainError(f"no model at {args.model}: give a model folder (or run folder) saved by finegrain")
+    result = export_model(
+        args.model, out=args.out, quantize=args.quantize, calibration=args.calibration, max_images=args.max_images
+    )
+    print(f"{args.model} -> {result.path} (ONNX, dynamic batch; input: normalized float32 NCHW)")
+    print("  " + result.fp32.line("fp32"))
+    if result.int8 is not None:
+        print(f"  {result.int8.line('int8')} -> {result.int8_path}")
+        if result.int8.top1_agreement < INT8_MIN_AGREEMENT:
+            print(f"  int8 agreement under {INT8_MIN_AGREEMENT}: --runtime auto will not use it")
+    return 0
