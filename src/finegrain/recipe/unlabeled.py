@@ -19,7 +19,7 @@ from finegrain.semi import LabelPropagationProbe, SelfTrainingProbe
 # (name, estimator factory); the literature's defaults (semi/propagation.py), never tuned on a test split
 SEMI_HEADS = (
     ("lp-l2", lambda seed: LabelPropagationProbe(random_state=seed)),
-    ("lp-k10-l2", lambda seed: LabelPropagationProbe(k=10, random_state=seed)),
+    ("lp-k20-l2", lambda seed: LabelPropagationProbe(k=20, random_state=seed)),
     ("selftrain-l2", lambda seed: SelfTrainingProbe(random_state=seed)),
 )
 

@@ -2,7 +2,7 @@
 and which unlabeled images to label next."""
 
 from finegrain.semi.graph import certainty, diffuse, knn_graph
-from finegrain.semi.guard import mass_threshold, similarity_guard
+from finegrain.semi.guard import guard_mask, mass_threshold, similarity_guard
 from finegrain.semi.probe import WeightedProbe
 from finegrain.semi.propagation import LabelPropagationProbe
 from finegrain.semi.self_training import SelfTrainingProbe, capped_pseudo_labels
@@ -15,6 +15,7 @@ __all__ = [
     "capped_pseudo_labels",
     "certainty",
     "diffuse",
+    "guard_mask",
     "knn_graph",
     "mass_threshold",
     "similarity_guard",

@@ -65,3 +65,19 @@ def mass_threshold(W: sp.csr_matrix, codes: np.ndarray, n_classes: int, *, alpha
         Z = diffuse(W, seeds, codes[seeds], n_classes, alpha=alpha, max_iter=max_iter)
         ref.append(Z[held].sum(axis=1))
     return float(np.quantile(np.concatenate(ref), quantile))
+
+
+def guard_mask(X_lab: np.ndarray, codes: np.ndarray, X_unlab: np.ndarray, n_classes: int, *, k: int = 10,
+               gamma: float = 3.0, alpha: float = 0.8, max_iter: int = 20, seed: int = 0) -> np.ndarray:  # fmt: skip
+    """Boolean mask [M] of the unlabeled images X_unlab [M, D] inside the labelled classes' region: by diffusion
+    mass on the k-NN graph of all images when the labelled ones can be split in halves, else by similarity."""
+    from finegrain.semi.graph import diffuse, knn_graph
+
+    if len(X_unlab) == 0:
+        return np.ones(0, bool)
+    W = knn_graph(np.concatenate([X_lab, X_unlab]), k=k, gamma=gamma)
+    bar = mass_threshold(W, codes, n_classes, alpha=alpha, max_iter=max_iter, seed=seed)
+    if bar is None:
+        return similarity_guard(X_lab, X_unlab)
+    L = len(X_lab)
+    return diffuse(W, np.arange(L), codes, n_classes, alpha=alpha, max_iter=max_iter)[L:].sum(axis=1) >= bar

@@ -2,9 +2,11 @@
 (Iscen, Tolias, Avrithis, Chum, CVPR 2019, applied once on frozen features as in Lazarou, Avrithis, Stathaki,
 ICCV 2021 "Iterative label cleaning for transductive and semi-supervised few-shot learning").
 
-Defaults are the literature's for frozen features, not tuned on any test split: k = 20 neighbours, gamma = 3,
-alpha = 0.8 (iLPC, Lazarou et al.; Iscen et al. use alpha = 0.99 and k = 50 on 50k-image sets, where a class has
-thousands of images; with tens a class a wide graph crosses classes)."""
+Defaults: gamma = 3 and alpha = 0.8 are the literature's for frozen features (iLPC, Lazarou et al.; Iscen et al.
+use alpha = 0.99 and k = 50 on 50k-image sets, where a class has thousands of images: with tens a class a wide graph
+crosses classes). k = 10 rather than iLPC's 20: on a development protocol that reads train-split labels only (cub100,
+1 and 5 labelled images a class, seeds 5 and 6, pseudo-label accuracy on the unlabeled rest of train) k = 10 labels
+1-4 points more of the pool correctly; never chosen on a test split."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from finegrain.heads.index import as_matrix
 from finegrain.heads.knn import check_labels
 from finegrain.semi.graph import certainty, diffuse, knn_graph
-from finegrain.semi.guard import mass_threshold, similarity_guard
+from finegrain.semi.guard import guard_mask
 from finegrain.semi.probe import SEMI_C, WeightedProbe
 
 
@@ -83,7 +85,7 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
     After fit: pseudo_labels_ [M] (-1: not used), pseudo_weights_ [M], report_ (how many used, at what confidence).
     """
 
-    def __init__(self, *, k: int = 20, gamma: float = 3.0, alpha: float = 0.8, max_iter: int = 20,
+    def __init__(self, *, k: int = 10, gamma: float = 3.0, alpha: float = 0.8, max_iter: int = 20,
                  C: float = SEMI_C, guard: str = "auto", min_certainty: float = 0.0,
                  random_state: int | None = 0) -> None:  # fmt: skip
         self.k, self.gamma, self.alpha, self.max_iter = k, gamma, alpha, max_iter
@@ -118,21 +120,13 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
 
     def _propagate(self, X_lab, codes, X_unlab, C) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(class distributions P [L + M', C], diffusion mass [L + M'], kept mask [M]) over the labelled images
-        and the M' unlabeled ones the guard keeps."""
-        L = len(X_lab)
-        W = knn_graph(np.concatenate([X_lab, X_unlab]), k=self.k, gamma=self.gamma)
-        Z = diffuse(W, np.arange(L), codes, C, alpha=self.alpha, max_iter=self.max_iter)
+        and the M' unlabeled ones the guard keeps (the graph is built without the others)."""
+        L, opts = len(X_lab), {"alpha": self.alpha, "max_iter": self.max_iter}
         keep = np.ones(len(X_unlab), bool)
-        if self.guard == "auto" and len(X_unlab):
-            seed = self.random_state or 0
-            bar = mass_threshold(W, codes, C, alpha=self.alpha, max_iter=self.max_iter, seed=seed)
-            if bar is not None:
-                keep = Z[L:].sum(axis=1) >= bar
-            else:  # one labelled image a class: the similarity bar, and the graph rebuilt without the dropped
-                keep = similarity_guard(X_lab, X_unlab)
-                W = knn_graph(np.concatenate([X_lab, X_unlab[keep]]), k=self.k, gamma=self.gamma)
-                Z = diffuse(W, np.arange(L), codes, C, alpha=self.alpha, max_iter=self.max_iter)
-        Z = Z[np.concatenate([np.arange(L), L + np.flatnonzero(keep)])] if len(Z) > L + keep.sum() else Z
+        if self.guard == "auto":
+            keep = guard_mask(X_lab, codes, X_unlab, C, k=self.k, gamma=self.gamma, seed=self.random_state or 0, **opts)
+        W = knn_graph(np.concatenate([X_lab, X_unlab[keep]]), k=self.k, gamma=self.gamma)
+        Z = diffuse(W, np.arange(L), codes, C, **opts)
         mass = Z.sum(axis=1)
         P = np.where(mass[:, None] > 0, Z / np.where(mass > 0, mass, 1.0)[:, None], 1.0 / C)
         return P, mass, keep

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from finegrain.semi.guard import similarity_guard
+from finegrain.semi.guard import guard_mask
 from finegrain.semi.probe import SEMI_C, WeightedProbe
 from finegrain.semi.propagation import PseudoLabelMixin, balancing, check_inputs
 
@@ -31,7 +31,7 @@ class SelfTrainingProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
     """fit(X_lab [L, D], y [L], X_unlab [M, D]): `rounds` rounds of pseudo-labelling by the current probe
     (top probability >= threshold; at most `cap` a class, None: the pool's even share, ceil(M / C)) and a
     `WeightedProbe` refit, each pseudo-label weighted by its probability x its class's balancing weight.
-    guard "auto": images outside the labelled classes' region (`guard.similarity_guard`) are never pseudo-labelled;
+    guard "auto": images outside the labelled classes' region (`guard.guard_mask`) are never pseudo-labelled;
     "none": all may be. After fit: pseudo_labels_ [M] (-1: not used), pseudo_weights_ [M], report_."""
 
     def __init__(self, *, threshold: float = 0.5, cap: int | None = None, rounds: int = 3, C: float = SEMI_C,
@@ -47,7 +47,8 @@ class SelfTrainingProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
         X_lab, X_unlab, classes, codes, y = check_inputs(X_lab, y, X_unlab)
         C = len(classes)
         cap = self.cap if self.cap is not None else max(1, math.ceil(len(X_unlab) / C))
-        keep = similarity_guard(X_lab, X_unlab) if self.guard == "auto" else np.ones(len(X_unlab), bool)
+        seed = self.random_state or 0
+        keep = guard_mask(X_lab, codes, X_unlab, C, seed=seed) if self.guard == "auto" else np.ones(len(X_unlab), bool)
         probe = WeightedProbe(C=self.C, random_state=self.random_state).fit(X_lab, codes)
         pseudo, conf = np.full(len(X_unlab), -1), np.zeros(len(X_unlab))
         for _ in range(max(int(self.rounds), 0)):
