@@ -9,6 +9,7 @@ import json
 import os
 
 from bench.common import RESULTS, ROOT
+from bench.speed import speed_section
 
 NORMS = ["raw", "L2", "CL2N", "PCA-whiten+L2"]
 CLASSIFIERS = ["1-NN", "10-NN", "NCM", "probe"]
@@ -473,6 +474,7 @@ def main() -> None:
     lines += evaluate_section(_load("evaluate.json"))
     lines += fit_section(_load("fit.json")) + parity_section(_load("parity.json"))
     lines += lpft_probe_section(_load("lpft_probe.json"))
+    lines += speed_section(_load("speed.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")
