@@ -157,6 +157,7 @@ def test_bad_uploads_get_a_4xx_with_the_reason_and_the_service_keeps_serving(cli
         # 64 megapixels: under Pillow's own warning, over the service's limit
         "large": (("large.png", _png(Image.new("1", (8_000, 8_000))), "image/png"), 422, "decompression-bomb limit"),
         "oversized": (("big.jpg", b"\xff\xd8" + bytes(21 * 1024 * 1024), "image/jpeg"), 413, "20 MB limit"),
+        "strip": (("strip.png", _png(Image.new("RGB", (20_000, 1))), "image/png"), 422, "too elongated"),
     }
     for name, (upload, status, reason) in cases.items():
         r = client.post("/predict", files={"image": upload})
@@ -276,13 +277,14 @@ def test_micro_batcher_groups_waiting_items_and_passes_errors_on():
             batcher = MicroBatcher(run, executor=pool, max_batch=4, max_wait_ms=50)
             batcher.start()
             got = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
-            failed = await asyncio.gather(batcher.submit("boom"), return_exceptions=True)
+            mixed = await asyncio.gather(*(batcher.submit(i) for i in (1, "boom", 3)), return_exceptions=True)
             await batcher.stop()
-        return got, failed
+        return got, mixed
 
-    got, failed = asyncio.run(scenario())
+    got, mixed = asyncio.run(scenario())
     assert got == [0, 2, 4, 6, 8, 10] and sizes[:2] == [4, 2]
-    assert isinstance(failed[0], ValueError)
+    assert mixed[0] == 2 and isinstance(mixed[1], ValueError) and mixed[2] == 6  # only the bad item fails
+    assert sizes[2:] == [3, 1, 1, 1]  # the failed batch, then its items one by one
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(run, executor=None, max_batch=0)
 
@@ -304,6 +306,7 @@ def test_cli_serve_one_line_errors(tmp_path, capsys, monkeypatch, bird_models):
 def test_cli_serve_runs_a_real_server(bird_models):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     cmd = [sys.executable, "-m", "finegrain", "serve", bird_models["probe"], "--port", "0", "--device", "cpu"]
+    cmd += ["--runtime", "torch"]  # auto would convert the model to ONNX first (tested with the runtimes)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None

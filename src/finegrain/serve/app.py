@@ -80,6 +80,8 @@ class _Service:
         if max_batch == "auto":
             self.measured = served.measure_batch_sizes(AUTO_CEILING)
             max_batch = best_batch_size(self.measured)
+        else:
+            served.warm_up()  # the first request must not pay for allocations and the engine choice
         self.batcher = MicroBatcher(
             served.predict_batch, executor=self.executor, max_batch=max_batch, max_wait_ms=max_wait_ms
         )

@@ -17,6 +17,15 @@ from concurrent.futures import Executor
 from typing import Any
 
 
+def _settle(fut: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    if fut.done():  # its caller went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 class MicroBatcher:
     """`await submit(item)` -> run_batch([..., item, ...])[its position], with items batched across callers."""
 
@@ -84,17 +93,28 @@ class MicroBatcher:
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error, the worker goes on
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+            except Exception as e:  # noqa: BLE001 - the worker goes on; only the item at fault should fail
+                if len(batch) > 1:
+                    await self._one_by_one(batch)
+                else:
+                    _settle(batch[0][1], error=e)
                 continue
             finally:
                 self.busy_s += time.perf_counter() - start
                 self.batch_sizes[len(batch)] += 1
             for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
+                _settle(fut, result=result)
+
+    async def _one_by_one(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        """A batch failed: run its items alone, so one bad item fails its own request and no other."""
+        loop = asyncio.get_running_loop()
+        for item, fut in batch:
+            try:
+                result = (await loop.run_in_executor(self.executor, self.run_batch, [item]))[0]
+            except Exception as e:  # noqa: BLE001 - handed to that item's caller
+                _settle(fut, error=e)
+            else:
+                _settle(fut, result=result)
 
     def stats(self) -> dict:
         n = sum(self.batch_sizes.values())

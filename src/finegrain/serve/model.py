@@ -87,21 +87,29 @@ class ServedModel:
         proba = self.predictor.predict_proba(list(images), batch_size=max(1, len(images)))
         return list(np.asarray(proba, dtype=np.float64))
 
-    def measure_batch_sizes(self, ceiling: int = 16, *, repeats: int = 2) -> dict[int, float]:
+    def warm_up(self) -> None:
+        """One prediction on a synthetic photo: allocations, and the engine `--runtime auto` chooses (a measured
+        race, an ONNX conversion the first time), happen before the first request."""
+        self.predict_batch([Image.fromarray(np.full((240, 320, 3), 128, np.uint8))])
+
+    @property
+    def engines(self) -> list[str]:
+        """Which engine runs each member at each input size, and why (the predictor's own notes)."""
+        return [note for m in self.members for note in getattr(m, "engine_notes", [])]
+
+    def measure_batch_sizes(self, ceiling: int = 16, *, rounds: int = 3) -> dict[int, float]:
         """Images/s of `predict_batch` at batch sizes 1, 2, 4, ... up to `ceiling`, on synthetic photos (decoded
-        320 x 240 noise: the preprocessing runs too). Stops once a size runs below 0.8x the best so far: on a CPU
-        larger batches often run slower per image (caches), and it is measured here, never assumed."""
+        320 x 240 noise: the preprocessing runs too), the best of `rounds` interleaved rounds (a busy machine slows
+        some timings down, never up). On a CPU a larger batch is not always faster per image: measured, not assumed."""
         rng = np.random.default_rng(0)
         photos = [Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)) for _ in range(ceiling)]
-        speeds: dict[int, float] = {}
-        size = 1
-        while size <= ceiling:
+        sizes = [2**i for i in range(ceiling.bit_length()) if 2**i <= ceiling]
+        for size in sizes:
             self.predict_batch(photos[:size])  # warm-up: first calls allocate, engines get chosen
-            best = min(_timed(self.predict_batch, photos[:size]) for _ in range(repeats))
-            speeds[size] = size / max(best, 1e-9)
-            if speeds[size] < 0.8 * max(speeds.values()):
-                break
-            size *= 2
+        speeds = dict.fromkeys(sizes, 0.0)
+        for _ in range(rounds):
+            for size in sizes:
+                speeds[size] = max(speeds[size], size / max(_timed(self.predict_batch, photos[:size]), 1e-9))
         return speeds
 
     def cam(self, image: Image.Image) -> dict:
@@ -167,6 +175,7 @@ class ServedModel:
             "classes": self.classes,
             "preprocess": [m.preprocess.to_dict() for m in self.members],
             "members": len(self.members),
+            "engines": self.engines,
             "gallery": None if self.knn is None else {"size": int(len(self.knn.model.head.gallery))},
             "gallery_note": self.gallery_note,
             "metrics": self.metrics(),

@@ -18,6 +18,8 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # A 20 MB file can hold ~100 megapixels of JPEG; 50 megapixels covers phone and most camera photos, and refuses
 # the decompression bombs Pillow would only warn about (its own warning starts at 89 megapixels).
 MAX_PIXELS = 50_000_000
+# The eval view resizes the short side to ~256 px: a 1 x 20,000 strip would become 256 x 5,120,000 pixels (4 GB).
+MAX_ASPECT = 50
 FORM_SLACK_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields beside the file
 
 
@@ -111,7 +113,7 @@ def decode_upload(data: bytes, *, min_side: int | None = None, max_pixels: int =
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return load_image(path, min_side=min_side, max_pixels=max_pixels)
+        img = load_image(path, min_side=min_side, max_pixels=max_pixels)
     except ImageDecodeError as e:
         status = 415 if str(e).startswith("not an image") else 422
         raise UploadError(status, str(e)) from None
@@ -120,3 +122,7 @@ def decode_upload(data: bytes, *, min_side: int | None = None, max_pixels: int =
         raise UploadError(422, f"cannot decode ({type(e).__name__}: {first_line})") from None
     finally:
         os.unlink(path)
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UploadError(422, f"a {w}x{h} image is too elongated to classify (more than {MAX_ASPECT}:1)")
+    return img
