@@ -494,6 +494,8 @@ def serve_section(sv: dict) -> list[str]:
         "`--max-batch auto` times the model at batch sizes 1, 2, 4, ... when the server starts and serves with the "
         "fastest; measured images/s by batch size: "
         + (", ".join(f"{k}: {v:g}" for k, v in measured.items()) or "-")
+        + ". Engine (`--runtime auto`): "
+        + ("; ".join(sv["batched_auto"].get("engines") or []) or "not recorded")
         + ".",
         "",
         f"Command: `{sv['command']}`",

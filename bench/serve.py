@@ -151,6 +151,7 @@ def _summary(good: list, refused: list, wall: float, rounds: list[tuple[dict, di
     not_4xx = [(k, s) for k, s in refused if not (isinstance(s, int) and 400 <= s < 500)]
     return {
         "seconds": round(wall, 1),
+        "max_wait_ms": after["batching"]["max_wait_ms"],
         "good_requests": len(good),
         "requests_per_s": round(ok / wall, 2),
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
@@ -187,7 +188,7 @@ def run_modes(model: str, photos, bad, modes: list, args) -> list[dict]:
                 run["refused"] += refused
                 run["wall"] += wall
                 run["health"].append((before, after))
-        infos = [httpx.get(url + "/model", timeout=30).json()["batching"] for _, url in servers]
+        infos = [httpx.get(url + "/model", timeout=30).json() for _, url in servers]
     finally:
         for proc, _ in servers:
             proc.terminate()
@@ -195,7 +196,7 @@ def run_modes(model: str, photos, bad, modes: list, args) -> list[dict]:
     out = []
     for mode, run, info in zip(modes, runs, infos):
         result = _summary(run["good"], run["refused"], run["wall"], run["health"])
-        result.update(server_batching=info, max_batch=mode, max_wait_ms=args.max_wait_ms)
+        result.update(server_batching=info["batching"], engines=info.get("engines"), max_batch=mode)
         print(f"--max-batch {mode}: {result}", flush=True)
         out.append(result)
     return out
