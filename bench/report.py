@@ -10,6 +10,7 @@ import os
 
 from bench.common import RESULTS, ROOT
 from bench.speed import speed_section
+from bench.unlabeled import report_section as unlabeled_section
 
 NORMS = ["raw", "L2", "CL2N", "PCA-whiten+L2"]
 CLASSIFIERS = ["1-NN", "10-NN", "NCM", "probe"]
@@ -519,6 +520,7 @@ def main() -> None:
     lines += evaluate_section(_load("evaluate.json"))
     lines += fit_section(_load("fit.json")) + parity_section(_load("parity.json"))
     lines += lpft_probe_section(_load("lpft_probe.json"))
+    lines += unlabeled_section(_load("unlabeled.json"))
     lines += speed_section(_load("speed.json"))
     lines += serve_section(_load("serve.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:

@@ -224,3 +224,83 @@ def features_note() -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def _row(name: str, values: list[float]) -> str:
+    mean = float(np.mean(values))
+    spread = f" (±{np.std(values):.3f})" if len(values) > 1 else ""
+    return f"| {name} | {mean:.3f}{spread} | " + " / ".join(f"{v:.3f}" for v in values) + " |"
+
+
+def _setting_rows(settings: dict, key: str) -> list[str]:
+    runs = [v for k, v in sorted(settings.items()) if k.startswith(key + "/")]
+    out = [_row(f"supervised {n}", [r["supervised"][n] for r in runs]) for n in ("probe", "ncm", "1-nn")]
+    out.append(_row("best supervised (in hindsight, on test)", [r["best_supervised"] for r in runs]))
+    for m in runs[0]["methods"]:
+        used = [r["used"][m] for r in runs]
+        ooc = [u.get("n_used_out_of_class") for u in used]
+        note = f"; of them out of class {'/'.join(map(str, ooc))}" if ooc[0] is not None else ""
+        label = f"{m} (used {'/'.join(str(u['n_used']) for u in used)} of {used[0]['n_unlabeled']} unlabeled, mean "
+        label += f"certainty {'/'.join(str(u['mean_confidence']) for u in used)}{note})"
+        out.append(_row(label, [r["methods"][m] for r in runs]))
+    picks = "/".join(f"`{r['pick']['name']}`" for r in runs)
+    out.append(_row(f"**pick** ({picks})", [r["pick"]["test"] for r in runs]))
+    gains = [r["gain_points"] for r in runs]
+    by_seed = " / ".join(f"{g:+.1f}" for g in gains)
+    out.append(f"| gain of the pick over the best supervised (points) | {np.mean(gains):+.1f} | {by_seed} |")
+    return out
+
+
+def _lp_alone(settings: dict) -> str:
+    """The gain of label propagation with its defaults (no choice made) beside the pick's."""
+    parts = []
+    for key in ("5shot", "5shot_out_of_class"):
+        runs = [v for k, v in settings.items() if k.startswith(key + "/")]
+        gain = np.mean([100 * (r["methods"]["lp(k=10,alpha=0.8)"] - r["best_supervised"]) for r in runs])
+        parts.append(f"{key} {gain:+.1f}")
+    return (
+        "Label propagation with its defaults, no choice made: " + ", ".join(parts) + " points; the pick loses to it "
+        "where 1 validation image a class prefers self-training. Self-training hurts at 1 image a class (the probe's "
+        "few confident pseudo-labels are too often wrong), label propagation never does here. `suggest` (margins of "
+        "the propagation probe + k-center coverage) does not beat random choice on this data (table above)."
+    )
+
+
+def report_section(doc: dict) -> list[str]:
+    """BENCHMARKS.md's section (bench/report.py renders it)."""
+    r = doc.get("cub100")
+    if not r:
+        return []
+    h, f, s = r["headline"], r["features"], r["settings"]
+    out = [
+        "## Unlabeled images: label propagation, self-training, `suggest` (cub100, few labels)",
+        "",
+        f"Features: {f['backbone']} {f['pooling'].upper()}, {f['image_size']} px, crop {f['crop_pct']}, "
+        f"flip-averaged, {f['precision']}, L2 (`{f['store']}`). A few labelled train images a class (seeds "
+        f"{r['seeds']}), the rest of the train split unlabeled, the full test split scored once. The pick: 5 labelled "
+        "a class, chosen on 1 held-out labelled image a class among the supervised heads, self-training and label "
+        "propagation (k 10/20 x alpha 0.8/0.99), refitted on all 5; 1 labelled a class, label propagation with its "
+        "defaults (nothing to validate on). Cells: mean (± std) then seed by seed.",
+        "",
+    ]
+    titles = {"5shot": "5 labelled images a class (100 classes)", "1shot": "1 labelled image a class (100 classes)",
+              "5shot_out_of_class": "5 labelled a class of the first 50 classes; half the unlabeled pool from the "
+              "other 50"}  # fmt: skip
+    for key, title in titles.items():
+        out += [f"### {title}", "", "| model | test top-1 | by seed |", "|---|---:|---|", *_setting_rows(s, key), ""]
+    sug = r["suggest"]
+    out += [
+        "### `suggest` vs random (start 1 labelled a class, label 100 more, label propagation scored on test)",
+        "",
+        "| seed | suggest | random | gain (points) | supervised probe: suggest / random |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {k} | {v['suggest']:.3f} | {v['random']:.3f} | {v['gain_points']:+.1f} | "
+          f"{v['suggest_supervised_probe']:.3f} / {v['random_supervised_probe']:.3f} |" for k, v in sug.items()],
+        "",
+        "Headline: " + ", ".join(f"{k} {v:+.1f}" for k, v in h.items() if k != "note") + f" ({h['note']}). "
+        + _lp_alone(s),
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]  # fmt: skip
+    return out
