@@ -80,7 +80,7 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
     certainty (1 - entropy / log C) x its class's balancing weight (N / C / images of that class), then a
     `WeightedProbe` on labelled (weight 1 x class weight) + pseudo-labelled images.
 
-    guard: "auto" drops unlabeled images outside the known-class region (`guard.known_region`) before the graph is
+    guard: "auto" drops unlabeled images outside the labelled classes' region (`guard.guard_mask`) before the graph is
     built; "none" keeps all. min_certainty: pseudo-labels below it are not used.
     After fit: pseudo_labels_ [M] (-1: not used), pseudo_weights_ [M], report_ (how many used, at what confidence).
     """
