@@ -286,6 +286,7 @@ class EvalConfig:
     test_split: str | None = None
     test_size: float = 0.2
     seed: int = 0
+    solver: str = "auto"  # probe: auto | lbfgs | stream (auto: stream above 2 GiB of training features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ EVAL_CHOICES = {
     "norm": ("none", "l2", "cl2n", "pca-whiten", "pca-whiten:K"),
     "metric": ("cosine", "l2"),
     "weights": ("temperature", "distance", "uniform"),
+    "solver": ("auto", "lbfgs", "stream"),
 }
 
 
@@ -107,6 +108,14 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "to
     else:
         backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
     backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
+    dist = _torchrun_context(cfg.device)  # torchrun: each rank extracts its shard, rank 0 merges (embed/shard.py)
+    if dist is not None:
+        from functools import partial
+
+        from finegrain.embed.shard import extract_sharded
+
+        extract_to_store = partial(extract_sharded, dist=dist)  # noqa: F811
+        progress = progress and dist.is_main
     result = extract_to_store(
         image_set,
         backbone,
@@ -122,6 +131,8 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "to
         progress=progress,
         runtime=runtime,
     )
+    if dist is not None and not dist.is_main:
+        return 1 if result.skipped else 0  # rank 0 reports and writes
     resolved = {"precision": result.store.meta["precision"], "runtime": result.store.meta.get("runtime", "torch")}
     save_config(cfg, cfg.out, extra={"resolved": {**resolved, "backbone": backbone.describe()}})
     listed = os.path.join(cfg.out, "skipped.csv")
@@ -135,6 +146,15 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "to
     if result.skipped:
         _skipped_summary(result.skipped, result.n_images, listed)
     return 1 if result.skipped else 0
+
+
+def _torchrun_context(device: str):
+    """The DistContext of a torchrun job (gloo on CPU, nccl on CUDA), None for a plain process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from finegrain.train.distributed import DistContext
+
+    return DistContext.from_env(device)
 
 
 def _eval_cfg(args: argparse.Namespace, classifier: str) -> EvalConfig:
@@ -204,6 +224,52 @@ def run_eval(cfg: EvalConfig) -> dict:
     return metrics
 
 
+def _probe_solver(cfg: EvalConfig) -> str:
+    from finegrain.embed import FeatureStore
+    from finegrain.heads.stream_probe import choose_solver
+
+    store = FeatureStore.open(cfg.store)
+    n_train = sum(e.split == cfg.train_split for e in store.index()) or len(store.index())
+    return choose_solver(cfg.solver, n_train, store.dim)
+
+
+def _run_stream_probe(cfg: EvalConfig) -> dict:
+    """The streaming probe (heads/stream_probe.py) on features left on disk; DDP across ranks under torchrun."""
+    import numpy as np
+
+    from finegrain.embed import FeatureStore, create_normalizer
+    from finegrain.evaluate.metrics import classification_metrics
+    from finegrain.evaluate.representations import SplitData, fitted_state, scores_matrix, write_outputs
+    from finegrain.heads.stream_probe import StreamingProbe, lazy_splits
+    from finegrain.heads.to_model import save_store_model
+
+    if cfg.norm not in ("none", "l2"):
+        raise FinegrainError(f"--solver stream takes --norm l2 or none (row-wise), not {cfg.norm!r}")
+    dist = _torchrun_context("cpu")
+    store = FeatureStore.open(cfg.store)
+    pooling = cfg.pooling or store.poolings[0]
+    train, test, test_name = lazy_splits(store, pooling, train_split=cfg.train_split, test_split=cfg.test_split,
+                                         test_size=cfg.test_size, seed=cfg.seed)  # fmt: skip
+    clf = StreamingProbe(normalize="l2" if cfg.norm == "l2" else None, random_state=cfg.seed).fit(*train[:2])
+    if dist is not None and not dist.is_main:
+        return {}
+    test_data = SplitData(test[0], test[1], test[2])
+    scores = scores_matrix(clf, test[0], len(store.classes))
+    norm = create_normalizer(cfg.norm).fit(np.zeros((1, store.dim), np.float32))  # row-wise: nothing learned
+    name = f"probe-stream-{cfg.norm}-{pooling}"
+    out = cfg.out or os.path.join(cfg.store, "eval", name)
+    metrics = {**classification_metrics(scores, test[1]), "classifier": name, "test_split": test_name,
+               "n_train": len(train[1]), "C_": clf.C_, "solver": "stream"}  # fmt: skip
+    model_dir = save_store_model(store, clf, norm, os.path.join(out, "model"), pooling=pooling, train_X=None,
+                                 train_y=train[1], extra={"normalizer_name": cfg.norm})  # fmt: skip
+    write_outputs(out, metrics=metrics, test=test_data, scores=scores, classes=store.classes,
+                  config={**config_dict(cfg), "pooling": pooling, "out": out, "backbone": store.meta["backbone"]},
+                  state=fitted_state(norm, clf))  # fmt: skip
+    print(f"{name}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  (train {len(train[1])}, "
+          f"test {len(test[1])}, C {clf.C_}) -> {out}; model: {model_dir}")  # fmt: skip
+    return metrics
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     run_eval(_eval_cfg(args, "knn"))
     return 0
@@ -215,7 +281,8 @@ def cmd_ncm(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    run_eval(_eval_cfg(args, "probe"))
+    cfg = _eval_cfg(args, "probe")
+    (_run_stream_probe if _probe_solver(cfg) == "stream" else run_eval)(cfg)
     return 0
 
 

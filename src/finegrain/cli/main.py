@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
     _add_common_eval(p)
+    p.add_argument(
+        "--solver",
+        default=None,
+        choices=["auto", "lbfgs", "stream"],
+        help="lbfgs: full batch in memory; stream: mini-batches over the memory-mapped store (DDP under torchrun); "
+        "auto: stream above 2 GiB of training features",
+    )
     _show_config_defaults(p, EvalConfig)
 
     p = add("search", help="nearest images of a query image in a store")

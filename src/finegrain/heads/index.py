@@ -7,15 +7,22 @@ euclidean distance, so one top-k convention serves both metrics.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
+import sys
+import time
 from typing import Protocol
 
 import numpy as np
 
 METRICS = ("cosine", "l2")
 BACKENDS = ("auto", "numpy", "faiss")
-FAISS_KINDS = ("flat", "ivf")
+FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and needs no extra library
+AUTO_PROBE_ROWS = 1 << 15  # auto: both exact backends timed on at most this many gallery rows
+PQ_TARGET_BYTES = 64  # ivfpq: code bytes a vector (m sub-quantizers of 8 bits), before the 8-byte id
+_TRAIN_MAX = 65536  # ivf / ivfpq: at most this many (seeded, sampled) vectors train the quantizers
 _ADD_BLOCK = 1 << 13  # gallery rows normalised at a time when filling a faiss index
 _BLOCK_ELEMENTS = 1 << 23  # per query block: [chunk, N] float32 similarities + argpartition's int64 indices ~ 96 MiB
 
@@ -125,48 +132,107 @@ class NumpyIndex:
         return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
 
+def import_faiss():
+    """faiss, with OpenBLAS told this CPU's kernels first.
+
+    faiss-cpu's bundled OpenBLAS (0.3.15) does not recognise recent CPUs (AMD Zen 4 here) and falls back to its
+    Prescott kernels, 2.7x slower than numpy at exact search (BENCHMARKS.md). OPENBLAS_CORETYPE is read when the
+    library loads, so it is set, unless the user set it, before the first import: SkylakeX with AVX-512, else
+    Haswell with AVX2.
+    """
+    if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
+        flags = _cpu_flags()
+        core = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
+        if core:
+            os.environ["OPENBLAS_CORETYPE"] = core
+    import faiss
+
+    return faiss
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 class FaissIndex:
-    """faiss search: "flat" is exact, "ivf" clusters the gallery into nlist cells and probes nprobe of them.
+    """faiss search: "flat" is exact; "ivf" clusters the gallery into nlist cells and probes nprobe of them;
+    "ivfpq" also compresses each vector to m bytes (product quantization, 8 bits a sub-vector) and, when the
+    gallery given to add() is a memory map, re-ranks rerank x k candidates exactly from it (the vectors stay on
+    disk: RAM holds m + 8 bytes a vector); "hnsw" is a graph over full vectors (fast single queries, more RAM).
 
     nlist: None -> about 4 * sqrt(N), capped at N / 39 (faiss wants >= 39 training points per cell).
-    The IVF quantizer is trained on the first batch given to add().
+    m: None -> the largest divisor of D up to 64 (64 bytes a vector for D = 1280). Quantizers are trained on at
+    most 65,536 vectors of the first batch given to add(), sampled with `seed`.
     """
 
     def __init__(
-        self, metric: str = "cosine", *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16
+        self,
+        metric: str = "cosine",
+        *,
+        kind: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        m: int | None = None,
+        rerank: int = 10,
+        hnsw_m: int = 32,
+        seed: int = 0,
     ) -> None:
         self.metric = check_metric(metric)
         if kind not in FAISS_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FAISS_KINDS)}; got {kind!r}")
-        if nlist is not None and nlist < 1:
-            raise ValueError(f"nlist must be a positive integer or None; got {nlist!r}")
-        if nprobe < 1:
-            raise ValueError(f"nprobe must be a positive integer; got {nprobe!r}")
-        self.kind, self.nlist, self.nprobe = kind, nlist, nprobe
+        for name, value in (("nlist", nlist), ("m", m)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+        if nprobe < 1 or rerank < 1 or hnsw_m < 2:
+            raise ValueError(f"nprobe and rerank must be positive, hnsw_m at least 2; got {nprobe}, {rerank}, {hnsw_m}")
+        self.kind, self.nlist, self.nprobe, self.m, self.rerank = kind, nlist, nprobe, m, rerank
+        self.hnsw_m, self.seed = hnsw_m, seed
         self._index = None
+        self._source: list[np.ndarray] = []  # ivfpq: memory-mapped galleries, for the exact re-rank
 
     @property
     def ntotal(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
 
+    @property
+    def bytes_per_vector(self) -> float:
+        """RAM per stored vector: the code (4 D for flat / ivf / hnsw, m for ivfpq) + ids or graph links."""
+        d = 0 if self._index is None else self._index.d
+        if self.kind == "flat":
+            return 4.0 * d
+        if self.kind == "hnsw":
+            return 4.0 * d + 2 * self.hnsw_m * 4
+        code = self._index.code_size if self._index is not None else 0
+        return float(code + 8)
+
     def add(self, X: np.ndarray) -> FaissIndex:
-        """Append the [N, D] vectors X to the gallery (copied; the caller's array is never modified)."""
-        X = as_matrix(X)
+        """Append the [N, D] vectors X to the gallery (copied; the caller's array is never modified).
+
+        X may be a memory map larger than RAM: it is read in blocks (except by "flat", which holds it all)."""
         if self._index is None:
             self._index = self._create(X)
         elif X.shape[1] != self._index.d:
             raise ValueError(f"X has {X.shape[1]} features, the index holds {self._index.d}")
         if self.kind == "flat":
-            self._add_flat(X)
+            self._add_flat(as_matrix(X))
             return self
+        if self.kind == "ivfpq":
+            self._source.append(X if isinstance(X, np.memmap) else None)
         for start in range(0, len(X), _ADD_BLOCK):  # normalised block by block: no second copy of the gallery
-            block = X[start : start + _ADD_BLOCK]
+            block = as_matrix(X[start : start + _ADD_BLOCK])
             self._index.add(l2_normalize(block) if self.metric == "cosine" else block)
         return self
 
     def _add_flat(self, X: np.ndarray) -> None:
         """Copy X into the flat index in one call, then normalise the new rows where they now live."""
-        import faiss
+        faiss = import_faiss()
 
         start = self._index.ntotal
         self._index.add(X)
@@ -179,19 +245,29 @@ class FaissIndex:
             block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
 
     def _create(self, X: np.ndarray):
-        import faiss  # optional heavy import, only when a faiss index is asked for
-
+        faiss = import_faiss()  # optional heavy import, only when a faiss index is asked for
         n, d = X.shape
         faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
         if self.kind == "flat":
             return faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
+        if self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss_metric)
+            index.hnsw.efSearch = max(64, 4 * self.nprobe)
+            return index
         if n == 0:
-            raise ValueError("an IVF index is trained on the first vectors added; X is empty")
-        nlist = self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
-        nlist = min(nlist, n)
+            raise ValueError(f"an {self.kind.upper()} index is trained on the first vectors added; X is empty")
+        nlist = min(self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39)), n)
         quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
-        index.train(l2_normalize(X) if self.metric == "cosine" else X)
+        if self.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
+        else:
+            self.m_ = self.m or max(m for m in range(1, min(PQ_TARGET_BYTES, d) + 1) if d % m == 0)
+            if d % self.m_:
+                raise ValueError(f"m must divide the dimension {d}; got {self.m_}")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, self.m_, 8, faiss_metric)
+        rows = np.sort(np.random.default_rng(self.seed).permutation(n)[:_TRAIN_MAX])
+        sample = as_matrix(X[rows])
+        index.train(l2_normalize(sample) if self.metric == "cosine" else sample)
         index.nprobe = min(self.nprobe, nlist)
         self.nlist_ = nlist
         return index
@@ -207,15 +283,32 @@ class FaissIndex:
             raise ValueError(f"Q has {Q.shape[1]} features, the index holds {self._index.d}")
         if self.metric == "cosine":
             Q = l2_normalize(Q)
-        scores, indices = self._index.search(Q, k)
+        reranked = self.kind == "ivfpq" and self._source and all(s is not None for s in self._source)
+        scores, indices = self._index.search(Q, min(k * self.rerank, self.ntotal) if reranked else k)
+        if reranked:
+            return self._rerank(Q, indices, k)
         if self.metric == "l2":
             scores = -scores
         scores[indices < 0] = -np.inf
         return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
 
-
-def faiss_available() -> bool:
-    return importlib.util.find_spec("faiss") is not None
+    def _rerank(self, Q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact similarities of the [M, k'] candidates from the memory-mapped gallery; the best k of them."""
+        scores = np.full(cand.shape, -np.inf, np.float32)
+        sizes = np.cumsum([0] + [len(s) for s in self._source])
+        for i, (q, row) in enumerate(zip(Q, cand)):
+            ok = row >= 0
+            ids = np.sort(row[ok])
+            part = np.searchsorted(sizes, ids, side="right") - 1
+            vecs = np.concatenate([np.asarray(self._source[p][ids[part == p] - sizes[p]]) for p in np.unique(part)])
+            vecs = vecs.astype(np.float32, copy=False)
+            sims = vecs @ q if self.metric == "l2" else (vecs @ q) / np.maximum(np.linalg.norm(vecs, axis=1), 1e-12)
+            if self.metric == "l2":
+                sims = 2 * sims - np.einsum("nd,nd->n", vecs, vecs) - q @ q
+            cand[i, : len(ids)], scores[i, : len(ids)] = ids, sims
+            cand[i, len(ids) :] = -1
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(cand, order, axis=1).astype(np.int64)
 
 
 def build_index(
@@ -227,18 +320,78 @@ def build_index(
     nlist: int | None = None,
     nprobe: int = 16,
     chunk_size: int | None = None,
+    m: int | None = None,
 ) -> NumpyIndex | FaissIndex:
-    """Index the [N, D] gallery X. backend "auto": faiss when N > 4096 (or kind="ivf") and faiss is installed."""
+    """Index the [N, D] gallery X.
+
+    backend "auto": numpy or faiss flat for exact search, whichever answered a short timed query on this gallery
+    faster (`choose_exact_backend`, cached), faiss for kind ivf / ivfpq / hnsw. kind="ivfpq" on a memory map keeps
+    the vectors on disk (m + 8 bytes of RAM a vector) and re-ranks from it.
+    """
     check_metric(metric)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if kind not in FAISS_KINDS:
         raise ValueError(f"kind must be one of {', '.join(FAISS_KINDS)}; got {kind!r}")
     if backend == "auto":
-        wants_faiss = kind == "ivf" or len(X) > AUTO_FAISS_MIN_N
-        backend = "faiss" if wants_faiss and faiss_available() else "numpy"
+        if kind != "flat":
+            backend = "faiss"
+        elif len(X) <= AUTO_FAISS_MIN_N or not faiss_available():
+            backend = "numpy"
+        else:
+            backend = choose_exact_backend(X, metric=metric)
     if backend == "numpy":
         if kind != "flat":
             raise ValueError(f"kind={kind!r} needs backend='faiss' (numpy search is exact, kind='flat')")
         return NumpyIndex(metric, chunk_size=chunk_size).add(X)
-    return FaissIndex(metric, kind=kind, nlist=nlist, nprobe=nprobe).add(X)
+    return FaissIndex(metric, kind=kind, nlist=nlist, nprobe=nprobe, m=m).add(X)
+
+
+_AUTO_CACHE: dict[str, str] = {}
+
+
+def choose_exact_backend(X: np.ndarray, *, metric: str = "cosine", n_queries: int = 64, cache: str | None = None):
+    """numpy or faiss: whichever exact index answers `n_queries` gallery rows faster on (at most 32,768 rows of) X.
+
+    Brute force costs N x D a query on either backend, so the slice ranks them as the whole gallery would. The
+    answer is cached per (rows slice, D, metric, CPU count) in memory and in `cache` (default
+    ~/.cache/finegrain/index-auto.json; FINEGRAIN_CACHE_DIR moves it).
+    """
+    n = min(len(X), AUTO_PROBE_ROWS)
+    key = f"{n}x{X.shape[1]}-{metric}-{os.cpu_count()}cpu"
+    path = cache or os.path.join(os.environ.get("FINEGRAIN_CACHE_DIR", os.path.expanduser("~/.cache/finegrain")),
+                                 "index-auto.json")  # fmt: skip
+    if key not in _AUTO_CACHE:
+        _AUTO_CACHE.update(_read_cache(path))
+    if key in _AUTO_CACHE:
+        return _AUTO_CACHE[key]
+    gallery = as_matrix(X[:n])
+    queries = gallery[np.linspace(0, n - 1, min(n_queries, n)).astype(int)]
+    times = {}
+    for name, index in (("numpy", NumpyIndex(metric)), ("faiss", FaissIndex(metric))):
+        index.add(gallery)
+        index.search(queries[:2], 10)  # warm-up: first-call costs are not the backend's speed
+        t0 = time.perf_counter()
+        index.search(queries, 10)
+        times[name] = time.perf_counter() - t0
+    _AUTO_CACHE[key] = min(times, key=times.get)
+    try:
+        from finegrain.atomic import atomic_write_json
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, {**_read_cache(path), key: _AUTO_CACHE[key]})
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return _AUTO_CACHE[key]
+
+
+def _read_cache(path: str) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).items() if v in ("numpy", "faiss")}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None

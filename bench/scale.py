@@ -1,0 +1,245 @@
+"""Scale-out benchmark (issue 15): a 1M x 1280 synthetic store, the streaming probe, IVF-PQ, the measured auto
+backend, sharded extraction 1 vs 2 processes, and a projection for iNat 2021.
+
+python -m bench.scale [--parts data,probe,ivfpq,auto,extract] [--n 1000000]   (each part merges into scale.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench.common import RESULTS, ROOT
+
+CACHE = os.path.join(ROOT, "bench", "cache", "scale")
+OUT = os.path.join(RESULTS, "scale.json")
+D, CLASSES, LATENT, N_TEST = 1280, 1000, 64, 20_000
+NOISE = 2.0  # within-class spread in the latent space: the classes overlap, as real species do
+
+
+def _paths(n: int) -> dict[str, str]:
+    return {k: os.path.join(CACHE, f"synthetic-{n}-{k}") for k in ("X.f32", "y.npy", "Xtest.f32", "ytest.npy")}
+
+
+def make_store(n: int, seed: int = 0) -> dict[str, str]:
+    """[n, 1280] float32 memmap in 1,000 classes of low intrinsic dimension (64), as CNN embeddings are;
+    generated in blocks (bounded memory), plus a 20,000-row test set from the same distribution."""
+    paths = _paths(n)
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(CACHE, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(LATENT, D)).astype(np.float32) / np.sqrt(LATENT)
+    centers = rng.normal(size=(CLASSES, LATENT)).astype(np.float32)
+    for name, rows in (("X.f32", n), ("Xtest.f32", N_TEST)):
+        y = rng.integers(0, CLASSES, rows)
+        out = np.memmap(paths[name] + ".tmp", dtype=np.float32, mode="w+", shape=(rows, D))
+        for s in range(0, rows, 50_000):
+            yb = y[s : s + 50_000]
+            z = centers[yb] + NOISE * rng.normal(size=(len(yb), LATENT)).astype(np.float32)
+            out[s : s + len(yb)] = np.maximum(z @ basis + 0.05 * rng.normal(size=(len(yb), D)), 0)  # ReLU-like
+        out.flush()
+        del out
+        os.replace(paths[name] + ".tmp", paths[name])
+        np.save(paths[name.replace("X", "y").replace(".f32", ".npy")], y)
+    return paths
+
+
+def _open(paths: dict[str, str], n: int):
+    X = np.memmap(paths["X.f32"], dtype=np.float32, mode="r", shape=(n, D))
+    Xt = np.memmap(paths["Xtest.f32"], dtype=np.float32, mode="r", shape=(N_TEST, D))
+    return X, np.load(paths["y.npy"]), Xt, np.load(paths["ytest.npy"])
+
+
+def probe_child(n: int, rows: int, solver: str) -> dict:
+    """Run in a fresh process: one probe fit on the first `rows` rows; its own peak RSS and time."""
+    from finegrain.heads.probe import LogisticProbe
+    from finegrain.heads.stream_probe import StreamingProbe
+
+    X, y, Xt, yt = _open(_paths(n), n)
+    t0 = time.perf_counter()
+    if solver == "stream":
+        clf = StreamingProbe(Cs=(0.1, 1.0, 10.0), batch_size=1024, epochs=2, select_rows=100_000, normalize="l2")
+        clf.fit(X[:rows] if rows < n else X, y[:rows])
+    else:
+        Xm = np.asarray(X[:rows])
+        Xm /= np.linalg.norm(Xm, axis=1, keepdims=True)
+        clf = LogisticProbe(Cs=(1.0,), max_iter=100).fit(Xm, y[:rows])
+    seconds = time.perf_counter() - t0
+    Xtn = np.asarray(Xt) / np.linalg.norm(Xt, axis=1, keepdims=True)
+    top1 = float((clf.predict(Xtn) == yt).mean())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    held = getattr(clf, "max_rows_held_", None)
+    return {"rows": rows, "solver": solver, "seconds": round(seconds, 1), "peak_rss_gb": round(rss, 2),
+            "top1": round(top1, 4), "C": getattr(clf, "C_", None), "max_rows_held": held}  # fmt: skip
+
+
+def _child(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + ROOT}
+    out = subprocess.run([sys.executable, "-m", "bench.scale", *args], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part_probe(n: int) -> dict:
+    stream = _child(["--child-probe", str(n), str(n), "stream"])
+    sub = min(n, 20_000)  # L-BFGS over 1,000 classes: 20,000 rows fit this 2-core CPU in minutes
+    sub_stream = _child(["--child-probe", str(n), str(sub), "stream"])
+    sub_full = _child(["--child-probe", str(n), str(sub), "lbfgs"])
+    return {"stream_full_store": stream, "subset_stream": sub_stream, "subset_lbfgs": sub_full,
+            "top1_delta_points": round(100 * (sub_stream["top1"] - sub_full["top1"]), 2)}  # fmt: skip
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(e.tolist())) / len(e) for f, e in zip(found, exact)]))
+
+
+def _exact_topk(X: np.ndarray, Q: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact cosine top-k of Q over the memmap X, streamed in 50,000-row blocks."""
+    Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    best_s, best_i = np.full((len(Q), k), -np.inf, np.float32), np.zeros((len(Q), k), np.int64)
+    for s in range(0, len(X), 50_000):
+        B = np.asarray(X[s : s + 50_000])
+        sims = Qn @ (B / np.linalg.norm(B, axis=1, keepdims=True)).T
+        alls, alli = np.hstack([best_s, sims]), np.hstack([best_i, np.arange(s, s + len(B))[None].repeat(len(Q), 0)])
+        top = np.argsort(-alls, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(alls, top, 1), np.take_along_axis(alli, top, 1)
+    return best_i
+
+
+def part_ivfpq(n: int) -> dict:
+    from finegrain.heads.index import FaissIndex
+
+    X, _, Xt, _ = _open(_paths(n), n)
+    Q = np.asarray(Xt[:1000])
+    t0 = time.perf_counter()
+    exact = _exact_topk(X, Q)
+    exact_s = time.perf_counter() - t0
+    out = {"exact_numpy_streamed_seconds": round(exact_s, 1), "runs": []}
+    t0 = time.perf_counter()
+    index = FaissIndex("cosine", kind="ivfpq", nprobe=32).add(X)
+    build = time.perf_counter() - t0
+    for rerank in (1, 10):
+        index.rerank = rerank
+        t0 = time.perf_counter()
+        _, found = index.search(Q, 10)
+        out["runs"].append({"nlist": index.nlist_, "m": index.m_, "nprobe": 32, "rerank": rerank,
+                            "build_seconds": round(build, 1), "query_seconds_1000": round(time.perf_counter() - t0, 2),
+                            "recall_at_10": round(_recall(found, exact), 4),
+                            "bytes_per_vector": index.bytes_per_vector})  # fmt: skip
+    return out
+
+
+def part_auto(n: int) -> dict:
+    """At 10k, 100k and n rows: the auto pick (fresh measurement) and both exact backends timed on 200 queries."""
+    from finegrain.heads.index import FaissIndex, NumpyIndex, choose_exact_backend
+
+    X, _, Xt, _ = _open(_paths(n), n)
+    Q = np.asarray(Xt[:200])
+    rows = []
+    for size in sorted({s for s in (10_000, 100_000, n) if s <= n}):
+        G = np.asarray(X[:size])
+        t0 = time.perf_counter()
+        pick = choose_exact_backend(G, cache=os.path.join(CACHE, f"auto-{time.time_ns()}.json"))
+        measure = time.perf_counter() - t0
+        times = {}
+        for name, cls in (("numpy", NumpyIndex), ("faiss", FaissIndex)):
+            index = cls("cosine").add(G)
+            index.search(Q[:2], 10)
+            t0 = time.perf_counter()
+            index.search(Q, 10)
+            times[name] = round(time.perf_counter() - t0, 3)
+            del index
+        rows.append({"n": size, "auto_pick": pick, "measure_seconds": round(measure, 2), "seconds_200_queries": times,
+                     "fastest": min(times, key=times.get)})  # fmt: skip
+        del G
+    return {"rows": rows, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
+
+
+def part_extract(n_images: int = 300) -> dict:
+    """`finegrain extract` on 300 cub100 images: one process vs torchrun with 2 (gloo), features compared."""
+    from finegrain.data import load_image_set
+    from finegrain.embed import FeatureStore
+
+    data = load_image_set(os.path.join(os.path.dirname(ROOT), "shared", "data", "cub100"))
+    step = max(1, len(data.samples) // n_images)
+    manifest = os.path.join(CACHE, "cub100-300.csv")
+    os.makedirs(CACHE, exist_ok=True)
+    with open(manifest, "w") as f:
+        f.write("path,label,split\n" + "".join(f"{s.path},{data.classes[s.label]},{s.split}\n"
+                                                for s in data.samples[::step][:n_images]))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    base = ["-m", "finegrain", "extract", manifest, "--no-progress", "--runtime", "torch", "--workers", "0"]
+    runs = {}
+    for procs in (1, 2):
+        out = os.path.join(CACHE, f"extract-{procs}")
+        shutil.rmtree(out, ignore_errors=True)
+        launch = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, *launch, *base, "--out", out], env=env, check=True, capture_output=True)
+        runs[procs] = time.perf_counter() - t0
+    a, b = FeatureStore.open(os.path.join(CACHE, "extract-1")), FeatureStore.open(os.path.join(CACHE, "extract-2"))
+    same_rows = [(e.path, e.row) for e in a.index()] == [(e.path, e.row) for e in b.index()]
+    fa, fb = np.asarray(a.features("gap")), np.asarray(b.features("gap"))
+    return {"images": n_images, "seconds_1_process": round(runs[1], 1), "seconds_2_processes": round(runs[2], 1),
+            "speedup": round(runs[1] / runs[2], 2), "same_rows": same_rows,
+            "bitwise_equal": bool(same_rows and np.array_equal(fa, fb)),
+            "max_abs_diff": float(np.abs(fa - fb).max()) if same_rows else None}  # fmt: skip
+
+
+PARTS = {"probe": part_probe, "ivfpq": part_ivfpq, "auto": part_auto}
+
+
+def _save(results: dict) -> None:
+    from finegrain.atomic import atomic_write_json
+
+    p, s, e = results.get("probe", {}), results.get("ivfpq", {}), results.get("extract", {})
+    best = max(s.get("runs", [{}]), key=lambda r: r.get("recall_at_10", 0))
+    results["headline"] = {
+        "stream_probe_peak_rss_gb": p.get("stream_full_store", {}).get("peak_rss_gb"),
+        "stream_probe_top1_delta_points": p.get("top1_delta_points"),
+        "ivfpq_recall_at_10": best.get("recall_at_10"),
+        "ivfpq_bytes_per_vector": best.get("bytes_per_vector"),
+        "sharded_extract_features_identical": e.get("bitwise_equal"),
+    }
+    atomic_write_json(OUT, results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="data,probe,ivfpq,auto,extract")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--child-probe", nargs=3)
+    ap.add_argument("--clean", action="store_true", help="delete the synthetic store at the end")
+    args = ap.parse_args(argv)
+    if args.child_probe:
+        n, rows, solver = args.child_probe
+        print(json.dumps(probe_child(int(n), int(rows), solver)))
+        return
+    results = json.load(open(OUT)) if os.path.exists(OUT) else {}
+    results.update(n=args.n, dim=D, classes=CLASSES, command=f"python -m bench.scale --n {args.n}")
+    for part in args.parts.split(","):
+        t0 = time.perf_counter()
+        if part == "data":
+            make_store(args.n)
+        elif part == "extract":
+            results["extract"] = part_extract()
+        else:
+            results[part] = PARTS[part](args.n)
+        print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)
+        _save(results)
+    if args.clean:
+        shutil.rmtree(CACHE, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
