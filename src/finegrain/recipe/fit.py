@@ -79,6 +79,8 @@ class FitState:
     def __init__(self, out: str, cfg: FitConfig) -> None:
         self.dir = os.path.join(out, "fit-state")
         key = {k: v for k, v in config_dict(cfg).items() if k not in ("workers", "bootstrap")}
+        if not key.get("unlabeled"):  # fits without unlabeled images keep the key they had before the option
+            key.pop("unlabeled", None)
         self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.candidates: dict[str, Candidate] = {}
         self.probas: dict[str, np.ndarray] = {}
