@@ -72,3 +72,25 @@ def test_bad_ivfpq_parameters():
         FaissIndex(kind="ivfpq", m=7).add(_gallery(500))
     with pytest.raises(ValueError):
         FaissIndex(kind="pq")
+
+
+def test_store_larger_than_memory_is_searched_through_a_saved_ivfpq_index(tmp_path):
+    """heads/search.disk_index: IVF-PQ over the store's memory map, written beside it and reused."""
+    import os
+
+    from finegrain.embed.store import FeatureStore, IndexEntry
+    from finegrain.heads.search import disk_index
+
+    X = _gallery(3000)
+    store = FeatureStore.create_or_resume(str(tmp_path / "s"), {"fingerprint": "f", "dim": 64, "poolings": ["gap"]})
+    rows = store.append({"gap": X}, [f"{i:040x}" for i in range(len(X))])
+    store.write_index([IndexEntry(f"{i}.jpg", 0, "train", r, f"{i:040x}") for i, r in enumerate(rows)], [])
+    index = disk_index(store, "gap", "l2")
+    assert os.path.exists(tmp_path / "s" / "index-ivfpq-gap.faiss")
+    again = disk_index(store, "gap", "l2")
+    q = X[:20]
+    _, exact = NumpyIndex("cosine").add(X).search(q, 10)
+    assert _recall(index.search(q, 10)[1], exact) >= 0.9
+    np.testing.assert_array_equal(again.search(q, 10)[1], index.search(q, 10)[1])
+    with pytest.raises(Exception, match="cosine"):
+        disk_index(store, "gap", "cl2n")

@@ -23,6 +23,15 @@ AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and nee
 AUTO_PROBE_ROWS = 1 << 15  # auto: both exact backends timed on at most this many gallery rows
 PQ_TARGET_BYTES = 64  # ivfpq: code bytes a vector (m sub-quantizers of 8 bits), before the 8-byte id
 _TRAIN_MAX = 65536  # ivf / ivfpq: at most this many (seeded, sampled) vectors train the quantizers
+DENSE_MAX_BYTES = 2 << 30  # a gallery (or training matrix) above 2 GiB or a quarter of RAM stays on disk
+
+
+def dense_fits(n_rows: int, dim: int) -> bool:
+    """Whether an [n_rows, dim] float32 matrix should be held in memory: at most 2 GiB and a quarter of RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 1 << 40
+    return n_rows * dim * 4 <= min(DENSE_MAX_BYTES, ram // 4)
+
+
 _ADD_BLOCK = 1 << 13  # gallery rows normalised at a time when filling a faiss index
 _BLOCK_ELEMENTS = 1 << 23  # per query block: [chunk, N] float32 similarities + argpartition's int64 indices ~ 96 MiB
 
@@ -244,6 +253,23 @@ class FaissIndex:
             block = stored[row : row + _ADD_BLOCK]
             block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
 
+    def save(self, path: str) -> None:
+        """Write the faiss index to `path` atomically (the re-rank source is the caller's memory map)."""
+        faiss = import_faiss()
+        tmp = f"{path}.tmp{os.getpid()}"
+        faiss.write_index(self._index, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, *, metric: str, kind: str, source: np.ndarray | None = None, **kwargs) -> FaissIndex:
+        """An index written by `save`; `source`: the memory-mapped gallery it was built from (ivfpq re-rank)."""
+        self = cls(metric, kind=kind, **kwargs)
+        self._index = import_faiss().read_index(path)
+        self._source = [source] if kind == "ivfpq" and isinstance(source, np.memmap) else []
+        if kind in ("ivf", "ivfpq"):
+            self.nlist_, self._index.nprobe = self._index.nlist, min(self.nprobe, self._index.nlist)
+        return self
+
     def _create(self, X: np.ndarray):
         faiss = import_faiss()  # optional heavy import, only when a faiss index is asked for
         n, d = X.shape
@@ -264,7 +290,8 @@ class FaissIndex:
             self.m_ = self.m or max(m for m in range(1, min(PQ_TARGET_BYTES, d) + 1) if d % m == 0)
             if d % self.m_:
                 raise ValueError(f"m must divide the dimension {d}; got {self.m_}")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, self.m_, 8, faiss_metric)
+            nbits = 8 if n >= 256 else max(1, int(math.log2(n)))  # k-means needs a point per centroid
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, self.m_, nbits, faiss_metric)
         rows = np.sort(np.random.default_rng(self.seed).permutation(n)[:_TRAIN_MAX])
         sample = as_matrix(X[rows])
         index.train(l2_normalize(sample) if self.metric == "cosine" else sample)

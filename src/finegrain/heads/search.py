@@ -6,7 +6,7 @@ import numpy as np
 
 from finegrain.embed import FeatureStore, create_normalizer, embed_images
 from finegrain.errors import FinegrainError
-from finegrain.heads.index import build_index
+from finegrain.heads.index import FaissIndex, build_index, dense_fits
 from finegrain.models import ModelSpec, build_backbone
 
 
@@ -31,9 +31,17 @@ def search_store(
     store = FeatureStore.open(store_dir)
     pooling = pooling or store.poolings[0]
     entries = store.index()
-    gallery = np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
-    normalizer = create_normalizer(norm).fit(gallery)
-    index = build_index(normalizer.transform(gallery), metric="cosine")
+    if dense_fits(len(entries), store.dim):
+        gallery = np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
+        normalizer = create_normalizer(norm).fit(gallery)
+        index = build_index(normalizer.transform(gallery), metric="cosine")
+    else:  # larger than memory: IVF-PQ over the memory map, hits are store rows
+        normalizer, index = (
+            create_normalizer("none").fit(np.zeros((1, store.dim), np.float32)),
+            disk_index(store, pooling, norm),
+        )
+        by_row = {e.row: e for e in entries}
+        entries = [by_row.get(r) for r in range(store.num_rows())]
     feats, skipped = embed_images(
         queries,
         backbone_from_meta(store.meta),
@@ -50,6 +58,24 @@ def search_store(
     scores, idx = index.search(normalizer.transform(feats), min(k, len(entries)))
     classes = store.classes
     return {
-        q: [(float(s), entries[i].path, classes[entries[i].label]) for s, i in zip(srow, irow)]
+        q: [(float(s), entries[i].path, classes[entries[i].label]) for s, i in zip(srow, irow) if i >= 0 and entries[i]]
         for q, srow, irow in zip(good, scores, idx)
     }
+
+
+def disk_index(store: FeatureStore, pooling: str, norm: str) -> FaissIndex:
+    """IVF-PQ over all rows of the store's memory map (cosine; re-ranked from the map), built once and kept in the
+    store as index-ivfpq-<pooling>.faiss while the store's rows do not change."""
+    import os
+
+    if norm not in ("l2", "none"):
+        raise FinegrainError(f"a store larger than memory is searched by cosine (--norm l2), not --norm {norm}")
+    feats = store.features(pooling)
+    path = os.path.join(store.root, f"index-ivfpq-{pooling}.faiss")
+    if os.path.exists(path):
+        index = FaissIndex.load(path, metric="cosine", kind="ivfpq", source=feats)
+        if index.ntotal == len(feats):
+            return index
+    index = FaissIndex("cosine", kind="ivfpq").add(feats)
+    index.save(path)
+    return index

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -23,11 +22,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from finegrain.data.splits import stratified_split
 from finegrain.errors import FinegrainError
+from finegrain.heads.index import dense_fits
 from finegrain.heads.knn import check_labels
 from finegrain.heads.probe import DEFAULT_CS
 
-SOLVERS = ("auto", "lbfgs", "stream")
-STREAM_ABOVE_BYTES = 2 << 30  # auto: the streaming probe once the training features pass 2 GiB or a quarter of RAM
+SOLVERS = ("auto", "lbfgs", "stream")  # auto: stream once the training features pass 2 GiB or a quarter of RAM
 
 
 class StoreRows:
@@ -265,13 +264,12 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 def choose_solver(solver: str, n_rows: int, dim: int) -> str:
-    """lbfgs | stream for `solver` (auto: stream when [n_rows, dim] float32 passes STREAM_ABOVE_BYTES or RAM / 4)."""
+    """lbfgs | stream for `solver` (auto: stream when [n_rows, dim] float32 passes 2 GiB or RAM / 4)."""
     if solver not in SOLVERS:
         raise FinegrainError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
     if solver != "auto":
         return solver
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 1 << 40
-    return "stream" if n_rows * dim * 4 > min(STREAM_ABOVE_BYTES, ram // 4) else "lbfgs"
+    return "lbfgs" if dense_fits(n_rows, dim) else "stream"
 
 
 def lazy_splits(store, pooling: str, *, train_split: str, test_split: str | None, test_size: float, seed: int):
