@@ -55,6 +55,7 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
     once on the fit part of the split (at most select_rows rows) and the best validation top-1 wins.
     epochs: None -> enough for about 3,000 steps, between 2 and 100 passes. chunk_rows: rows of X read at a time.
     normalize: "l2" scales each row to unit length as it is read (the CLI's default --norm l2), None keeps X.
+    device: where the mini-batches are computed ("cuda:0" under torchrun with nccl); X is read on the host.
     """
 
     def __init__(
@@ -70,10 +71,11 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
         chunk_rows: int = 16384,
         select_rows: int = 200_000,
         random_state: int | None = 0,
+        device: str = "cpu",
     ) -> None:
         self.Cs, self.val_size, self.standardize, self.normalize = Cs, val_size, standardize, normalize
         self.epochs, self.batch_size, self.lr, self.chunk_rows = epochs, batch_size, lr, chunk_rows
-        self.select_rows, self.random_state = select_rows, random_state
+        self.select_rows, self.random_state, self.device = select_rows, random_state, device
 
     def _check_params(self) -> list[float]:
         Cs = list(self.Cs) if isinstance(self.Cs, Sequence | np.ndarray) else [self.Cs]
@@ -153,18 +155,20 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
         """Train one linear model per C on X[rows] at once; returns (W [K, D, C], b [K, C], mean loss per epoch)."""
         rank, world = _dist_rank_world()
         gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
-        model = _Linear(len(Cs), X.shape[1], len(self.classes_))
+        dev = torch.device(self.device)
+        model = _Linear(len(Cs), X.shape[1], len(self.classes_)).to(dev)
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        lam = torch.tensor([1.0 / (C * len(rows)) for C in Cs])
+        lam = torch.tensor([1.0 / (C * len(rows)) for C in Cs], device=dev)
         epochs = self._n_epochs(len(rows), world)
         steps = max(1, len(rows) // (self.batch_size * world))  # the same number on every rank: DDP stays in step
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
         sched = _warmup_cosine(opt, epochs * steps)
-        mean, scale = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
+        mean, scale = torch.from_numpy(self.mean_).to(dev), torch.from_numpy(self.scale_).to(dev)
         curve = []
         for _ in range(epochs):
             total, seen = 0.0, 0
             for xb, yb in self._batches(X, codes, rows, gen, rank, world, steps):
+                xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
                 logits = net((xb - mean) / scale)  # [K, B, C]
                 ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.repeat(len(Cs)), reduction="none")
                 ce = ce.view(len(Cs), -1).mean(1)
@@ -175,7 +179,7 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
                 sched.step()
                 total, seen = total + ce[0].item() * len(yb), seen + len(yb)
             curve.append(total / max(seen, 1))
-        return model.weight.detach().numpy(), model.bias.detach().numpy(), curve
+        return model.weight.detach().cpu().numpy(), model.bias.detach().cpu().numpy(), curve
 
     def _batches(self, X, codes, rows, gen, rank: int, world: int, steps: int):
         """`steps` shuffled mini-batches from this rank's chunks (chunk order and rows shuffled each epoch)."""
