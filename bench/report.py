@@ -9,6 +9,7 @@ import json
 import os
 
 from bench.common import RESULTS, ROOT
+from bench.scale import scale_section
 from bench.speed import speed_section
 from bench.unlabeled import report_section as unlabeled_section
 
@@ -523,6 +524,7 @@ def main() -> None:
     lines += unlabeled_section(_load("unlabeled.json"))
     lines += speed_section(_load("speed.json"))
     lines += serve_section(_load("serve.json"))
+    lines += scale_section(_load("scale.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")

@@ -176,7 +176,7 @@ class FaissIndex:
     gallery given to add() is a memory map, re-ranks rerank x k candidates exactly from it (the vectors stay on
     disk: RAM holds m + 8 bytes a vector); "hnsw" is a graph over full vectors (fast single queries, more RAM).
 
-    nlist: None -> about 4 * sqrt(N), capped at N / 39 (faiss wants >= 39 training points per cell).
+    nlist: None -> about 4 * sqrt(N), capped at (training vectors) / 39 (faiss wants >= 39 training points a cell).
     m: None -> the largest divisor of D up to 64 (64 bytes a vector for D = 1280). Quantizers are trained on at
     most 65,536 vectors of the first batch given to add(), sampled with `seed`.
     """
@@ -282,7 +282,7 @@ class FaissIndex:
             return index
         if n == 0:
             raise ValueError(f"an {self.kind.upper()} index is trained on the first vectors added; X is empty")
-        nlist = min(self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39)), n)
+        nlist = min(self.nlist or max(1, min(round(4 * math.sqrt(n)), min(n, _TRAIN_MAX) // 39)), n)
         quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
         if self.kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)

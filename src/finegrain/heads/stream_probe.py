@@ -154,7 +154,8 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
     def _train(self, X, codes: np.ndarray, rows: np.ndarray, Cs: list[float]):
         """Train one linear model per C on X[rows] at once; returns (W [K, D, C], b [K, C], mean loss per epoch)."""
         rank, world = _dist_rank_world()
-        gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
+        seed = 0 if self.random_state is None else int(self.random_state)
+        gen = torch.Generator().manual_seed(seed + 7919 * rank)  # rows within a chunk: each rank its own stream
         dev = torch.device(self.device)
         model = _Linear(len(Cs), X.shape[1], len(self.classes_)).to(dev)
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -164,10 +165,12 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
         sched = _warmup_cosine(opt, epochs * steps)
         mean, scale = torch.from_numpy(self.mean_).to(dev), torch.from_numpy(self.scale_).to(dev)
-        curve = []
-        for _ in range(epochs):
+        n_chunks, curve = max(1, math.ceil(len(rows) / self.chunk_rows)), []
+        for epoch in range(epochs):
             total, seen = 0.0, 0
-            for xb, yb in self._batches(X, codes, rows, gen, rank, world, steps):
+            order = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
+            mine = order[rank::world] if n_chunks >= world else order  # the same order on every rank, split
+            for xb, yb in self._batches(X, codes, rows, gen, mine, steps):
                 xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
                 logits = net((xb - mean) / scale)  # [K, B, C]
                 ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.repeat(len(Cs)), reduction="none")
@@ -181,11 +184,8 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
             curve.append(total / max(seen, 1))
         return model.weight.detach().cpu().numpy(), model.bias.detach().cpu().numpy(), curve
 
-    def _batches(self, X, codes, rows, gen, rank: int, world: int, steps: int):
-        """`steps` shuffled mini-batches from this rank's chunks (chunk order and rows shuffled each epoch)."""
-        n_chunks = max(1, math.ceil(len(rows) / self.chunk_rows))
-        order = torch.randperm(n_chunks, generator=gen).numpy()
-        mine = order[rank::world] if len(order) >= world else order
+    def _batches(self, X, codes, rows, gen, mine: np.ndarray, steps: int):
+        """`steps` shuffled mini-batches from this rank's chunks `mine` (cycled if needed), rows shuffled."""
         done = 0
         while done < steps:
             for pos, block in self._chunks(X, rows, mine):
