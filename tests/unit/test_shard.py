@@ -130,9 +130,9 @@ def test_damaged_shard_is_refused_in_one_line(single, train_data, tmp_path):
     for rank in range(2):
         a, b = shard_bounds(len(image_set.samples), rank, 2)
         part = image_set.__class__(image_set.root, image_set.classes, image_set.samples[a:b])
-        extract_to_store(part, _backbone(), shard_dir(out, rank, 2), progress=False, **OPTS)
-    with open(os.path.join(shard_dir(out, 1, 2), "hashes.csv"), "w") as f:
-        f.write("path,sha1\n")
+        store = extract_to_store(part, _backbone(), shard_dir(out, rank, 2), progress=False, **OPTS).store
+        with open(os.path.join(shard_dir(out, rank, 2), "hashes.csv"), "w") as f:
+            f.write("path,sha1\n" + "".join(f"{e.path},{e.sha1}\n" for e in store.index()))
     feats = os.path.join(shard_dir(out, 1, 2), "features-gem.f32")
     os.truncate(feats, os.path.getsize(feats) - 4)
     with pytest.raises(FinegrainError) as err:
