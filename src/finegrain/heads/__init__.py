@@ -8,6 +8,7 @@ from finegrain.heads.index import FaissIndex, NumpyIndex, build_index
 from finegrain.heads.knn import KNNClassifier
 from finegrain.heads.ncm import NearestClassMean
 from finegrain.heads.probe import LogisticProbe
+from finegrain.heads.stream_probe import StreamingProbe
 from finegrain.registry import Registry
 
 CLASSIFIERS: Registry[type] = Registry("classifier")
@@ -28,6 +29,7 @@ __all__ = [
     "LogisticProbe",
     "NearestClassMean",
     "NumpyIndex",
+    "StreamingProbe",
     "build_index",
     "create_classifier",
 ]
