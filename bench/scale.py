@@ -260,12 +260,13 @@ def projection(results: dict) -> list[str]:
         decode = nodes * INAT["cores_per_node"] * INAT["decode_per_core"]
         rate = min(gpu, decode)
         rows.append(f"| {nodes} x 8 GPUs | {gpu:,} | {decode:,} | {rate:,} | {n / rate / 60:.1f} min |")
-    rows += ["", f"Assumed, not measured (no GPU was lent to this session): {INAT['gpu_images_per_s']:,} images/s a GPU, "
+    gpu_rate = f"{INAT['gpu_images_per_s']:,}"
+    rows += ["", f"Assumed, not measured (no GPU was lent to this session): {gpu_rate} images/s a GPU, "
              "NVIDIA's published EfficientNet-B0 mixed-precision inference on one A100 80GB at batch 256 "
              "(DeepLearningExamples, PyTorch/Classification/ConvNets/efficientnet/README.md; efficientnet_lite0 has "
              f"B0's 0.39 GFLOPs); JPEG decoding at {INAT['decode_per_core']} images/s a core on "
              f"{INAT['cores_per_node']} cores a node, which is the bound: the GPUs would idle without DALI/nvJPEG "
-             "decoding. Sharding itself costs one barrier and a merge that copies the rows once (13.8 GB)."]  # fmt: skip
+             "decoding. Sharding costs one barrier and a merge that copies the rows once (13.8 GB)."]  # fmt: skip
     store_gb = n * D * 4 / 1e9
     probe = results.get("probe", {}).get("stream_full_store", {})
     per_row_class = probe.get("seconds", 0) / (results.get("n", 1) * CLASSES) if probe else 0
