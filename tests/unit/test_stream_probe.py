@@ -116,3 +116,24 @@ def test_ddp_two_ranks_train_one_model(memmap, tmp_path):
     single = StreamingProbe(Cs=(1.0,), chunk_rows=300, batch_size=50, epochs=3).fit(X, y)
     pred = np.argmax(Xt @ a.T, axis=1)  # the intercept hardly matters for this check
     assert (single.classes_[pred] == single.predict(Xt)).mean() > 0.85
+
+
+def test_cli_on_a_store_larger_than_memory(tmp_path, train_data, tiny_backbone, monkeypatch):
+    """Above the in-memory limit (patched down to nothing): probe streams and knn searches through IVF-PQ."""
+    import json
+    import os
+
+    import finegrain.heads.stream_probe as sp
+    from finegrain.cli.main import main
+    from finegrain.data import load_image_set
+    from finegrain.embed import extract_to_store
+
+    store = str(tmp_path / "store")
+    extract_to_store(load_image_set(train_data), tiny_backbone, store, progress=False, num_workers=0, runtime="torch")
+    monkeypatch.setattr(sp, "dense_fits", lambda n_rows, dim: False)
+    assert main(["probe", store, "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["solver"] == "stream"
+    assert main(["knn", store, "-k", "3", "--out", str(tmp_path / "k")]) == 0
+    metrics = json.loads((tmp_path / "k" / "metrics.json").read_text())
+    assert "ivfpq" in metrics["classifier"] and 0 <= metrics["top1"] <= 1
+    assert os.path.exists(tmp_path / "k" / "predictions.csv")

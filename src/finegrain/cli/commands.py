@@ -271,8 +271,43 @@ def _run_stream_probe(cfg: EvalConfig) -> dict:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    run_eval(_eval_cfg(args, "knn"))
+    cfg = _eval_cfg(args, "knn")
+    (run_eval if _probe_solver(cfg) == "lbfgs" else _run_disk_knn)(cfg)  # lbfgs: the training split fits in RAM
     return 0
+
+
+def _run_disk_knn(cfg: EvalConfig) -> dict:
+    """k-NN on a store larger than memory: IVF-PQ over the training rows' memory map, re-ranked exactly from it.
+    Writes metrics and predictions; no model folder (a k-NN model would copy the whole gallery)."""
+    import numpy as np
+
+    from finegrain.embed import FeatureStore
+    from finegrain.evaluate.metrics import classification_metrics
+    from finegrain.evaluate.representations import SplitData, write_outputs
+    from finegrain.heads import create_classifier
+    from finegrain.heads.index import FaissIndex
+    from finegrain.heads.stream_probe import lazy_splits
+
+    if cfg.norm not in ("none", "l2"):
+        raise FinegrainError(f"a store larger than memory takes --norm l2 or none (row-wise), not {cfg.norm!r}")
+    store = FeatureStore.open(cfg.store)
+    pooling = cfg.pooling or store.poolings[0]
+    (Xtr, ytr, _), (Xte, yte, pte), test_name = lazy_splits(store, pooling, train_split=cfg.train_split,
+        test_split=cfg.test_split, test_size=cfg.test_size, seed=cfg.seed)  # fmt: skip
+    clf = create_classifier("knn", n_neighbors=cfg.k, metric=cfg.metric, weights=cfg.weights,
+                            temperature=cfg.temperature)  # fmt: skip
+    clf.classes_, clf.gallery_labels_ = np.unique(ytr, return_inverse=True)
+    clf.index_, clf.n_features_in_ = FaissIndex(cfg.metric, kind="ivfpq").add(Xtr), store.dim
+    scores = np.zeros((len(yte), len(store.classes)))
+    for start in range(0, len(yte), 4096):
+        scores[start : start + 4096, clf.classes_] = clf.predict_proba(Xte[start : start + 4096])
+    name = f"knn{cfg.k}-ivfpq-{cfg.norm}-{pooling}"
+    out = cfg.out or os.path.join(cfg.store, "eval", name)
+    metrics = {**classification_metrics(scores, yte), "classifier": name, "test_split": test_name, "n_train": len(ytr)}
+    write_outputs(out, metrics=metrics, test=SplitData(None, yte, pte), scores=scores, classes=store.classes,
+                  config={**config_dict(cfg), "pooling": pooling, "out": out}, state={})  # fmt: skip
+    print(f"{name}: top-1 {metrics['top1']:.4f} (train {len(ytr)}, test {len(yte)}, IVF-PQ) -> {out}")
+    return metrics
 
 
 def cmd_ncm(args: argparse.Namespace) -> int:

@@ -170,6 +170,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _on_disk(X) -> bool:
+    """A memory map, or a lazy row view of one (heads.stream_probe.StoreRows): worth re-ranking from, not copying."""
+    return isinstance(X, np.memmap) or isinstance(getattr(X, "features", None), np.memmap)
+
+
 class FaissIndex:
     """faiss search: "flat" is exact; "ivf" clusters the gallery into nlist cells and probes nprobe of them;
     "ivfpq" also compresses each vector to m bytes (product quantization, 8 bits a sub-vector) and, when the
@@ -233,7 +238,7 @@ class FaissIndex:
             self._add_flat(as_matrix(X))
             return self
         if self.kind == "ivfpq":
-            self._source.append(X if isinstance(X, np.memmap) else None)
+            self._source.append(X if _on_disk(X) else None)
         for start in range(0, len(X), _ADD_BLOCK):  # normalised block by block: no second copy of the gallery
             block = as_matrix(X[start : start + _ADD_BLOCK])
             self._index.add(l2_normalize(block) if self.metric == "cosine" else block)
@@ -265,7 +270,7 @@ class FaissIndex:
         """An index written by `save`; `source`: the memory-mapped gallery it was built from (ivfpq re-rank)."""
         self = cls(metric, kind=kind, **kwargs)
         self._index = import_faiss().read_index(path)
-        self._source = [source] if kind == "ivfpq" and isinstance(source, np.memmap) else []
+        self._source = [source] if kind == "ivfpq" and _on_disk(source) else []
         if kind in ("ivf", "ivfpq"):
             self.nlist_, self._index.nprobe = self._index.nlist, min(self.nprobe, self._index.nlist)
         return self
