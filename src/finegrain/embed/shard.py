@@ -58,11 +58,14 @@ def shard_dir(out_dir: str, rank: int, world_size: int) -> str:
 def extract_sharded(image_set: ImageSet, backbone, out_dir: str, *, dist: Dist, progress: bool = True, **kwargs):
     """Extract this rank's share of `image_set` into its shard, then (rank 0) merge every shard into `out_dir`.
 
-    kwargs go to `extract_to_store` (poolings, flip, batch_size, precision, device, overwrite, runtime, ...).
+    kwargs go to `extract_to_store` (poolings, flip, batch_size, precision, device, overwrite, runtime, ...);
+    runtime "auto" extracts with torch (a race per rank could pick different engines, and a store has one).
     Every rank returns an ExtractResult of the merged store with counts summed over the ranks.
     """
     t0 = time.perf_counter()
     rank, world = dist.rank, dist.world_size
+    if kwargs.get("runtime") == "auto":  # each rank's measured race could pick another engine: one engine a store
+        kwargs = {**kwargs, "runtime": "torch"}
     start, stop = shard_bounds(len(image_set.samples), rank, world)
     mine = image_set.samples[start:stop]
     error, counts = "", [0, 0]
