@@ -126,7 +126,7 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "to
         num_workers=cfg.workers,
         precision=cfg.precision,
         channels_last=cfg.channels_last,
-        device=cfg.device,
+        device=cfg.device if dist is None else str(dist.device),  # torchrun on GPUs: cuda:LOCAL_RANK
         overwrite=cfg.overwrite,
         progress=progress,
         runtime=runtime,
