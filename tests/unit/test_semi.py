@@ -91,8 +91,13 @@ def test_suggest_is_deterministic_for_a_seed_and_written_atomically(tmp_path):
     rng = np.random.default_rng(0)
     X, Xl = rng.normal(size=(200, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
     proba = rng.dirichlet(np.ones(4), size=200)
+    for strategy in ("margin-kcenter", "typical"):
+        b = suggest_to_label(X, proba, 25, X_lab=Xl, strategy=strategy, seed=3)
+        assert np.array_equal(b, suggest_to_label(X, proba, 25, X_lab=Xl, strategy=strategy, seed=3))
+        assert len(set(b.tolist())) == 25
+    with pytest.raises(ValueError, match="strategy must be one of typical, margin-kcenter"):
+        suggest_to_label(X, proba, 5, strategy="entropy")
     a = suggest_to_label(X, proba, 25, X_lab=Xl, seed=3)
-    assert np.array_equal(a, suggest_to_label(X, proba, 25, X_lab=Xl, seed=3)) and len(set(a.tolist())) == 25
     classes = ["a", "b", "c", "d"]
     path = write_suggestions(str(tmp_path / "s.csv"), [f"img{i}.jpg" for i in range(200)], proba, a, classes)
     with open(path, newline="") as f:

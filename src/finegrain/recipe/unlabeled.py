@@ -138,8 +138,9 @@ def suggest(
     seed: int = 0, batch_size: int = 32, workers: int | None = None, precision: str = "auto", device: str = "cpu",
     progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Rank the unlabeled images of `unlabeled` to label next (label propagation's margins + k-center coverage on
-    frozen GeM features of one view) into <out>/suggestions.csv; returns the summary also saved as suggest.json."""
+    """Rank the unlabeled images of `unlabeled` to label next (`semi.suggest_to_label` with label propagation's
+    probabilities, on frozen GeM features of one view) into <out>/suggestions.csv; returns the summary, also saved
+    as suggest.json."""
     from finegrain.atomic import atomic_write_json
     from finegrain.backbones import create_backbone
     from finegrain.data import load_image_set
