@@ -57,6 +57,7 @@ class SelfTrainingProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
             proba = np.zeros((len(X_unlab), C))
             proba[keep] = probe.predict_proba(X_unlab[keep])  # the probe's classes_ are the codes 0..C-1
             pseudo = capped_pseudo_labels(proba, threshold=self.threshold, cap=cap)
+            pseudo[~keep] = -1  # dropped by the guard: never pseudo-labelled, even with threshold 0
             conf = proba.max(axis=1)
             used = pseudo >= 0
             y_all = np.concatenate([codes, pseudo[used]])
