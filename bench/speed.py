@@ -246,7 +246,8 @@ def speed_section(results: dict) -> list[str]:
         f"{r['model']}; {r['test_images']} test images decoded once, every path runs the same `runtime.forward` "
         f"(normalization included) on them, interleaved in one run. CPU flags: {', '.join(h['cpu_flags'])}; "
         f"PyTorch kernels: {r['aten_cpu_capability']}; {r['machine']['threads']} threads. First call: warm-up "
-        "(torch.compile compiles there, for batch 1 and 32).",
+        "(torch.compile compiles there, for batch 1 and 32). Other jobs shared the two cores during these runs: "
+        "the ratios within one run compare paths under the same load, the absolute speeds are low and noisy.",
         "",
         *_table(r),
         "",

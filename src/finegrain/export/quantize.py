@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 
@@ -31,6 +32,18 @@ class Calibration(CalibrationDataReader):
         return next(self._batches, None)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs advice (and whole tensor protos) on the root logger: keep the CLI's one line."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(model, spec, fp32_path: str, out: str, *, calib_uint8, x, ref, source: str, fp32: Check, key: str):
     """Quantize the fp32 graph at `fp32_path` into `out`, calibrated on `calib_uint8` (uint8 training images);
     returns (out, Check on the normalized check images `x` against the torch fp32 logits `ref`)."""
@@ -39,7 +52,7 @@ def quantize_int8(model, spec, fp32_path: str, out: str, *, calib_uint8, x, ref,
     reader = Calibration(spec.preprocess.normalize(calib_uint8))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
         raw = os.path.join(tmp, "int8.onnx")
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
             quantize_static(
                 fp32_path,
                 raw,
