@@ -499,6 +499,17 @@ def serve_section(sv: dict) -> list[str]:
         + ". Engine (`--runtime auto`): "
         + ("; ".join(sv["batched_auto"].get("engines") or []) or "not recorded")
         + ".",
+    ]
+    if h["batching_gain_ratio"] < 1.05:
+        out += [
+            "",
+            "Reading: on this 2-core CPU micro-batching does not pay. Per image, the model (ONNX Runtime when `auto` "
+            "picks it) is a small part of a request: HTTP and multipart parsing, JPEG decoding and the bicubic resize "
+            "run per request on the same two cores as the 16 clients, so batching the forward pass saves little, and "
+            "larger batches run no faster per image here (the start-up timings above). `auto` then serves one image "
+            "at a time; on a machine where batches pay (more cores, a GPU) it picks the batch size that does.",
+        ]
+    out += [
         "",
         f"Command: `{sv['command']}`",
         "",

@@ -248,6 +248,7 @@ def _record(args, batched: dict, fixed: dict, single: dict) -> None:
         "load": {
             "clients": args.clients,
             "seconds": args.seconds,
+            "rounds": args.rounds,
             "bad_upload_every_s": args.bad_every,
             "bad_kinds": list(BAD_KINDS),
             "photos": args.photos,
