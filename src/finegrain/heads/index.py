@@ -273,6 +273,8 @@ class FaissIndex:
         self._source = [source] if kind == "ivfpq" and _on_disk(source) else []
         if kind in ("ivf", "ivfpq"):
             self.nlist_, self._index.nprobe = self._index.nlist, min(self.nprobe, self._index.nlist)
+        if kind == "ivfpq":
+            self.m_ = int(self._index.pq.M)
         return self
 
     def _create(self, X: np.ndarray):
