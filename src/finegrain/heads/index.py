@@ -178,8 +178,9 @@ def _on_disk(X) -> bool:
 class FaissIndex:
     """faiss search: "flat" is exact; "ivf" clusters the gallery into nlist cells and probes nprobe of them;
     "ivfpq" also compresses each vector to m bytes (product quantization, 8 bits a sub-vector) and, when the
-    gallery given to add() is a memory map, re-ranks rerank x k candidates exactly from it (the vectors stay on
-    disk: RAM holds m + 8 bytes a vector); "hnsw" is a graph over full vectors (fast single queries, more RAM).
+    gallery given to add() is a memory map, re-ranks rerank x k candidates (default 50 x k) exactly from it (the
+    vectors stay on disk: RAM holds m + 8 bytes a vector); "hnsw" is a graph over full vectors (fast single queries,
+    more RAM). nprobe: None -> chosen from nlist (`_nprobe`).
 
     nlist: None -> about 4 * sqrt(N), capped at (training vectors) / 39 (faiss wants >= 39 training points a cell).
     m: None -> the largest divisor of D up to 64 (64 bytes a vector for D = 1280). Quantizers are trained on at
@@ -192,9 +193,9 @@ class FaissIndex:
         *,
         kind: str = "flat",
         nlist: int | None = None,
-        nprobe: int = 16,
+        nprobe: int | None = None,
         m: int | None = None,
-        rerank: int = 10,
+        rerank: int = 50,
         hnsw_m: int = 32,
         seed: int = 0,
     ) -> None:
@@ -204,7 +205,7 @@ class FaissIndex:
         for name, value in (("nlist", nlist), ("m", m)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
-        if nprobe < 1 or rerank < 1 or hnsw_m < 2:
+        if (nprobe is not None and nprobe < 1) or rerank < 1 or hnsw_m < 2:
             raise ValueError(f"nprobe and rerank must be positive, hnsw_m at least 2; got {nprobe}, {rerank}, {hnsw_m}")
         self.kind, self.nlist, self.nprobe, self.m, self.rerank = kind, nlist, nprobe, m, rerank
         self.hnsw_m, self.seed = hnsw_m, seed
@@ -272,7 +273,8 @@ class FaissIndex:
         self._index = import_faiss().read_index(path)
         self._source = [source] if kind == "ivfpq" and _on_disk(source) else []
         if kind in ("ivf", "ivfpq"):
-            self.nlist_, self._index.nprobe = self._index.nlist, min(self.nprobe, self._index.nlist)
+            self.nlist_ = self._index.nlist
+            self._index.nprobe = self._nprobe(self.nlist_)
         if kind == "ivfpq":
             self.m_ = int(self._index.pq.M)
         return self
@@ -285,7 +287,7 @@ class FaissIndex:
             return faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
         if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss_metric)
-            index.hnsw.efSearch = max(64, 4 * self.nprobe)
+            index.hnsw.efSearch = max(64, 4 * (self.nprobe or 16))
             return index
         if n == 0:
             raise ValueError(f"an {self.kind.upper()} index is trained on the first vectors added; X is empty")
@@ -302,9 +304,16 @@ class FaissIndex:
         rows = np.sort(np.random.default_rng(self.seed).permutation(n)[:_TRAIN_MAX])
         sample = as_matrix(X[rows])
         index.train(l2_normalize(sample) if self.metric == "cosine" else sample)
-        index.nprobe = min(self.nprobe, nlist)
+        index.nprobe = self._nprobe(nlist)
         self.nlist_ = nlist
         return index
+
+    def _nprobe(self, nlist: int) -> int:
+        """Cells probed: nprobe, or from the gallery's nlist: 16 for ivf; for ivfpq 1/16 of the cells (at least 16),
+        where recall@10 on 1M vectors kept rising with nprobe (BENCHMARKS.md, Scale out)."""
+        if self.nprobe is not None:
+            return min(self.nprobe, nlist)
+        return min(nlist, 16 if self.kind == "ivf" else max(16, nlist // 16))
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Q [M, D] -> (scores [M, k] float32, indices [M, k] int64), best first; k is clamped to N.
@@ -352,7 +361,7 @@ def build_index(
     backend: str = "auto",
     kind: str = "flat",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     chunk_size: int | None = None,
     m: int | None = None,
 ) -> NumpyIndex | FaissIndex:
