@@ -332,7 +332,8 @@ def _ivfpq_table(s: dict) -> list[str]:
                     "from the memory map (the vectors stay on disk; RAM holds the codes and ids). On this synthetic "
                     "distribution (a 64-d Gaussian latent whose within-class spread is twice the spread of the class "
                     "centres) neighbours are nearly equidistant: the coarse cells, not the 64-byte codes, limit "
-                    "recall, and 0.9 needs most cells probed. The default (nprobe = nlist / 16, re-rank x50) favours speed; "
+                    "recall, and 0.9 needs most cells probed. The default (nprobe = nlist / 16, re-rank x50) "
+                    "favours speed; "
                     "pass nprobe for recall.", ""]  # fmt: skip
 
 
