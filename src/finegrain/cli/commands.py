@@ -131,8 +131,10 @@ def run_extract(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "to
         progress=progress,
         runtime=runtime,
     )
-    if dist is not None and not dist.is_main:
-        return 1 if result.skipped else 0  # rank 0 reports and writes
+    if dist is not None:
+        dist.close()  # an orderly gloo / nccl shutdown: exiting with the group alive can abort a rank
+        if not dist.is_main:
+            return 1 if result.skipped else 0  # rank 0 reports and writes
     resolved = {"precision": result.store.meta["precision"], "runtime": result.store.meta.get("runtime", "torch")}
     save_config(cfg, cfg.out, extra={"resolved": {**resolved, "backbone": backbone.describe()}})
     listed = os.path.join(cfg.out, "skipped.csv")
@@ -251,8 +253,10 @@ def _run_stream_probe(cfg: EvalConfig) -> dict:
     train, test, test_name = lazy_splits(store, pooling, train_split=cfg.train_split, test_split=cfg.test_split,
                                          test_size=cfg.test_size, seed=cfg.seed)  # fmt: skip
     clf = StreamingProbe(normalize="l2" if cfg.norm == "l2" else None, random_state=cfg.seed).fit(*train[:2])
-    if dist is not None and not dist.is_main:
-        return {}
+    if dist is not None:
+        dist.close()
+        if not dist.is_main:
+            return {}
     test_data = SplitData(test[0], test[1], test[2])
     scores = scores_matrix(clf, test[0], len(store.classes))
     norm = create_normalizer(cfg.norm).fit(np.zeros((1, store.dim), np.float32))  # row-wise: nothing learned
@@ -414,7 +418,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from finegrain.recipe import FitConfig, fit
 
-    cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), {"precision": PRECISIONS})
+    choices = {"precision": PRECISIONS, "runtime": ("auto", "torch", "onnx")}
+    cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), choices)
     result = fit(cfg, progress=not args.no_progress)
     line = f"chose {result.chosen.name}: val top-1 {result.chosen.val_top1:.4f}"
     if result.test:
