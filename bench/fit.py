@@ -70,7 +70,7 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
         store = FeatureStore.open(os.path.join(cfg.out, "features", view))
         test_store = extract_to_store(
             test_set, stage.backbone(view), os.path.join(cfg.out, "features-test", view), poolings=POOLINGS,
-            flip=stage.views[view]["flip"], progress=False,
+            flip=stage.views[view]["flip"], progress=False, runtime=cfg.runtime,
         ).store  # fmt: skip
         for pooling in POOLINGS:
             X, yy = _features(store, ("train", "val"), pooling)

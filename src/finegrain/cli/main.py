@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", default=None, help="folder of images without labels: semi-supervised candidates")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--runtime", default=None, choices=["auto", "torch", "onnx"], help="engine of extraction and the test pass"
+    )
     p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")

@@ -46,6 +46,7 @@ class FitConfig:
     batch_size: int = 32
     workers: int | None = None
     precision: str = "auto"
+    runtime: str = "auto"  # torch | onnx | auto: the engine extraction and the test pass run on (runtime/engine.py)
     device: str = "cpu"
     bootstrap: int = 1000
     unlabeled: str = ""  # a folder of images without labels: semi-supervised candidates too (recipe/unlabeled.py)
@@ -282,7 +283,8 @@ def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, 
 
     paths = [s.path for s in splits.test]
     y = np.array([s.label for s in splits.test])
-    pred = predict_paths(load(model_dir), paths, precision=cfg.precision, workers=cfg.workers, progress=progress)
+    predictor = load(model_dir, runtime=cfg.runtime)
+    pred = predict_paths(predictor, paths, precision=cfg.precision, workers=cfg.workers, progress=progress)
     counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(image_set.classes))
     summary = summarize(pred.proba, y[pred.index], image_set.classes, train_counts=counts, n_boot=cfg.bootstrap)
     return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index))}
