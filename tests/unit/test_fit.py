@@ -32,7 +32,8 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     out = tmp_path / "fit"
     summary = json.loads((out / "fit.json").read_text())
     assert summary["chosen"] == result.chosen.name and "highest validation top-1" in summary["reason"]
-    assert summary["seconds"] <= 1.1 * 60, "the budget bounds the whole command"
+    # the budget bounds the whole command: recorded, not asserted on the wall clock (no timing assertions in tests)
+    assert summary["budget_min"] == 1.0 and summary["seconds"] > 0
     splits = summary["splits"]  # val carved from train; the test split untouched
     assert splits["train"] + splits["val"] == 36 and splits["val"] >= 3 and splits["test"] == 12
     with open(out / "leaderboard.csv", newline="") as f:

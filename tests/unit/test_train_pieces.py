@@ -314,10 +314,12 @@ def test_schedule_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- callbacks
-def _fake_trainer(val: list | None = None) -> SimpleNamespace:
-    """What the callbacks read of a Trainer; rank > 0, so nothing is written."""
-    splits = SimpleNamespace(val=[1] if val is None else val)
+def _fake_trainer(val: list | None = None, *, test_seconds: float = 0.0) -> SimpleNamespace:
+    """What the callbacks read of a Trainer; rank > 0, so nothing is written. The test split's pass takes
+    `test_seconds` (10 images at a tenth of it each)."""
+    splits = SimpleNamespace(val=[1] if val is None else val, test=list(range(10)))
     t = SimpleNamespace(planned_epochs=10, steps_per_epoch=4, splits=splits, dist=SimpleNamespace(is_main=False))
+    t.steps = SimpleNamespace(eval_pace=lambda: test_seconds / 10)
     t.plan_epochs = lambda n: setattr(t, "planned_epochs", n)
     return t
 
@@ -333,6 +335,12 @@ def test_time_budget_plans_the_epochs_that_fit_and_stops_when_spent():
     budget.epoch_start = time.perf_counter()
     assert budget.on_epoch_end(trainer, FitState(), 4, {"seconds": 60.0})
     assert MaxSteps(8).on_epoch_end(trainer, FitState(), 1, {}) and not MaxSteps(9).on_epoch_end(trainer, None, 1, {})
+    # the final test pass (here 20 s at its measured pace) is reserved: 25 s left for epochs of 10 s -> 2 more
+    trainer, budget = _fake_trainer(test_seconds=20.0), TimeBudget(1.0)
+    budget.on_epoch_start(trainer, 0)
+    budget.epoch_start -= 10.0
+    assert not budget.on_epoch_end(trainer, FitState(), 0, {"seconds": 15.0}) and trainer.planned_epochs == 3
+    assert budget.on_epoch_end(trainer, FitState(), 2, {"seconds": 41.0})  # 41 + 20 s of test: spent
 
 
 def test_best_model_judges_improvement_and_early_stopping_counts_from_it(tmp_path):
