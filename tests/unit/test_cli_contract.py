@@ -289,6 +289,7 @@ def test_a_trained_model_is_reused_as_a_backbone_and_its_weights_load_in_timm(bu
     model, spec = load_model(run)
     path = str(tmp_path / "timm.safetensors")
     assert save_timm_weights(model, path) is True
+    assert main(["export", run, "--format", "timm", "--out", path]) == 0  # the same file through the CLI
     assert not any(k.startswith("backbone.") for k in load_file(path))
     overlay = dict(file=path, num_classes=len(spec.classes))
     net = timm.create_model("test_efficientnet", pretrained=True, pretrained_cfg_overlay=overlay).eval()

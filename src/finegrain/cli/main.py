@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", help="a model -> ONNX (dynamic batch, classes + preprocessing inside), checked vs PyTorch")
     p.add_argument("model", help="a model folder (or run folder) saved by finegrain; not an ensemble")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument(
+        "--format", default="onnx", choices=["onnx", "timm"], help="onnx, or timm: safetensors in timm's key layout"
+    )
     p.add_argument("--out", default=None, help="the .onnx file (default: MODEL/model.onnx; int8: beside, .int8.onnx)")
     p.add_argument("--quantize", default=None, choices=["int8"], help="also a static int8 graph, calibrated")
     p.add_argument(
