@@ -175,6 +175,7 @@ def rerun_suggest(F, labels, base, rows, seeds: list[int]) -> None:
     entry["suggest"] = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
     entry["suggest_command"] = command_line()
     entry["headline"] = headline(entry["settings"], entry["suggest"])
+    data["headline"] = entry["headline"]  # the figures, at the top of the file
     print("suggest vs random:", entry["suggest"], flush=True)
     atomic_write_json(path, data)
 
@@ -210,6 +211,7 @@ def main() -> None:
     print("suggest vs random:", sug, flush=True)
     record("unlabeled.json", "cub100", {"settings": settings, "suggest": sug, "seeds": seeds,
                                         "headline": headline(settings, sug), "features": features_note()})  # fmt: skip
+    record("unlabeled.json", "headline", headline(settings, sug))  # the figures, at the top of the file
 
 
 def develop_k(F, labels, base, rows) -> dict:
