@@ -73,7 +73,7 @@ def build_config(
     values: dict[str, Any] = dict(defaults or {})
     names = {f.name for f in dataclasses.fields(cls)}
     if yaml_path:
-        values.update(_read_yaml(yaml_path))
+        values.update(read_yaml(yaml_path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - names)
     if unknown:
@@ -88,7 +88,7 @@ def build_config(
         raise FinegrainError(f"{cls.__name__}: {e}") from None
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     try:

@@ -316,17 +316,10 @@ def _config_path(argv: list[str]) -> str | None:
 
 def _yaml_defaults(p: argparse.ArgumentParser, path: str) -> dict:
     """The --config file of a plain command as parser defaults, each checked as if typed on the command line."""
-    import yaml
+    from finegrain.config import read_yaml
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read --config {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must be a mapping of option: value")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    values = read_yaml(path)  # one reader for every --config file: a mapping, keys with dashes or underscores
     unknown = sorted(set(values) - actions.keys())
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)} in {path}; valid: {', '.join(sorted(actions))}")

@@ -150,24 +150,15 @@ def import_faiss():
     Haswell with AVX2.
     """
     if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
-        flags = _cpu_flags()
+        from finegrain.runtime.settings import _cpu_flags  # one reader of /proc/cpuinfo
+
+        flags = _cpu_flags() or set()
         core = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
         if core:
             os.environ["OPENBLAS_CORETYPE"] = core
     import faiss
 
     return faiss
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _on_disk(X) -> bool:
