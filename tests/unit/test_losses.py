@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,38 @@ def test_cb_focal_with_beta_and_gamma_zero_is_ce():
     logits, y = _batch(11)
     loss = create_loss("cb", beta=0.0, base="focal", gamma=0.0, class_counts=COUNTS)
     torch.testing.assert_close(loss(logits, y), F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_cb_sigmoid_focal_matches_the_reference_formula(gamma):
+    """Cui et al.'s reference (src/cifar_main.py): Σ over the batch and classes of w_y (1 - p_t)^γ BCE, divided by
+    the number of positives, p = sigmoid(z), p_t = p for the label and 1 - p elsewhere."""
+    beta = 0.999
+    logits, y = _batch(14)
+    w = effective_number_weights(COUNTS, beta)
+    t = F.one_hot(y, C).float()
+    p = logits.sigmoid()
+    p_t = torch.where(t == 1, p, 1 - p)
+    bce = -(t * p.log() + (1 - t) * (1 - p).log())
+    expected = (w[y][:, None] * (1 - p_t) ** gamma * bce).sum() / B
+    base = "sigmoid-focal" if gamma else "sigmoid"
+    loss = create_loss("cb", beta=beta, base=base, gamma=gamma or 1.0, class_counts=COUNTS)
+    torch.testing.assert_close(loss(logits, y), expected)
+    assert loss.head_bias_init(C) == pytest.approx(-math.log(C - 1))
+    assert create_loss("cb", beta=beta, class_counts=COUNTS).head_bias_init(C) is None
+
+
+def test_sigmoid_cb_loss_starts_a_new_head_at_the_reference_prior(tmp_path):
+    from finegrain.config import TrainConfig
+    from finegrain.train.regimes import Regime
+    from finegrain.train.setup import build_classifier, init_head_bias_for_loss
+
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), backbone="resnet32_cifar", pretrained=False)
+    model = build_classifier(cfg, Regime.parse("scratch"), [f"c{i}" for i in range(C)])
+    init_head_bias_for_loss(model, create_loss("cb", base="sigmoid-focal", class_counts=COUNTS), cfg)
+    torch.testing.assert_close(model.head.bias.detach(), torch.full((C,), -math.log(C - 1)))
+    init_head_bias_for_loss(model, create_loss("ce"), cfg)  # softmax losses leave the head alone
+    torch.testing.assert_close(model.head.bias.detach(), torch.full((C,), -math.log(C - 1)))
 
 
 def test_focal_matches_formula():
@@ -213,8 +247,8 @@ def test_a_class_without_training_images_keeps_losses_finite():
 
 
 def test_long_tail_losses_reject_bad_parameters():
-    with pytest.raises(ValueError, match="ce, focal"):
-        create_loss("cb", base="sigmoid", class_counts=COUNTS)
+    with pytest.raises(ValueError, match="ce, focal, sigmoid, sigmoid-focal"):
+        create_loss("cb", base="hinge", class_counts=COUNTS)
     with pytest.raises(ValueError, match="beta"):
         create_loss("cb", beta=1.0, class_counts=COUNTS)
     with pytest.raises(ValueError, match="gamma"):

@@ -51,6 +51,7 @@ from finegrain.train.seeding import epoch_seed, seed_all
 from finegrain.train.setup import (
     build_classifier,
     check_train_options,
+    init_head_bias_for_loss,
     make_optimizer,
     make_schedule,
     settle_auto_regime,
@@ -136,6 +137,7 @@ class Trainer:
         cfg = self.cfg
         counts, options = self.train_counts, cfg.loss_options or {}
         self.loss_fn = create_loss(cfg.loss, label_smoothing=cfg.label_smoothing, class_counts=counts, **options)
+        init_head_bias_for_loss(self.model, self.loss_fn, cfg)
         self.eval_loss = create_loss("ce")
         self.optimizer = make_optimizer(cfg, self.regime, self.model)
         self.steps_per_epoch = math.ceil(len(self.splits.train) / (cfg.batch_size * self.dist.world_size))

@@ -66,6 +66,19 @@ def build_classifier(cfg: TrainConfig, regime: Regime, classes: list[str]) -> Im
     return build_model(spec, backbone=backbone, drop_rate=cfg.drop_rate)
 
 
+def init_head_bias_for_loss(model: ImageClassifier, loss_fn: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Start a new linear head's bias where the loss asks (sigmoid class-balanced losses: -log(C - 1), the prior
+    of Cui et al.'s reference code). A probe-initialised head keeps its probe; a resumed run loads its own."""
+    init = getattr(loss_fn, "head_bias_init", None)
+    bias = getattr(model.head, "bias", None)
+    if init is None or bias is None or cfg.head_init != "msra":
+        return
+    value = init(bias.numel())
+    if value is not None:
+        with torch.no_grad():
+            bias.fill_(value)
+
+
 def make_optimizer(cfg: TrainConfig, regime: Regime, model: ImageClassifier) -> torch.optim.Optimizer:
     """The optimizer over the parameters `regime` trains, each group at its rate (no decay on norms and biases)."""
     scale = regime.lr_scale(model, backbone_lr_scale=cfg.backbone_lr_scale, layer_decay=cfg.layer_decay)
