@@ -1,9 +1,10 @@
 """Long-tailed recognition benchmarks (issue: long tail).
 
 cub    cub100 made long-tailed (ρ = 10, 30 → 3 images a class) on frozen `efficientnet_lite0` representations
-       (the recommended extraction of bench/representations.py): CE probe vs cRT, τ-norm, LWS, post-hoc logit
-       adjustment, NCM. τ is chosen on a balanced validation split (5 images a class from the training images the
-       long-tailed subset left out), never on test; test = the balanced cub100 test split.
+       (the recommended extraction of bench/representations.py, in bf16 and in fp32): CE probe vs cRT, τ-norm, LWS,
+       post-hoc logit adjustment, NCM, over 5 long-tailed subsets (seeds). Every hyperparameter (C, τ, cRT's weight
+       decay) is chosen by finegrain.heads.longtail on one balanced validation split (5 images a class from the
+       training images the long-tailed subset left out), never on test; test = the balanced cub100 test split.
 cifar  CIFAR-10-LT (ρ = 100, 12,406 training images; test = the balanced 10,000) from ../shared/data/cifar10, a
        scaled reproduction of Cao et al. (NeurIPS 2019) Table 2: ResNet-32 from scratch, SGD lr 0.1, momentum 0.9,
        weight decay 2e-4, batch 128, 5 warm-up epochs, pad-crop-flip, E epochs (DRW at 0.8 E). Methods: CE,
@@ -27,11 +28,9 @@ import torch
 from bench.common import RESULTS, ROOT, record, require_dataset
 from finegrain.data import Sample
 from finegrain.embed import FeatureStore, create_normalizer
-from finegrain.heads import create_classifier
-from finegrain.heads.decoupled import LinearHead, LogitAdjusted, TauNormalized, choose_tau
+from finegrain.heads.decoupled import LinearHead
 
 STORE = os.path.join(ROOT, "bench", "cache", "cub100-lite0-finegrain")
-TAUS = [round(t, 2) for t in np.linspace(0.0, 2.0, 11)]
 
 
 def _shots(y_true, y_pred, counts, many, few, missing=float("nan")) -> dict:
@@ -44,19 +43,81 @@ def _shots(y_true, y_pred, counts, many, few, missing=float("nan")) -> dict:
 
 
 def cub(args) -> None:
-    from finegrain.data.longtail import describe_counts, make_longtailed
-
+    """cub100-LT over `--seeds` long-tailed subsets and both feature precisions; mean ± std and per-seed values."""
     require_dataset("cub100")
-    if not os.path.exists(os.path.join(STORE, "index.csv")):
-        raise SystemExit(f"needs {STORE}: run python -m bench.representations first")
-    store = FeatureStore.open(STORE)
+    stores = {"bf16": STORE, "fp32": fp32_store()}
+    runs = {
+        prec: [_cub_one(FeatureStore.open(path), args, seed) for seed in range(args.seeds)]
+        for prec, path in stores.items()
+    }
+    summary = {prec: _summarise(rows) for prec, rows in runs.items()}
+    best = max(summary["fp32"]["gain_over_ce_points"].items(), key=lambda kv: kv[1]["mean"])
+    record(
+        "longtail.json",
+        "cub100_lt",
+        {
+            "imbalance_ratio": args.rho,
+            "seeds": list(range(args.seeds)),
+            "shot_thresholds": {"many": f"> {args.many}", "few": f"< {args.few}"},
+            "val_per_class": args.val_per_class,
+            "selection": SELECTION,
+            "features": "efficientnet_lite0, GeM, 256 px full frame, flip-averaged, L2",
+            "precisions": {prec: FeatureStore.open(p).meta.get("precision") for prec, p in stores.items()},
+            "summary": summary,
+            "per_seed": runs,
+        },
+    )
+    record(
+        "longtail.json",
+        "headline",
+        {
+            "cub100_lt_best_gain_mean_points": best[1]["mean"],
+            "cub100_lt_best_gain_std_points": best[1]["std"],
+            "cub100_lt_best_gain_method": best[0],
+            "seeds": args.seeds,
+            "precision": "fp32",
+            "bf16_same_gain_mean_points": summary["bf16"]["gain_over_ce_points"][best[0]]["mean"],
+            "bf16_same_gain_std_points": summary["bf16"]["gain_over_ce_points"][best[0]]["std"],
+            "command": "python -m bench.longtail cub",
+        },
+    )
+
+
+SELECTION = (
+    "every hyperparameter (the CE probe's C, τ of τ-norm and logit adjustment, cRT's weight decay) is chosen by "
+    "finegrain.heads.longtail.fit_long_tail_heads: balanced accuracy on the same class-balanced validation split "
+    "(val_per_class images a class from the training images the long-tailed subset left out), never on test"
+)
+
+
+def fp32_store() -> str:
+    """The recommended extraction in fp32 (ONNX Runtime computes fp32), cached beside the bf16 one."""
+    from finegrain.backbones import Preprocess, create_backbone
+    from finegrain.data import load_image_set
+    from finegrain.embed import extract_to_store
+
+    out = STORE + "-fp32"
+    backbone = create_backbone("efficientnet_lite0")
+    pp = backbone.preprocess.to_dict()
+    backbone.preprocess = Preprocess.from_dict({**pp, "input_size": 256, "crop_pct": 1.0})
+    data = load_image_set(require_dataset("cub100"))
+    extract_to_store(data, backbone, out, poolings=("gap", "gem"), flip=True, precision="fp32", runtime="onnx")
+    return out
+
+
+def _cub_one(store, args, seed: int) -> dict:
+    """One long-tailed subset (seed): {method: scores + chosen hyperparameter}."""
+    from finegrain.data.longtail import make_longtailed
+    from finegrain.heads.longtail import fit_long_tail_heads
+
     entries = store.index()
     feats = store.features("gem")
     train = [e for e in entries if e.split == "train"]
-    samples = [Sample(e.path, e.label, "train") for e in train]
-    lt = make_longtailed(samples, imbalance_ratio=args.rho, seed=args.seed, n_max=30)
+    lt = make_longtailed(
+        [Sample(e.path, e.label, "train") for e in train], imbalance_ratio=args.rho, seed=seed, n_max=30
+    )
     chosen = {s.path for s in lt}
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     val_rows = []
     for c in range(len(store.classes)):
         rest = [e.row for e in train if e.label == c and e.path not in chosen]
@@ -70,44 +131,35 @@ def cub(args) -> None:
     Xtr, Xval = norm.transform(np.asarray(feats[tr_rows])), norm.transform(np.asarray(feats[val_rows]))
     Xte, yte = norm.transform(np.asarray(feats[[e.row for e in test]])), np.array([e.label for e in test])
     counts = np.bincount(ytr, minlength=len(store.classes))
-
-    results = {}
-
-    def report(name, clf, extra=None):
-        pred = clf.predict(Xte)
+    heads = fit_long_tail_heads(Xtr, ytr, Xval, yval, seed=seed)
+    out = {"_split": next(iter(heads.values())).split}
+    for name, sel in heads.items():
+        pred = sel.estimator.predict(Xte)
         per_class = [np.mean(pred[yte == c] == c) for c in range(len(store.classes))]
-        results[name] = {
+        out[name] = {
             "top1": round(float(np.mean(pred == yte)), 4),
             "mean_per_class": round(float(np.mean(per_class)), 4),
             **_shots(yte, pred, counts, args.many, args.few),
-            **(extra or {}),
+            "chosen": sel.value,
+            "val_balanced_accuracy": round(sel.score, 4),
         }
-        print(name, results[name], flush=True)
+        assert sel.split == out["_split"], "every method must choose on the same validation split"
+    print(f"seed {seed}", {k: v["top1"] for k, v in out.items() if k != "_split"}, flush=True)
+    return out
 
-    t0 = time.perf_counter()
-    probe = create_classifier("probe").fit(Xtr, ytr)
-    report("CE probe", probe, {"C": probe.C_})
-    report("NCM", create_classifier("ncm").fit(Xtr, ytr))
-    tau, _ = choose_tau(lambda t: TauNormalized(probe, tau=t), TAUS, Xval, yval)
-    report("tau-norm", TauNormalized(probe, tau=tau).fit(), {"tau": tau})
-    tau, _ = choose_tau(lambda t: LogitAdjusted(probe, tau=t, class_counts=counts), TAUS, Xval, yval)
-    report("logit adjustment (post-hoc)", LogitAdjusted(probe, tau=tau, class_counts=counts).fit(), {"tau": tau})
-    report("cRT (class-balanced re-training)", LinearHead(sampler="class-balanced", weight_decay=2e-2).fit(Xtr, ytr))
-    report("LWS (learnable weight scaling)", LinearHead(scales_only=True, init=probe).fit(Xtr, ytr))
-    record(
-        "longtail.json",
-        "cub100_lt",
-        {
-            "imbalance_ratio": args.rho,
-            "seed": args.seed,
-            "counts": describe_counts(counts),
-            "shot_thresholds": {"many": f"> {args.many}", "few": f"< {args.few}"},
-            "val_per_class": args.val_per_class,
-            "features": "efficientnet_lite0, GeM, 256 px full frame, flip-averaged, L2",
-            "methods": results,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
-    )
+
+def _summarise(rows: list[dict]) -> dict:
+    """Mean ± std (ddof 1) over seeds of each method's top-1, and of its gain over the CE probe in points."""
+    methods = [k for k in rows[0] if not k.startswith("_")]
+    top1 = {m: np.array([r[m]["top1"] for r in rows]) for m in methods}
+
+    def ms(a):
+        return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4)}
+
+    return {
+        "top1": {m: ms(top1[m]) for m in methods},
+        "gain_over_ce_points": {m: ms(100 * (top1[m] - top1["CE probe"])) for m in methods if m != "CE probe"},
+    }
 
 
 def cifar(args) -> None:
@@ -240,7 +292,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("cub")
     p.add_argument("--rho", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=5, help="long-tailed subsets (seeds 0..N-1)")
     p.add_argument("--val-per-class", type=int, default=5)
     p.add_argument("--many", type=int, default=20, help="many-shot: more than this many training images")
     p.add_argument("--few", type=int, default=10, help="few-shot: fewer than this many training images")

@@ -16,6 +16,8 @@ import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from finegrain.heads.select import select_on_validation
+
 SAMPLING = ("instance", "class-balanced", "sqrt")
 
 
@@ -147,10 +149,7 @@ class LogitAdjusted(_Linear):
 
 
 def choose_tau(make, taus: Sequence[float], X_val: np.ndarray, y_val: np.ndarray) -> tuple[float, dict]:
-    """The τ whose fitted `make(tau)` has the best balanced (mean per-class) accuracy on a validation split."""
-    scores = {}
-    for tau in taus:
-        pred = make(tau).fit().predict(X_val)
-        per_class = [np.mean(pred[y_val == c] == c) for c in np.unique(y_val)]
-        scores[float(tau)] = float(np.mean(per_class))
-    return max(scores, key=lambda t: (scores[t], -abs(t))), scores
+    """The τ whose fitted `make(tau)` has the best balanced (mean per-class) accuracy on a validation split
+    (`select_on_validation`, the one selection routine; ties go to the smaller τ when `taus` ascend)."""
+    chosen = select_on_validation(lambda t: make(t).fit(), [float(t) for t in taus], X_val, y_val)
+    return chosen.value, chosen.scores

@@ -1,0 +1,58 @@
+"""One way to choose a hyperparameter on a validation split, used by every head that has one.
+
+`select_on_validation(make, grid, X_val, y_val)` fits `make(value)` for each value of the grid and keeps the value
+with the best balanced accuracy (mean per-class recall, scikit-learn's `balanced_accuracy_score`) on the validation
+split; ties go to the earlier grid value. `fingerprint(X_val, y_val)` names a split, so a result can say which
+split each choice was made on (a comparison is fair only when every method chose on the same one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score
+
+
+def fingerprint(X_val: np.ndarray, y_val: np.ndarray) -> str:
+    """A short hash of a validation split's features and labels."""
+    h = hashlib.sha1()
+    for a in (np.ascontiguousarray(X_val, np.float32), np.ascontiguousarray(y_val, np.int64)):
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Selection:
+    """What `select_on_validation` chose: the fitted estimator, its value, the score of every value, the split."""
+
+    estimator: object
+    value: object
+    scores: dict = field(default_factory=dict)
+    split: str = ""
+
+    @property
+    def score(self) -> float:
+        return self.scores[self.value]
+
+
+def select_on_validation(
+    make: Callable[[object], object], grid: Sequence, X_val: np.ndarray, y_val: np.ndarray
+) -> Selection:
+    """The fitted `make(value)` (value from `grid`) with the best balanced accuracy on (X_val, y_val).
+
+    `make(value)` must return a fitted estimator with `predict`. A one-value grid is fitted and scored all the same.
+    """
+    if len(grid) == 0:
+        raise ValueError("select_on_validation needs a non-empty grid")
+    y_val = np.asarray(y_val)
+    best, scores = None, {}
+    for value in grid:
+        est = make(value)
+        scores[value] = float(balanced_accuracy_score(y_val, est.predict(X_val)))
+        if best is None or scores[value] > scores[best[0]]:
+            best = (value, est)
+    return Selection(estimator=best[1], value=best[0], scores=scores, split=fingerprint(X_val, y_val))
