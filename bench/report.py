@@ -32,18 +32,19 @@ def _extraction_time(seconds: float) -> str:
 def accuracy_section(rep: dict) -> list[str]:
     out = ["## Representations: accuracy on cub100 (train 2,903 → test 2,999), `efficientnet_lite0`", ""]
     summary = rep.get("accuracy/summary", {})
-    for name in ("timm-eval", "finegrain"):
+    for name in ("timm-eval", "finegrain", "timm-eval-fp32", "finegrain-fp32"):
         r = rep.get(f"accuracy/{name}")
         if not r:
             continue
         ex = r["extraction"]
         how = (
             "the weights' eval preprocessing: 224 px, center crop 0.875"
-            if name == "timm-eval"
+            if name.startswith("timm-eval")
             else f"{ex.get('image_size') or 224} px, crop {ex.get('crop_pct')}, flip-averaged"
         )
         out += [
-            f"### Extraction `{name}` ({how}; {ex['precision']}; {_extraction_time(ex['seconds'])})",
+            f"### Extraction `{name}` ({how}; {ex['precision']} features"
+            f"{' (ONNX Runtime)' if ex.get('runtime') == 'onnx' else ''}; {_extraction_time(ex['seconds'])})",
             "",
             "top-1 / mean per-class accuracy",
             "",
@@ -55,24 +56,31 @@ def accuracy_section(rep: dict) -> list[str]:
                 cells = []
                 for n in NORMS:
                     v = r["table"].get(f"{pooling}/{c}/{n}")
-                    cells.append(f"{v['top1']:.3f} / {v['mean_per_class']:.3f}" if v else "–")
+                    cells.append(_cell(v))
                 out.append(f"| {pooling.upper() if pooling == 'gap' else 'GeM'} | {c} | " + " | ".join(cells) + " |")
         out += ["", f"Command: `{r['command']}`", ""]
     hand = summary.get("hand_baseline_logreg_raw_gap")
     best = summary.get("best")
+    fp32 = rep.get("accuracy/summary-fp32", {}).get("best")
     if hand and best:
         out += [
             f"Hand-made baseline in the same run (scikit-learn `LogisticRegression()` with default C on raw GAP "
             f"features, timm eval transform): **{hand['top1']:.3f}** top-1. Best finegrain configuration: "
             f"**{best['top1']:.3f}** top-1 (`{best['extraction']}` extraction, `{best['config']}`), "
-            f"{100 * (best['top1'] - hand['top1']):+.1f} points.",
+            f"{100 * (best['top1'] - hand['top1']):+.1f} points."
+            + (
+                f" On fp32 features: **{fp32['top1']:.3f}** (`{fp32['extraction']}`, `{fp32['config']}`)."
+                if fp32
+                else ""
+            ),
             "",
         ]
     out += [
         "k-NN and NCM compare raw features by Euclidean distance (10-NN weighted by inverse distance, as in "
         "scikit-learn) and normalized features by cosine similarity (10-NN weighted by exp(similarity / 0.07)). "
         "The probe chooses C on a stratified 20% split of train, then refits on all of train; normalizers are "
-        "fitted on train only.",
+        "fitted on train only. Probe cells with ± are mean ± std over seeds of that split (k-NN and NCM make no "
+        "random choice); per-seed values and C in bench/results/representations.json.",
         "",
     ]
     return out
@@ -231,28 +239,52 @@ def finetune_section(ft: dict) -> list[str]:
     return out
 
 
+def _cell(v: dict | None) -> str:
+    if not v:
+        return "–"
+    if "top1_std" in v:
+        return f"{v['top1']:.3f} ± {v['top1_std']:.3f} / {v['mean_per_class']:.3f}"
+    return f"{v['top1']:.3f} / {v['mean_per_class']:.3f}"
+
+
 def longtail_section(lt: dict) -> list[str]:
     r = lt.get("cub100_lt")
-    if not r:
+    if not r or "summary" not in r:
         return []
-    c = r["counts"]
+    n = len(r["seeds"])
     out = [
-        f"## Long tail: cub100 made long-tailed (ρ = {r['imbalance_ratio']:g}, {c['max']} → {c['min']} images a "
-        f"class, {c['total']} in all), frozen features",
+        f"## Long tail: cub100 made long-tailed (ρ = {r['imbalance_ratio']:g}, 30 → 3 images a class), frozen "
+        f"features, {n} long-tailed subsets",
         "",
-        f"Features: {r['features']}. Many-shot: {r['shot_thresholds']['many']} training images, few-shot: "
-        f"{r['shot_thresholds']['few']}. τ chosen on a balanced validation split ({r['val_per_class']} images a "
-        "class from the training images left out of the subset); test = the balanced cub100 test split.",
+        f"Features: {r['features']}, in {' and in '.join(r['precisions'].values())}. Many-shot: "
+        f"{r['shot_thresholds']['many']} training images, few-shot: {r['shot_thresholds']['few']}. Selection: "
+        f"{r['selection']}. Test = the balanced cub100 test split. Each subset (seed) draws its own long-tailed "
+        "training set and validation split; cells are mean ± std over the seeds (per-seed values in "
+        "bench/results/longtail.json). A gain smaller than its spread is a tie.",
         "",
-        "| method | top-1 | mean per-class | many | medium | few |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | "
+        + " | ".join(f"top-1 ({p})" for p in r["summary"])
+        + " | "
+        + " | ".join(f"gain over CE, points ({p})" for p in r["summary"])
+        + " |",
+        "|---|" + "---:|" * (2 * len(r["summary"])),
     ]
-    for name, m in r["methods"].items():
-        extra = f" (τ = {m['tau']:g})" if "tau" in m else ""
-        out.append(
-            f"| {name}{extra} | {m['top1']:.3f} | {m['mean_per_class']:.3f} | {m['many']:.3f} | "
-            f"{m['medium']:.3f} | {m['few']:.3f} |"
-        )
+    first = next(iter(r["summary"].values()))
+    for name in first["top1"]:
+        cells = [f"{s['top1'][name]['mean']:.3f} ± {s['top1'][name]['std']:.3f}" for s in r["summary"].values()]
+        gains = []
+        for s in r["summary"].values():
+            g = s["gain_over_ce_points"].get(name)
+            gains.append("–" if g is None else f"{g['mean']:+.1f} ± {g['std']:.1f}")
+        out.append(f"| {name} | " + " | ".join(cells + gains) + " |")
+    h = lt.get("headline", {})
+    if h:
+        out += [
+            "",
+            f"Headline: {h['cub100_lt_best_gain_method']} gains {h['cub100_lt_best_gain_mean_points']:+.1f} ± "
+            f"{h['cub100_lt_best_gain_std_points']:.1f} points over the CE probe on fp32 features "
+            f"({h['bf16_same_gain_mean_points']:+.1f} ± {h['bf16_same_gain_std_points']:.1f} on bf16), {n} seeds.",
+        ]
     return out + ["", f"Command: `{r['command']}`", ""]
 
 
