@@ -37,42 +37,67 @@ REGIMES = {
 
 def accuracy(args) -> None:
     data = require_dataset("cub100")
-    results = {}
     for name, opts in REGIMES.items():
         if args.only and name not in args.only.split(","):
             continue
         label = name + (" (LP-FT)" if args.head_init == "probe" else "") + (f" ({args.name})" if args.name else "")
         suffix = ("-lpft" if args.head_init == "probe" else "") + (f"-{args.name}" if args.name else "")
-        out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}{suffix}")
-        shutil.rmtree(out, ignore_errors=True)
         opts = {**opts, **({"epochs": args.epochs} if args.epochs else {})}
         opts = {**opts, **({"cache_views": args.cache_views} if args.cache_views is not None else {})}
         opts = {**opts, **({"head_init": args.head_init} if args.head_init else {})}
         opts = {**opts, **parse_overrides(args.set or [])}
-        cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
-        r = train(cfg, progress=False)
-        extra = {}
-        if args.tta:  # the saved model again on test, with test-time augmentation (outside the training budget)
-            extra = _test_with_tta(out, data, args.tta)
-        results[label] = {
-            "test_top1": round(r.test_metrics["top1"], 4),
-            "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
-            **extra,
-            "command": command_line(),
-            "val_top1": round(r.best_val_top1, 4),
-            "epochs_run": len(r.history),
-            "train_minutes": round(r.seconds / 60, 1),
-            "config": opts,
-            "curve": [
-                {"epoch": h["epoch"], "minutes": round(h["seconds"] / 60, 2), "val_top1": round(h["val_top1"], 4)}
-                for h in r.history
-            ],
-        }
-        print(label, {k: v for k, v in results[label].items() if k != "curve"}, flush=True)
-        probe = _best_probe()
-        key = f"accuracy_budget_{args.budget:g}min"
-        earlier = _load_results().get(key, {}).get("regimes", {})  # other regimes of the same budget (--only runs)
-        record("finetune.json", key, {"regimes": {**earlier, **results}, "best_probe": probe})
+        for seed in args.seeds or [None]:
+            run_opts = opts if seed is None else {**opts, "seed": seed}
+            tag = "" if seed is None else f"-s{seed}"
+            out = os.path.join(ROOT, "bench", "cache", f"ft-{name.replace(':', '')}{suffix}{tag}")
+            _record_regime(args, label, _run_regime(args, data, out, run_opts), opts, seed)
+
+
+def _run_regime(args, data: str, out: str, opts: dict) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(data=data, out=out, time_budget_min=args.budget, val_fraction=0.1, **opts)
+    r = train(cfg, progress=False)
+    extra = {}
+    if args.tta:  # the saved model again on test, with test-time augmentation (outside the training budget)
+        extra = _test_with_tta(out, data, args.tta)
+    return {
+        "test_top1": round(r.test_metrics["top1"], 4),
+        "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
+        **extra,
+        "command": command_line(),
+        "val_top1": round(r.best_val_top1, 4),
+        "epochs_run": len(r.history),
+        "train_minutes": round(r.seconds / 60, 1),
+        "config": opts,
+        "curve": [
+            {"epoch": h["epoch"], "minutes": round(h["seconds"] / 60, 2), "val_top1": round(h["val_top1"], 4)}
+            for h in r.history
+        ],
+    }
+
+
+def _record_regime(args, label: str, row: dict, opts: dict, seed: int | None) -> None:
+    """Merge one run into finetune.json. With --seeds, the row keeps every seed's test top-1 (an earlier run with the
+    same config and no seed is seed 0, TrainConfig's default) and its mean ± std over seeds."""
+    key = f"accuracy_budget_{args.budget:g}min"
+    earlier = _load_results().get(key, {}).get("regimes", {})  # other regimes of the same budget (--only runs)
+    if seed is not None:
+        old = earlier.get(label, {})
+        per_seed = dict(old.get("per_seed", {}))
+        if not per_seed and old.get("config") == opts:
+            per_seed["0"] = _seed_row(old)
+        per_seed[str(seed)] = _seed_row(row)
+        top1 = np.array([v["test_top1"] for v in per_seed.values()])
+        base = old if old.get("config") == opts else row
+        row = {**base, "per_seed": per_seed, "test_top1_mean": round(float(top1.mean()), 4)}
+        row["test_top1_std"] = round(float(top1.std(ddof=1)), 4) if len(top1) > 1 else 0.0
+    print(label, {k: v for k, v in row.items() if k not in ("curve", "per_seed")}, flush=True)
+    record("finetune.json", key, {"regimes": {**earlier, label: row}, "best_probe": _best_probe()})
+
+
+def _seed_row(row: dict) -> dict:
+    keep = ("test_top1", "test_mean_per_class", "test_top1_tta", "val_top1", "epochs_run", "train_minutes")
+    return {k: row[k] for k in keep if k in row}
 
 
 def _test_with_tta(run: str, data: str, tta: str) -> dict:
@@ -264,6 +289,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", help="more training options as key=value (e.g. image_size=256 crop_pct=1.0)")
     p.add_argument("--name", help="label of a variant (with --set): the run is kept as bench/cache/ft-REGIME-NAME")
     p.add_argument("--tta", help="also evaluate the saved model on test with this TTA (e.g. flip)")
+    p.add_argument("--seeds", type=int, nargs="*", help="run each regime once per seed (mean ± std in finetune.json)")
     p = sub.add_parser("throughput")
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--rounds", type=int, default=2)

@@ -113,6 +113,13 @@ def search_section(rep: dict) -> list[str]:
     return ["## Similarity search", "", s["table"], "", f"Command: `{s['command']}`", ""]
 
 
+def _ft_top1(v: dict) -> str:
+    """A fine-tune's test top-1: mean ± std over seeds where it was run over several, else its one run."""
+    if "test_top1_mean" in v:
+        return f"{v['test_top1_mean']:.3f} ± {v['test_top1_std']:.3f} ({len(v['per_seed'])} seeds)"
+    return f"{v['test_top1']:.3f} (1 seed)"
+
+
 def finetune_overview(ft: dict) -> list[str]:
     """One table: regime x wall-clock budget -> test top-1 (minutes actually used), beside the best frozen probe."""
     budgets = sorted((float(k.split("_")[-1].removesuffix("min")), k) for k in ft if k.startswith("accuracy_budget"))
@@ -136,7 +143,7 @@ def finetune_overview(ft: dict) -> list[str]:
         cells = []
         for _, k in budgets:
             v = ft[k]["regimes"].get(name)
-            cell = f"{v['test_top1']:.3f} ({v['train_minutes']:.0f})" if v else "–"
+            cell = f"{_ft_top1(v)} ({v['train_minutes']:.0f})" if v else "–"
             if v and v.get("test_top1_tta") is not None:
                 cell += f" · {v['test_tta']} **{v['test_top1_tta']:.3f}**"
             cells.append(cell)
@@ -212,7 +219,7 @@ def finetune_section(ft: dict) -> list[str]:
                 if v.get("test_top1_tta") is not None:
                     tta = f"{v['test_tta']}: {v['test_top1_tta']:.3f} / {v['test_mean_per_class_tta']:.3f}"
                 out.append(
-                    f"| {name} | {v['test_top1']:.3f} | {v['test_mean_per_class']:.3f} | {tta} | {v['val_top1']:.3f} | "
+                    f"| {name} | {_ft_top1(v)} | {v['test_mean_per_class']:.3f} | {tta} | {v['val_top1']:.3f} | "
                     f"{v['epochs_run']} | {v['train_minutes']:.1f} |"
                 )
                 commands += [f"- {name}: `{c}`" for c in (v.get("command"), v.get("tta_command")) if c]
