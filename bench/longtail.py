@@ -242,6 +242,43 @@ def cifar(args) -> None:
     _ = torch
 
 
+def cifar_crt(args) -> None:
+    """Representation quality of each trained CIFAR-10-LT model: cRT (class-balanced re-training of a linear head) on
+    its frozen penultimate features. A loss that learns worse features scores lower here whatever its classifier."""
+    import finegrain
+    from finegrain.data import load_image_set
+    from finegrain.data.longtail import make_longtailed
+    from finegrain.evaluate.inference import predict_paths
+
+    full = load_image_set(require_dataset("cifar10"))
+    train = make_longtailed(full.split("train"), imbalance_ratio=args.rho, seed=args.seed, n_max=5000)
+    test = full.split("test")
+    key = f"cifar10_lt_rho{args.rho:g}_e{args.epochs}_seed{args.seed}"
+    with open(os.path.join(RESULTS, "longtail.json")) as f:
+        entry = json.load(f)[key]
+    for name in ("CE", "CB focal", "LDAM-DRW"):
+        run = os.path.join(ROOT, "bench", "cache", f"cifar10lt-{name.replace(' ', '-')}")
+        if not os.path.exists(os.path.join(run, "model")):
+            print(f"{name}: no trained model in {run}; skipped", flush=True)
+            continue
+        predictor = finegrain.load(run)
+        tr = predict_paths(predictor, [s.path for s in train], features=True)
+        te = predict_paths(predictor, [s.path for s in test], features=True)
+        ytr = np.array([s.label for s in train])[tr.index]
+        yte = np.array([s.label for s in test])[te.index]
+        crt = LinearHead(sampler="class-balanced", epochs=30).fit(tr.features, ytr)
+        top1 = float(np.mean(crt.predict(te.features) == yte))
+        entry["methods"][f"{name} features + cRT"] = {
+            "top1": round(top1, 4),
+            "top1_error": round(100 * (1 - top1), 2),
+            "mean_per_class": round(top1, 4),
+            "note": "cRT on the frozen features of this model (representation quality)",
+        }
+        print(name, "features + cRT", round(top1, 4), flush=True)
+    entry["train_command"] = entry.get("train_command", entry.get("command"))
+    record("longtail.json", key, entry)
+
+
 def _record_cifar(args, counts, test, results, common, t_all) -> None:
     """Record after every method, merged with the methods of earlier runs of the same setting (`--only` runs)."""
     key = f"cifar10_lt_rho{args.rho:g}_e{args.epochs}_seed{args.seed}"
@@ -302,8 +339,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma list of methods: CE, CB focal, LDAM-DRW")
     p.add_argument("--test-subset", type=int, default=0, help="evaluate on about this many test images (smoke runs)")
+    p = sub.add_parser("cifar-crt", help="cRT on the frozen features of each trained CIFAR-10-LT model")
+    p.add_argument("--rho", type=float, default=100.0)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    {"cub": cub, "cifar": cifar}[args.what](args)
+    {"cub": cub, "cifar": cifar, "cifar-crt": cifar_crt}[args.what](args)
 
 
 if __name__ == "__main__":
