@@ -86,7 +86,8 @@ def cub(args) -> None:
 SELECTION = (
     "every hyperparameter (the CE probe's C, τ of τ-norm and logit adjustment, cRT's weight decay) is chosen by "
     "finegrain.heads.longtail.fit_long_tail_heads: balanced accuracy on the same class-balanced validation split "
-    "(val_per_class images a class from the training images the long-tailed subset left out), never on test"
+    "(up to 5 images a class from the training images the long-tailed subset left out; the few largest classes "
+    "have fewer or none, all their images being in the subset), never on test"
 )
 
 
