@@ -31,7 +31,7 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     result = fit(_fit_cfg(train_data, tmp_path / "fit"), progress=False)
     out = tmp_path / "fit"
     summary = json.loads((out / "fit.json").read_text())
-    assert summary["chosen"] == result.chosen.name and "highest validation top-1" in summary["reason"]
+    assert summary["chosen"] == result.chosen.name and "5-fold out-of-fold top-1 over all 36" in summary["reason"]
     # the budget bounds the whole command: recorded, not asserted on the wall clock (no timing assertions in tests)
     assert summary["budget_min"] == 1.0 and summary["seconds"] > 0
     splits = summary["splits"]  # val carved from train; the test split untouched
@@ -39,7 +39,10 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     with open(out / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["name"] == result.leaderboard[0].name and len(rows) == len(result.leaderboard) >= 8
-    assert result.chosen.val_top1 == max(float(r["val_top1"]) for r in rows)
+    # chosen on the out-of-fold estimate (no fine-tune here: every row is cross-validated), not the validation split
+    assert {r["estimate"] for r in rows} == {"oof-5"} and summary["estimate"] == "oof-5"
+    assert float(rows[0]["score_top1"]) == float(rows[0]["oof_top1"]) == max(float(r["oof_top1"]) for r in rows)
+    assert summary["oof_top1"] == result.chosen.oof_top1 == pytest.approx(float(rows[0]["oof_top1"]), abs=1e-4)
     assert result.test is not None and result.test["n"] == 12 and 0 <= result.test["metrics"]["top1"] <= 1
     model = finegrain.load(str(out / "model"))
     paths = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(train_data, "test")) for f in files]
@@ -69,6 +72,7 @@ def test_a_killed_fit_resumes_and_ends_with_the_same_choice(train_data, tmp_path
     assert again.returncode == 0, again.stderr
     first, second = (json.loads((p / "fit.json").read_text()) for p in (tmp_path / "whole", killed))
     assert second["chosen"] == first["chosen"] and second["val_top1"] == first["val_top1"]
+    assert second["estimate"] == "oof-5" and second["oof_top1"] == first["oof_top1"]  # OOF probabilities resumed
     assert second["test"]["metrics"]["top1"] == pytest.approx(first["test"]["metrics"]["top1"])
 
 
@@ -102,3 +106,69 @@ def test_a_rerun_with_other_settings_is_refused(train_data, tmp_path):
     fit(_fit_cfg(train_data, tmp_path / "fit", ensemble=False), progress=False)
     with pytest.raises(FinegrainError, match="other settings"):
         fit(_fit_cfg(train_data, tmp_path / "fit", seed=3), progress=False)
+
+
+def test_fit_saves_out_of_fold_probabilities_that_cover_every_training_image_once(train_data, tmp_path):
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import val_scores
+    from finegrain.recipe.fit import FitState
+    from finegrain.train.data import make_splits
+
+    cfg = _fit_cfg(train_data, tmp_path / "fit", ensemble=False)
+    result = fit(cfg, progress=False)
+    splits = make_splits(load_image_set(train_data), val_fraction=cfg.val_fraction, seed=cfg.seed)
+    y = np.array([s.label for s in splits.train + splits.val])  # the order fit's folds keep: train, then val
+    state = FitState(cfg.out, cfg)  # read back from disk, as a resumed run reads it
+    frozen = [c for c in state.candidates.values() if c.kind == "frozen"]
+    assert frozen and all(c.estimate == "oof-5" for c in frozen) and set(state.oof) == {c.name for c in frozen}
+    for c in frozen:
+        oof = state.oof[c.name]
+        # one row per training image (train + val, 36), each predicted once by the model of the other folds
+        assert oof.shape == (36, 3) and np.allclose(oof.sum(1), 1)
+        assert (c.oof_top1, c.oof_mean_per_class) == val_scores(oof, y)
+    assert result.chosen.oof_top1 == max(c.oof_top1 for c in result.leaderboard)
+
+
+def test_folds_are_stratified_and_each_image_is_held_out_once():
+    from finegrain.recipe.oof import make_folds, n_folds
+
+    y = np.repeat([0, 1, 2], [10, 7, 3])
+    folds = make_folds([f"{i}.jpg" for i in range(len(y))], y, seed=0)
+    assert folds.k == 3 and folds.estimate == "oof-3"  # fewer than 5: a class has 3 images
+    assert sorted(np.bincount(folds.fold)) == [6, 7, 7] and set(folds.fold[y == 2]) == {0, 1, 2}
+    assert n_folds(np.repeat([0, 1], [9, 9])) == 5 and n_folds(np.array([0, 0, 1])) == 0
+    assert make_folds(["a", "b", "c"], np.array([0, 0, 1]), seed=0) is None  # a class with one image: no OOF
+
+
+def test_a_fold_refits_the_probe_with_the_C_its_single_fit_chose():
+    from finegrain.recipe.candidates import HEADS, class_proba, fit_head
+    from finegrain.recipe.oof import fixed_params, make_folds, oof_proba
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    X = (rng.normal(size=(60, 8)) + 1.5 * np.eye(3, 8)[y]).astype(np.float32)
+    head = next(h for h in HEADS if h[0] == "probe-l2")
+    _, clf = fit_head(head, X, y, seed=0)
+    fixed = fixed_params(clf)
+    assert fixed == {"Cs": (clf.C_,)}
+    folds = make_folds([str(i) for i in range(60)], y, seed=0)
+    oof = oof_proba(head, X, folds, fixed=fixed, seed=0, n_classes=3, time_left=lambda: 1e9)
+    held = folds.fold == 0
+    norm, fold_clf = fit_head(head, X[~held], y[~held], seed=0, fixed=fixed)
+    assert fold_clf.C_ == clf.C_ and np.allclose(oof[held], class_proba(fold_clf, norm.transform(X[held]), 3))
+    assert oof_proba(head, X, folds, fixed=fixed, seed=0, n_classes=3, time_left=lambda: -1.0) is None  # no time
+
+
+def test_pick_ranks_cross_validated_candidates_out_of_fold_and_a_fine_tune_on_the_same_val_images():
+    from finegrain.recipe.candidates import Candidate, pick
+
+    def frozen(name, oof, val):
+        return Candidate(name, "frozen", val, val, 1.0, {"source": name}, oof_top1=oof, oof_mean_per_class=oof,
+                         estimate="oof-5")  # fmt: skip
+
+    steady, lucky = frozen("a/gem/probe-l2", 0.90, 0.85), frozen("b/gap/probe-raw", 0.88, 0.89)
+    assert pick([lucky, steady]) == (steady, None)  # the validation split alone would have taken `lucky`
+    weak_ft = Candidate("finetune", "finetune", 0.84, 0.84, 60.0)
+    assert pick([lucky, steady, weak_ft]) == (steady, weak_ft)
+    strong_ft = Candidate("finetune", "finetune", 0.86, 0.86, 60.0)  # beats `steady` on the same val images
+    assert pick([lucky, steady, strong_ft]) == (strong_ft, steady)

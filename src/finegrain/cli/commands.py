@@ -421,7 +421,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     choices = {"precision": PRECISIONS, "runtime": ("auto", "torch", "onnx")}
     cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), choices)
     result = fit(cfg, progress=not args.no_progress)
-    line = f"chose {result.chosen.name}: val top-1 {result.chosen.val_top1:.4f}"
+    est = result.chosen.estimate
+    line = f"chose {result.chosen.name}: {'validation' if est == 'val' else est} top-1 {result.chosen.score[0]:.4f}"
     if result.test:
         m = result.test["metrics"]
         line += f"; test top-1 {m['top1']:.4f}, mean per-class {m['mean_per_class']:.4f} (scored once, at the end)"

@@ -1,6 +1,7 @@
-"""The candidates `fit` tries, each scored on the same validation split: frozen-feature classifiers over extraction
-views, fine-tuning, and ensembles of the best of them. A candidate's validation probabilities are kept (for the
-ensembles and for a resumed run); how to rebuild it is in its `params`."""
+"""The candidates `fit` tries: frozen-feature classifiers over extraction views, fine-tuning, and ensembles of the best
+of them. Every candidate is scored on the same validation split; frozen ones (and their ensembles) also out-of-fold
+over every training image (recipe/oof.py), the estimate they are ranked by. A candidate's probabilities are kept (for
+the ensembles and for a resumed run); how to rebuild it is in its `params`."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ HEADS = (
 
 @dataclass
 class Candidate:
-    """One scored candidate. kind: frozen | finetune | ensemble; val_top1 / val_mean_per_class on validation."""
+    """One scored candidate. kind: frozen | semi | finetune | ensemble; val_top1 / val_mean_per_class on fit's
+    validation split; oof_top1 / oof_mean_per_class out-of-fold over every training image when estimate is 'oof-K'
+    (frozen candidates and their ensembles), None when estimate is 'val' (the validation split is all there is)."""
 
     name: str
     kind: str
@@ -58,6 +61,16 @@ class Candidate:
     seconds: float
     params: dict = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
+    oof_top1: float | None = None
+    oof_mean_per_class: float | None = None
+    estimate: str = "val"
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """(top-1, mean per-class) of the estimate the candidate is ranked by."""
+        if self.estimate == "val":
+            return self.val_top1, self.val_mean_per_class
+        return self.oof_top1, self.oof_mean_per_class
 
     def row(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "params"} | {"members": "+".join(self.members)}
@@ -86,8 +99,9 @@ def val_scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.mean(pred == y)), float(np.mean(per_class))
 
 
-def fit_head(head: tuple, X: np.ndarray, y: np.ndarray, *, seed: int):
-    """(fitted normalizer, fitted classifier) of one HEADS entry on features X [N, D], labels y [N]."""
+def fit_head(head: tuple, X: np.ndarray, y: np.ndarray, *, seed: int, fixed: dict | None = None):
+    """(fitted normalizer, fitted classifier) of one HEADS entry on features X [N, D], labels y [N]; `fixed`
+    overrides the classifier's options (an out-of-fold refit: the probe's C chosen once, `Cs=(C,)`)."""
     _, classifier, options, norm_name = head
     if norm_name.startswith("pca-whiten:"):  # fewer components than images - 1
         norm_name = f"pca-whiten:{min(int(norm_name.split(':')[1]), max(len(X) - 1, 1))}"
@@ -97,6 +111,7 @@ def fit_head(head: tuple, X: np.ndarray, y: np.ndarray, *, seed: int):
         kwargs["random_state"] = seed
     if classifier == "knn":
         kwargs["n_neighbors"] = min(kwargs.get("n_neighbors", 10), len(X))
+    kwargs.update(fixed or {})
     return norm, create_classifier(classifier, **kwargs).fit(norm.transform(X), y)
 
 
@@ -107,21 +122,47 @@ def class_proba(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarray, *, top: int = 4):
-    """Equal-weight averages of 2 and 3 of the `top` best candidates from different sources (view or fine-tune),
-    scored on validation: [(Candidate, proba)]."""
-    best_by_source: dict[str, Candidate] = {}
-    for c in sorted(pool, key=lambda c: -c.val_top1):
-        best_by_source.setdefault(c.params.get("source", c.name), c)
-    leaders = sorted(best_by_source.values(), key=lambda c: -c.val_top1)[:top]
-    out = []
+def _combos(leaders: list[Candidate], need: list[Candidate] | None = None):
+    """Sets of 2 and 3 leaders (each holding one of `need`, when given)."""
     for size in (2, 3):
         for combo in itertools.combinations(leaders, size):
-            p = sum(probas[c.name] for c in combo) / size
-            top1, mpc = val_scores(p, y)
-            name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
-            seconds = sum(c.seconds for c in combo)
-            out.append((Candidate(name, "ensemble", top1, mpc, seconds, {}, [c.name for c in combo]), p))
+            if need is None or any(c in need for c in combo):
+                yield combo
+
+
+def _leaders(cands: list[Candidate], n: int) -> list[Candidate]:
+    """The best candidate of each source (view/pooling, or a fine-tune), the n best of those, by their estimate."""
+    best_by_source: dict[str, Candidate] = {}
+    for c in sorted(cands, key=lambda c: (-c.score[0], c.name)):
+        best_by_source.setdefault(c.params.get("source", c.name), c)
+    return sorted(best_by_source.values(), key=lambda c: (-c.score[0], c.name))[:n]
+
+
+def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarray, *, oof=None, y_oof=None, top=4):
+    """Equal-weight averages of 2 and 3 of the `top` best candidates from different sources: [(Candidate, proba)],
+    proba on the validation split. Candidates with out-of-fold probabilities (`oof`: name -> [N, C], labels
+    `y_oof`) are led and scored out-of-fold; the others (a fine-tune) join 3 of those leaders in ensembles scored
+    on the validation split only, like themselves."""
+    oof = oof or {}
+    cross = [c for c in pool if c.estimate != "val" and c.name in oof]
+    val_only = [c for c in pool if c not in cross]
+    out = []
+    if cross:
+        combos = list(_combos(_leaders(cross, top)))
+        if val_only:
+            mixed = _leaders(val_only, 2)
+            combos += list(_combos(_leaders(cross, 3) + mixed, need=mixed))
+    else:
+        combos = list(_combos(_leaders(pool, top)))
+    for combo in combos:
+        p = sum(probas[c.name] for c in combo) / len(combo)
+        top1, mpc = val_scores(p, y)
+        name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
+        cand = Candidate(name, "ensemble", top1, mpc, sum(c.seconds for c in combo), {}, [c.name for c in combo])
+        if all(c in cross for c in combo):
+            cand.oof_top1, cand.oof_mean_per_class = val_scores(sum(oof[c.name] for c in combo) / len(combo), y_oof)
+            cand.estimate = combo[0].estimate
+        out.append((cand, p))
     return out
 
 
@@ -132,9 +173,32 @@ def prior(cand: Candidate, by_name: dict[str, Candidate]) -> float:
     return PRIOR.get(cand.params.get("source", ""), {}).get(cand.params.get("head", cand.name), 0.0)
 
 
-def pick(candidates: list[Candidate]) -> Candidate:
-    """Best validation top-1; ties go to the better mean per-class accuracy, then to the higher prior, then to fewer
-    models; never to a timing, so a resumed run chooses as an uninterrupted one."""
-    by_name = {c.name: c for c in candidates}
+def _best(candidates: list[Candidate], by_name: dict[str, Candidate], *, on_val: bool = False) -> Candidate:
+    """Best top-1 of the candidates' estimate (the validation split's with on_val); ties go to the better mean
+    per-class accuracy, then to the higher prior, then to fewer models; never to a timing, so a resumed run chooses
+    as an uninterrupted one."""
     ranked = sorted(candidates, key=lambda c: c.name)
-    return max(ranked, key=lambda c: (c.val_top1, c.val_mean_per_class, prior(c, by_name), -len(c.members)))
+
+    def key(c: Candidate):
+        return (*((c.val_top1, c.val_mean_per_class) if on_val else c.score), prior(c, by_name), -len(c.members))
+
+    return max(ranked, key=key)
+
+
+def pick(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
+    """(chosen, its strongest challenger on the validation split or None). The best out-of-fold candidate, unless a
+    candidate with only a validation score (a fine-tune, an ensemble with one, a frozen head whose OOF pass did not
+    fit the budget) beats it on the validation split's images, which both were scored on (ties go to the OOF one).
+    Without OOF estimates: the best on the validation split."""
+    by_name = {c.name: c for c in candidates}
+    cross = [c for c in candidates if c.estimate != "val"]
+    val_only = [c for c in candidates if c.estimate == "val"]
+    if not cross:
+        return _best(candidates, by_name), None
+    best = _best(cross, by_name)
+    if not val_only:
+        return best, None
+    challenger = _best(val_only, by_name, on_val=True)
+    if (challenger.val_top1, challenger.val_mean_per_class) > (best.val_top1, best.val_mean_per_class):
+        return challenger, best
+    return best, challenger

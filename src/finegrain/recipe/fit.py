@@ -1,5 +1,7 @@
 """`finegrain fit DATA --out DIR --budget-min M`: from a folder of labelled images to the best model finegrain can
-make in the budget, chosen on a validation split carved from train (the test split is never used for a choice).
+make in the budget, chosen without the test split: frozen candidates (and their ensembles) by K-fold out-of-fold
+predictions over every training image (recipe/oof.py), a fine-tune (which cannot be cross-validated) against them on
+a validation split carved from train, the same images for both.
 
 Order of work (expected value per second first): frozen-feature classifiers over the extraction views (the eval view,
 then 256 px full frame + flip), fine-tuning in what time is left, then ensembles of the best candidates. The winner
@@ -27,6 +29,7 @@ from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.recipe.candidates import Candidate, ensembles, pick
 from finegrain.recipe.frozen import FrozenStage
+from finegrain.recipe.oof import Folds, make_folds
 from finegrain.recipe.unlabeled import final_semi_model, run_semi, unlabeled_paths
 from finegrain.train.data import make_splits
 
@@ -75,7 +78,8 @@ class Clock:
 
 
 class FitState:
-    """Scored candidates and their validation probabilities, saved as they finish (a rerun resumes)."""
+    """Scored candidates, their validation probabilities and (frozen ones) their out-of-fold probabilities over
+    every training image, saved as they finish (a rerun resumes)."""
 
     def __init__(self, out: str, cfg: FitConfig) -> None:
         self.dir = os.path.join(out, "fit-state")
@@ -85,6 +89,7 @@ class FitState:
         self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.candidates: dict[str, Candidate] = {}
         self.probas: dict[str, np.ndarray] = {}
+        self.oof: dict[str, np.ndarray] = {}
         path = os.path.join(self.dir, "candidates.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -94,15 +99,26 @@ class FitState:
             for c in saved["candidates"]:
                 self.candidates[c["name"]] = Candidate(**c)
                 self.probas[c["name"]] = np.load(self._proba_path(c["name"]))
+                if self.candidates[c["name"]].estimate != "val":
+                    self.oof[c["name"]] = np.load(self._proba_path(c["name"], "oof"))
 
-    def _proba_path(self, name: str) -> str:
-        return os.path.join(self.dir, hashlib.sha1(name.encode()).hexdigest()[:16] + ".npy")
+    def _proba_path(self, name: str, kind: str = "val") -> str:
+        key = hashlib.sha1(name.encode()).hexdigest()[:16]
+        return os.path.join(self.dir, key + (".npy" if kind == "val" else f"-{kind}.npy"))
 
-    def add(self, cand: Candidate, proba: np.ndarray) -> None:
+    def _save(self, path: str, array: np.ndarray) -> None:
+        tmp = path + ".tmp.npy"
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+    def add(self, cand: Candidate, proba: np.ndarray, oof: np.ndarray | None = None) -> None:
+        """Record a scored candidate: probabilities [N_val, C] on the validation split, and with an out-of-fold
+        estimate its OOF probabilities [N_train_all, C] (written before the candidate is listed)."""
         os.makedirs(self.dir, exist_ok=True)
-        tmp = self._proba_path(cand.name) + ".tmp.npy"
-        np.save(tmp, proba)
-        os.replace(tmp, self._proba_path(cand.name))
+        self._save(self._proba_path(cand.name), proba)
+        if oof is not None:
+            self._save(self._proba_path(cand.name, "oof"), oof)
+            self.oof[cand.name] = oof
         self.candidates[cand.name], self.probas[cand.name] = cand, proba
         rows = [asdict(c) for c in self.candidates.values()]
         atomic_write_json(os.path.join(self.dir, "candidates.json"), {"key": self.key, "candidates": rows})
@@ -157,8 +173,9 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     learned, tested = [s.path for s in splits.train + splits.val], [s.path for s in splits.test]
     save_splits(cfg.out, data=cfg.data, how=splits.note, splits={"train": learned, "test": tested})
     y_val = np.array([s.label for s in splits.val])
+    folds = _folds(splits, cfg.seed)
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
-    frozen.run(y_val, n_test=len(splits.test))
+    frozen.run(y_val, n_test=len(splits.test), folds=folds)
     if upaths:
         run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test))
     if cfg.finetune:
@@ -166,17 +183,19 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
         _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
     pool = list(state.candidates.values())
     if cfg.ensemble and len(pool) > 1:
-        for cand, proba in ensembles(pool, state.probas, y_val):
+        y_oof = folds.y if folds is not None else None
+        for cand, proba in ensembles(pool, state.probas, y_val, oof=state.oof, y_oof=y_oof):
             state.candidates.setdefault(cand.name, cand)
             state.probas.setdefault(cand.name, proba)
-    board = sorted(state.candidates.values(), key=lambda c: (-c.val_top1, -c.val_mean_per_class))
+    # cross-validated candidates first (by their out-of-fold score), then those scored on the validation split only
+    board = sorted(state.candidates.values(), key=lambda c: (c.estimate == "val", -c.score[0], -c.score[1], c.name))
     affordable = _affordable(board, state, frozen, clock, len(splits.test))
-    chosen = pick(affordable)
-    reason = _reason(chosen, affordable, len(board))
+    chosen, challenger = pick(affordable)
+    reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val))
     print(f"fit: chose {chosen.name}: {reason}", flush=True)
     model_dir = _build_final(cfg, chosen, state, frozen, data)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
-    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped)
+    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
     return FitResult(cfg.out, chosen, board, test, clock.elapsed())
 
 
@@ -190,14 +209,52 @@ def _affordable(board: list[Candidate], state: FitState, frozen: FrozenStage, cl
     return fits or [min(board, key=lambda c: cost[c.name])]
 
 
-def _reason(chosen: Candidate, affordable: list[Candidate], n_all: int) -> str:
-    runner = next((c for c in affordable if c.name != chosen.name), None)
-    text = f"highest validation top-1 ({chosen.val_top1:.4f}, mean per-class {chosen.val_mean_per_class:.4f}) of "
-    text += f"{len(affordable)} candidates"
+def _folds(splits, seed: int) -> Folds | None:
+    """K folds over every training image (fit's train + val); None, said once, when a class has < 2 images."""
+    samples = splits.train + splits.val
+    folds = make_folds([s.path for s in samples], np.array([s.label for s in samples]), seed=seed)
+    if folds is None:
+        print("fit: no out-of-fold estimates (a class has fewer than 2 training images): choosing on validation")
+    return folds
+
+
+def _scores(c: Candidate, *, on_val: bool = False) -> str:
+    top1, mpc = (c.val_top1, c.val_mean_per_class) if on_val else c.score
+    return f"{top1:.4f}, mean per-class {mpc:.4f}"
+
+
+def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, folds, n_val: int) -> str:
+    """Why `chosen` won: the estimate it was ranked by, what it was compared with and on which images."""
+    n_oof = sum(c.estimate != "val" for c in affordable)
+    if chosen.estimate != "val":
+        text = f"highest {folds.k}-fold out-of-fold top-1 over all {len(folds.y)} training images "
+        text += f"({_scores(chosen)}) of {n_oof} cross-validated candidates (frozen heads and their ensembles)"
+    else:
+        text = f"highest validation top-1 ({_scores(chosen, on_val=True)}) on the {n_val}-image validation split"
+        text += f" of {len(affordable) - n_oof} candidates scored there only" if n_oof else ""
     if len(affordable) < n_all:
-        text += f" whose test pass fits in the time left ({n_all - len(affordable)} more did not: see fit.json)"
+        text += f"; {n_all - len(affordable)} more candidates' test pass did not fit in the time left (see fit.json)"
+    if challenger is not None:
+        a, b = _scores(chosen, on_val=True), _scores(challenger, on_val=True)
+        if chosen.estimate == "val":
+            text += f"; it beat the best out-of-fold candidate, {challenger.name}, on the {n_val} validation-split "
+            text += "images "
+        else:
+            text += f"; the best candidate scored on the validation split only, {challenger.name}, did not beat it on "
+            text += f"the {n_val} validation-split images "
+        text += (
+            f"(the same images for both: {a} vs {b}; a fine-tune, alone or in an ensemble, cannot be cross-validated, "
+            "so it is compared with the best out-of-fold candidate there; ties go to the out-of-fold one)"
+        )
+    fallback = [c.name for c in affordable if c.kind == "frozen" and "oof" in c.params and c.estimate == "val"]
+    if fallback:
+        text += f"; {len(fallback)} frozen candidates kept their validation-split score (out-of-fold pass did not "
+        text += f"fit in the budget, e.g. {fallback[0]})"
+    if folds is None:
+        text += "; no out-of-fold estimate: a class has fewer than 2 training images"
+    runner = next((c for c in affordable if c.name != chosen.name and c.estimate == chosen.estimate), None)
     if runner is not None:
-        text += f"; next: {runner.name} ({runner.val_top1:.4f})"
+        text += f"; next on that estimate: {runner.name} ({runner.score[0]:.4f})"
     return text
 
 
@@ -290,18 +347,25 @@ def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, 
     return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index))}
 
 
-def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped) -> None:
+def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped, folds) -> None:
     buf = io.StringIO()
-    fields = ["name", "kind", "val_top1", "val_mean_per_class", "seconds", "members"]
+    fields = ["name", "kind", "estimate", "score_top1", "score_mean_per_class", "val_top1", "val_mean_per_class",
+              "oof_top1", "oof_mean_per_class", "seconds", "members"]  # fmt: skip
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for c in board:
-        w.writerow({**c.row(), "val_top1": f"{c.val_top1:.4f}", "val_mean_per_class": f"{c.val_mean_per_class:.4f}"})
+        four = {k: "" if v is None else f"{v:.4f}" for k, v in c.row().items() if k.startswith(("val_", "oof_"))}
+        score = {"score_top1": f"{c.score[0]:.4f}", "score_mean_per_class": f"{c.score[1]:.4f}"}
+        w.writerow({**c.row(), **four, **score, "seconds": f"{c.seconds:.1f}"})
     atomic_write_text(os.path.join(cfg.out, "leaderboard.csv"), buf.getvalue())
     summary = {
         "chosen": chosen.name,
         "reason": reason,
+        "estimate": chosen.estimate,
+        "score_top1": chosen.score[0],
         "val_top1": chosen.val_top1,
+        "oof_top1": chosen.oof_top1,
+        "selection": _selection(folds),
         "test": test,
         "budget_min": cfg.budget_min,
         "seconds": round(clock.elapsed(), 1),
@@ -312,3 +376,13 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
         "test_note": "scored once at the end; never used for a choice" if test else "no test split",
     }
     atomic_write_json(os.path.join(cfg.out, "fit.json"), summary)
+
+
+def _selection(folds) -> str:
+    """How candidates were ranked, in words (fit.json, the benchmark's runs)."""
+    if folds is None:
+        return "validation split (no out-of-fold estimate: a class has fewer than 2 training images)"
+    return (
+        f"{folds.estimate}: frozen candidates and their ensembles by {folds.k}-fold out-of-fold top-1 over every "
+        "training image; a fine-tune and ensembles with one against the best of those on the validation split"
+    )

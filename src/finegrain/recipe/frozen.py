@@ -1,5 +1,6 @@
 """fit's first stage: frozen features of train + val over each extraction view (resumable stores), and the
-classifier families of BENCHMARKS.md's representation table on them, each scored on the validation split."""
+classifier families of BENCHMARKS.md's representation table on them, each scored on the validation split and
+out-of-fold over every training image (recipe/oof.py) when the budget allows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from finegrain.data import ImageSet
 from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.heads.to_model import frozen_model
 from finegrain.recipe.candidates import HEADS, POOLINGS, Candidate, class_proba, fit_head, val_scores, views_for
+from finegrain.recipe.oof import Folds, fixed_params, oof_proba
 from finegrain.runtime import Runtime
 
 
@@ -97,8 +99,9 @@ class FrozenStage:
         return result.store
 
     # ---- candidates ---------------------------------------------------------------------------------------------
-    def run(self, y_val: np.ndarray, *, n_test: int) -> None:
-        """Every view x pooling x head that fits the budget, cheapest view first; the first view always runs."""
+    def run(self, y_val: np.ndarray, *, n_test: int, folds: Folds | None = None) -> None:
+        """Every view x pooling x head that fits the budget, cheapest view first; the first view always runs.
+        With `folds`, each head is also scored out-of-fold over every training image."""
         val_paths = [s.path for s in self.data.samples if s.split == "val"]
         for i, view in enumerate(self.views):
             cost = self.n_trainval * self._estimate_spi(view) + self.test_cost(view, n_test)
@@ -113,16 +116,23 @@ class FrozenStage:
             for pooling in POOLINGS:
                 Xtr, ytr = _features(store, "train", pooling)
                 Xva = _aligned(store, "val", pooling, val_paths)
+                Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
                 for head in HEADS:
-                    self._score(view, pooling, head, Xtr, ytr, Xva, y_val, n_test)
+                    self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
 
-    def _score(self, view, pooling, head, Xtr, ytr, Xva, y_val, n_test) -> None:
+    def _done(self, name: str, folds: Folds | None) -> bool:
+        """Scored already (a resumed run); one scored before out-of-fold estimates existed is scored again."""
+        cand = self.state.candidates.get(name)
+        return cand is not None and (folds is None or cand.estimate != "val" or "oof" in cand.params)
+
+    def _score(self, view, pooling, head, feats, y_val, n_test, folds) -> None:
         name = f"{view}/{pooling}/{head[0]}"
-        if name in self.state.candidates:
+        if self._done(name, folds):
             return
         if self.clock.remaining() < self.reserve(n_test) + 5:
             self.skipped.append({"candidate": name, "why": "no time left in the budget"})
             return
+        Xtr, ytr, Xva, Xall = feats
         t0 = time.perf_counter()
         norm, clf = fit_head(head, Xtr, ytr, seed=self.cfg.seed)
         proba = np.zeros((len(y_val), len(self.data.classes)))
@@ -131,7 +141,27 @@ class FrozenStage:
         top1, mpc = val_scores(proba, y_val)
         params = {"view": view, "pooling": pooling, "head": head[0], "source": f"{view}/{pooling}"}
         params["spi"] = self.spi.get(view, 0.0)
-        self.state.add(Candidate(name, "frozen", top1, mpc, time.perf_counter() - t0, params), proba)
+        cand = Candidate(name, "frozen", top1, mpc, time.perf_counter() - t0, params)
+        oof = self._oof(cand, head, clf, Xall, folds, n_test) if folds is not None else None
+        cand.seconds = time.perf_counter() - t0
+        self.state.add(cand, proba, oof)
+
+    def _oof(self, cand: Candidate, head, clf, Xall: np.ndarray, folds: Folds, n_test: int) -> np.ndarray | None:
+        """The candidate's out-of-fold probabilities [N, C] (its OOF scores set), or None, with the reason in
+        cand.params['oof'], when they do not fit in the budget (the candidate keeps its validation-split score)."""
+        left = lambda: self.clock.remaining() - self.reserve(n_test) - 5  # noqa: E731
+        guess = folds.k * 0.5 * cand.seconds  # a fold: one solver run (the single fit also searched C)
+        oof = None
+        if guess <= left():
+            fixed = fixed_params(clf)
+            oof = oof_proba(head, Xall, folds, fixed=fixed, seed=self.cfg.seed, n_classes=len(self.data.classes),
+                            time_left=left)  # fmt: skip
+        if oof is None:
+            cand.params["oof"] = f"not run: its {folds.k} folds (~{guess:.0f} s) did not fit in the budget"
+            return None
+        cand.oof_top1, cand.oof_mean_per_class = val_scores(oof, folds.y)
+        cand.estimate = folds.estimate
+        return oof
 
     def final_model(self, cand: Candidate):
         """The candidate's head refitted on train + val features, as a model (and its spec) on its view."""
@@ -153,14 +183,19 @@ def _features(store: FeatureStore, splits, pooling: str) -> tuple[np.ndarray, np
     return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _aligned(store: FeatureStore, split: str, pooling: str, paths: list[str]) -> np.ndarray:
-    """Features [len(paths), D] in the order of `paths`; rows of files that could not be read are NaN."""
-    X, _, stored = store.split(split, pooling)
-    row = {p: i for i, p in enumerate(stored)}
-    out = np.full((len(paths), np.asarray(X).shape[1]), np.nan, np.float32)
-    for i, p in enumerate(paths):
-        if p in row:
-            out[i] = X[row[p]]
+def _aligned(store: FeatureStore, splits, pooling: str, paths: list[str]) -> np.ndarray:
+    """Features [len(paths), D] of one split or several, in the order of `paths`; rows of files that could not be
+    read are NaN."""
+    out = None
+    for split in (splits,) if isinstance(splits, str) else splits:
+        X, _, stored = store.split(split, pooling)
+        X = np.asarray(X)
+        if out is None:
+            out = np.full((len(paths), X.shape[1]), np.nan, np.float32)
+        row = {p: i for i, p in enumerate(stored)}
+        for i, p in enumerate(paths):
+            if p in row:
+                out[i] = X[row[p]]
     return out
 
 
