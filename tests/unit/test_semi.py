@@ -168,3 +168,9 @@ def test_suggest_command_writes_the_same_csv_for_the_same_seed(folders, tmp_path
     first = (tmp_path / "a" / "suggestions.csv").read_text()
     assert first == (tmp_path / "b" / "suggestions.csv").read_text() and len(first.strip().splitlines()) == 5
     assert "4 of 9 unlabeled images to label next" in capsys.readouterr().out
+    # The gallery beside the CSV: one thumbnail (a data URI, nothing loaded from elsewhere) per suggestion, in order.
+    page = (tmp_path / "a" / "suggestions.html").read_text()
+    ranks = [line.split(",")[0] for line in first.strip().splitlines()[1:]]
+    assert page.count("<figure class='g'>") == 4 and page.count('src="data:image/') == 4
+    assert [f"<b>#{r}</b>" in page for r in ranks] == [True] * 4
+    assert sorted(ranks, key=lambda r: page.index(f"<b>#{r}</b>")) == ranks  # shown in rank order

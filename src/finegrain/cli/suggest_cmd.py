@@ -33,8 +33,12 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, precision=args.precision,
         device=resolve_device(args.device), progress=not args.no_progress,
     )  # fmt: skip
+    from finegrain.report.suggest_report import suggestion_gallery
+
+    page = suggestion_gallery(summary["suggestions"], os.path.join(args.out, "suggestions.html"), summary=summary)
     rep = summary["propagation"]
     print(f"{summary['n']} of {summary['n_unlabeled']} unlabeled images to label next -> {summary['suggestions']}")
+    print(f"  as a gallery: {page}")
     print(f"  label propagation used {rep['n_used']} of them (mean certainty {rep['mean_confidence']})")
     if summary["skipped"]:
         listed = os.path.join(args.out, "features-unlabeled", "skipped.csv")
