@@ -174,3 +174,29 @@ def test_suggest_command_writes_the_same_csv_for_the_same_seed(folders, tmp_path
     assert page.count("<figure class='g'>") == 4 and page.count('src="data:image/') == 4
     assert [f"<b>#{r}</b>" in page for r in ranks] == [True] * 4
     assert sorted(ranks, key=lambda r: page.index(f"<b>#{r}</b>")) == ranks  # shown in rank order
+
+
+def test_transductive_fit_uses_the_test_images_unlabeled_and_says_so(folders, tmp_path, capsys):
+    import json
+
+    from finegrain.cli.main import main
+
+    out = tmp_path / "t"
+    argv = ["fit", folders["data"], "--out", str(out), "--transductive", "--budget-min", "1", "--no-finetune",
+            "--no-ensemble", "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "TRANSDUCTIVE" in capsys.readouterr().out
+    doc = json.loads((out / "fit.json").read_text())
+    assert doc["transductive"] is True and "test" not in doc and doc["test_transductive"]["n"] == 6
+    assert doc["test_note"].startswith("transductive: the 6 test images")
+    runs = json.loads((out / "unlabeled.json").read_text())
+    assert runs["n_files"] == 6  # no --unlabeled folder: the pool is the test images alone
+    # Without a test split there is nothing to be transductive with: one clear error.
+    from types import SimpleNamespace
+
+    from finegrain.recipe import FitConfig
+    from finegrain.recipe.fit import _with_test_images
+
+    with pytest.raises(FinegrainError, match="no test split"):
+        _with_test_images(FitConfig(transductive=True), [], SimpleNamespace(test=[]))
+    assert _with_test_images(FitConfig(), ["a.jpg"], SimpleNamespace(test=[])) == ["a.jpg"]

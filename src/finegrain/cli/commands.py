@@ -425,7 +425,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     line = f"chose {result.chosen.name}: {'validation' if est == 'val' else est} top-1 {result.chosen.score[0]:.4f}"
     if result.test:
         m = result.test["metrics"]
-        line += f"; test top-1 {m['top1']:.4f}, mean per-class {m['mean_per_class']:.4f} (scored once, at the end)"
+        how = "TRANSDUCTIVE: test images used unlabeled" if cfg.transductive else "scored once, at the end"
+        line += f"; test top-1 {m['top1']:.4f}, mean per-class {m['mean_per_class']:.4f} ({how})"
     print(f"{line}; {result.seconds / 60:.1f} min -> {os.path.join(cfg.out, 'model')}")
     print(f"  predict with: finegrain predict {os.path.join(cfg.out, 'model')} IMAGE...")
     return 0

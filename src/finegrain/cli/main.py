@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None, help="frozen candidates only")
     p.add_argument("--no-ensemble", dest="ensemble", action="store_false", default=None, help="no ensembles")
     p.add_argument("--unlabeled", default=None, help="folder of images without labels: semi-supervised candidates")
+    p.add_argument(
+        "--transductive", action="store_true", default=None,
+        help="the test images join the unlabeled pool (labels unread); the test score is reported as transductive",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     p.add_argument(

@@ -53,6 +53,9 @@ class FitConfig:
     device: str = "cpu"
     bootstrap: int = 1000
     unlabeled: str = ""  # a folder of images without labels: semi-supervised candidates too (recipe/unlabeled.py)
+    # the test split's images join the unlabeled pool (their labels are never read); the test score is then
+    # transductive and reported as such (fit.json "test_transductive", not "test")
+    transductive: bool = False
 
 
 @dataclass
@@ -84,8 +87,9 @@ class FitState:
     def __init__(self, out: str, cfg: FitConfig) -> None:
         self.dir = os.path.join(out, "fit-state")
         key = {k: v for k, v in config_dict(cfg).items() if k not in ("workers", "bootstrap")}
-        if not key.get("unlabeled"):  # fits without unlabeled images keep the key they had before the option
-            key.pop("unlabeled", None)
+        for opt in ("unlabeled", "transductive"):  # fits without them keep the key they had before the options
+            if not key.get(opt):
+                key.pop(opt, None)
         self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.candidates: dict[str, Candidate] = {}
         self.probas: dict[str, np.ndarray] = {}
@@ -172,6 +176,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     # the final model learns from train + val (refit): evaluate and report score only the test images
     learned, tested = [s.path for s in splits.train + splits.val], [s.path for s in splits.test]
     save_splits(cfg.out, data=cfg.data, how=splits.note, splits={"train": learned, "test": tested})
+    upaths = _with_test_images(cfg, upaths, splits)
     y_val = np.array([s.label for s in splits.val])
     folds = _folds(splits, cfg.seed)
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
@@ -193,10 +198,24 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     chosen, challenger = pick(affordable)
     reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val))
     print(f"fit: chose {chosen.name}: {reason}", flush=True)
-    model_dir = _build_final(cfg, chosen, state, frozen, data)
+    model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
     _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
     return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+
+
+def _with_test_images(cfg: FitConfig, upaths: list[str], splits) -> list[str]:
+    """With cfg.transductive, the test images (paths only) join the unlabeled ones; said once, loudly."""
+    if not cfg.transductive:
+        return upaths
+    if not splits.test:
+        raise FinegrainError("--transductive uses the test images as unlabeled data, but this data has no test split")
+    print(
+        f"fit: transductive: the {len(splits.test)} test images join the unlabeled pool (labels unread); "
+        "the test score will be transductive, reported as test_transductive",
+        flush=True,
+    )
+    return upaths + [s.path for s in splits.test]
 
 
 def _affordable(board: list[Candidate], state: FitState, frozen: FrozenStage, clock: Clock, n_test: int):
@@ -304,7 +323,9 @@ def state_spi(state: FitState) -> float:
     return max((c.params.get("spi", 0.0) for c in state.candidates.values()), default=0.0) or 0.05
 
 
-def _build_final(cfg: FitConfig, chosen: Candidate, state: FitState, frozen: FrozenStage, data: ImageSet) -> str:
+def _build_final(
+    cfg: FitConfig, chosen: Candidate, state: FitState, frozen: FrozenStage, data: ImageSet, upaths
+) -> str:
     """Save the chosen candidate as <out>/model (frozen heads refitted on train + val); returns the folder."""
     from finegrain.evaluate.predictor import Ensemble, Predictor, load
 
@@ -315,7 +336,7 @@ def _build_final(cfg: FitConfig, chosen: Candidate, state: FitState, frozen: Fro
         if cand.kind == "finetune":
             members.append(load(cand.params["run"]))
         elif cand.kind == "semi":
-            members.append(Predictor(*final_semi_model(frozen, cand, unlabeled_paths(cfg.unlabeled, data)), cfg.device))
+            members.append(Predictor(*final_semi_model(frozen, cand, upaths), cfg.device))
         else:
             model, spec = frozen.final_model(cand)
             members.append(Predictor(model, spec, cfg.device))
@@ -347,6 +368,15 @@ def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, 
     return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index))}
 
 
+def _test_note(cfg: FitConfig, test, splits) -> str:
+    if not test:
+        return "no test split"
+    if cfg.transductive:
+        return (f"transductive: the {len(splits.test)} test images were used, without their labels, as unlabeled "
+                "data by the semi-supervised candidates; not comparable to an inductive score")  # fmt: skip
+    return "scored once at the end; never used for a choice"
+
+
 def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped, folds) -> None:
     buf = io.StringIO()
     fields = ["name", "kind", "estimate", "score_top1", "score_mean_per_class", "val_top1", "val_mean_per_class",
@@ -366,14 +396,15 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
         "val_top1": chosen.val_top1,
         "oof_top1": chosen.oof_top1,
         "selection": _selection(folds),
-        "test": test,
+        "test_transductive" if cfg.transductive else "test": test,
+        "transductive": cfg.transductive,
         "budget_min": cfg.budget_min,
         "seconds": round(clock.elapsed(), 1),
         "splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
         "splits_note": splits.note,
         "warnings": notes,
         "skipped_candidates": skipped,
-        "test_note": "scored once at the end; never used for a choice" if test else "no test split",
+        "test_note": _test_note(cfg, test, splits),
     }
     atomic_write_json(os.path.join(cfg.out, "fit.json"), summary)
 
