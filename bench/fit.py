@@ -115,14 +115,14 @@ def main() -> None:
         "test_top1": result.test["metrics"]["top1"], "test_mean_per_class": result.test["metrics"]["mean_per_class"],
         "test_top1_interval": (result.test.get("intervals") or {}).get("top1"),
         "chosen_val_top1": result.chosen.val_top1, "chosen_estimate": result.chosen.estimate,
-        "chosen_score_top1": result.chosen.score[0], "selection": _selection(cfg),
+        "chosen_score_top1": result.chosen.score_top1, "selection": _selection(cfg),
         "best_in_hindsight": best, "best_in_hindsight_top1": hindsight[best],
         "chosen_hindsight_top1": chosen, "loss_to_best_points": round(100 * (hindsight[best] - chosen), 2),
     }  # fmt: skip
     row["candidates"] = {
         c.name: {
             "estimate": c.estimate,
-            "score_top1": c.score[0],
+            "score_top1": c.score_top1,
             "val_top1": c.val_top1,
             "oof_top1": c.oof_top1,
             "test_top1": hindsight.get(c.name),

@@ -422,7 +422,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), choices)
     result = fit(cfg, progress=not args.no_progress)
     est = result.chosen.estimate
-    line = f"chose {result.chosen.name}: {'validation' if est == 'val' else est} top-1 {result.chosen.score[0]:.4f}"
+    line = f"chose {result.chosen.name}: {'validation' if est == 'val' else est} top-1 {result.chosen.score_top1:.4f}"
     if result.test:
         m = result.test["metrics"]
         how = "TRANSDUCTIVE: test images used unlabeled" if cfg.transductive else "scored once, at the end"

@@ -64,13 +64,32 @@ class Candidate:
     oof_top1: float | None = None
     oof_mean_per_class: float | None = None
     estimate: str = "val"
+    rank_by: str = "top1"  # or "mean_per_class": on long-tailed data (fit sets it), balanced accuracy leads
+
+    def _order(self, top1: float, mpc: float) -> tuple[float, float]:
+        return (mpc, top1) if self.rank_by == "mean_per_class" else (top1, mpc)
 
     @property
     def score(self) -> tuple[float, float]:
-        """(top-1, mean per-class) of the estimate the candidate is ranked by."""
+        """The estimate the candidate is ranked by: (top-1, mean per-class), or the reverse with rank_by
+        'mean_per_class'."""
         if self.estimate == "val":
-            return self.val_top1, self.val_mean_per_class
-        return self.oof_top1, self.oof_mean_per_class
+            return self.val_score
+        return self._order(self.oof_top1, self.oof_mean_per_class)
+
+    @property
+    def score_top1(self) -> float:
+        """Top-1 of the candidate's estimate (out-of-fold, else the validation split), whatever it is ranked by."""
+        return self.val_top1 if self.estimate == "val" else self.oof_top1
+
+    @property
+    def score_mean_per_class(self) -> float:
+        return self.val_mean_per_class if self.estimate == "val" else self.oof_mean_per_class
+
+    @property
+    def val_score(self) -> tuple[float, float]:
+        """The validation split's scores in the candidate's ranking order."""
+        return self._order(self.val_top1, self.val_mean_per_class)
 
     def row(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "params"} | {"members": "+".join(self.members)}
@@ -159,6 +178,7 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
         top1, mpc = val_scores(p, y)
         name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
         cand = Candidate(name, "ensemble", top1, mpc, sum(c.seconds for c in combo), {}, [c.name for c in combo])
+        cand.rank_by = combo[0].rank_by
         if all(c in cross for c in combo):
             cand.oof_top1, cand.oof_mean_per_class = val_scores(sum(oof[c.name] for c in combo) / len(combo), y_oof)
             cand.estimate = combo[0].estimate
@@ -180,7 +200,7 @@ def _best(candidates: list[Candidate], by_name: dict[str, Candidate], *, on_val:
     ranked = sorted(candidates, key=lambda c: c.name)
 
     def key(c: Candidate):
-        return (*((c.val_top1, c.val_mean_per_class) if on_val else c.score), prior(c, by_name), -len(c.members))
+        return (*(c.val_score if on_val else c.score), prior(c, by_name), -len(c.members))
 
     return max(ranked, key=key)
 
@@ -199,6 +219,6 @@ def pick(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
     if not val_only:
         return best, None
     challenger = _best(val_only, by_name, on_val=True)
-    if (challenger.val_top1, challenger.val_mean_per_class) > (best.val_top1, best.val_mean_per_class):
+    if challenger.val_score > best.val_score:
         return challenger, best
     return best, challenger

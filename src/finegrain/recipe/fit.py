@@ -183,9 +183,12 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     frozen.run(y_val, n_test=len(splits.test), folds=folds)
     if upaths:
         run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test))
+    balanced = _long_tail(state, splits, len(image_set.classes), y_val, folds)
     if cfg.finetune:
         reserve = frozen.test_cost("eval", len(splits.test)) + 20.0  # the fine-tuned model's own test pass
         _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
+    for cand in state.candidates.values():
+        cand.rank_by = "mean_per_class" if balanced else "top1"
     pool = list(state.candidates.values())
     if cfg.ensemble and len(pool) > 1:
         y_oof = folds.y if folds is not None else None
@@ -202,6 +205,21 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
     _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
     return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+
+
+def _long_tail(state: FitState, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:
+    """On long-tailed data (imbalance ratio >= 3): logit-adjusted probes join, and every candidate is ranked by mean
+    per-class accuracy. Returns whether it is."""
+    from finegrain.recipe.longtail import LT_IMBALANCE, add_logit_adjusted, imbalance_ratio
+
+    counts = np.bincount([s.label for s in splits.train + splits.val], minlength=n_classes)
+    ratio = imbalance_ratio(counts)
+    if ratio < LT_IMBALANCE:
+        return False
+    added = add_logit_adjusted(state, counts, y_val, folds)
+    print(f"fit: long-tailed data (imbalance {ratio:.1f}): ranked by mean per-class accuracy; {len(added)} "
+          "logit-adjusted probes added", flush=True)  # fmt: skip
+    return True
 
 
 def _with_test_images(cfg: FitConfig, upaths: list[str], splits) -> list[str]:
@@ -238,18 +256,20 @@ def _folds(splits, seed: int) -> Folds | None:
 
 
 def _scores(c: Candidate, *, on_val: bool = False) -> str:
-    top1, mpc = (c.val_top1, c.val_mean_per_class) if on_val else c.score
-    return f"{top1:.4f}, mean per-class {mpc:.4f}"
+    if on_val or c.estimate == "val":
+        return f"{c.val_top1:.4f}, mean per-class {c.val_mean_per_class:.4f}"
+    return f"{c.oof_top1:.4f}, mean per-class {c.oof_mean_per_class:.4f}"
 
 
 def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, folds, n_val: int) -> str:
     """Why `chosen` won: the estimate it was ranked by, what it was compared with and on which images."""
     n_oof = sum(c.estimate != "val" for c in affordable)
+    what = "mean per-class accuracy (long-tailed data)" if chosen.rank_by == "mean_per_class" else "top-1"
     if chosen.estimate != "val":
-        text = f"highest {folds.k}-fold out-of-fold top-1 over all {len(folds.y)} training images "
+        text = f"highest {folds.k}-fold out-of-fold {what} over all {len(folds.y)} training images "
         text += f"({_scores(chosen)}) of {n_oof} cross-validated candidates (frozen heads and their ensembles)"
     else:
-        text = f"highest validation top-1 ({_scores(chosen, on_val=True)}) on the {n_val}-image validation split"
+        text = f"highest validation {what} ({_scores(chosen, on_val=True)}) on the {n_val}-image validation split"
         text += f" of {len(affordable) - n_oof} candidates scored there only" if n_oof else ""
     if len(affordable) < n_all:
         text += f"; {n_all - len(affordable)} more candidates' test pass did not fit in the time left (see fit.json)"
@@ -273,7 +293,7 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
         text += "; no out-of-fold estimate: a class has fewer than 2 training images"
     runner = next((c for c in affordable if c.name != chosen.name and c.estimate == chosen.estimate), None)
     if runner is not None:
-        text += f"; next on that estimate: {runner.name} ({runner.score[0]:.4f})"
+        text += f"; next on that estimate: {runner.name} ({_scores(runner)})"
     return text
 
 
@@ -385,14 +405,16 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
     w.writeheader()
     for c in board:
         four = {k: "" if v is None else f"{v:.4f}" for k, v in c.row().items() if k.startswith(("val_", "oof_"))}
-        score = {"score_top1": f"{c.score[0]:.4f}", "score_mean_per_class": f"{c.score[1]:.4f}"}
+        score = {"score_top1": f"{c.score_top1:.4f}", "score_mean_per_class": f"{c.score_mean_per_class:.4f}"}
         w.writerow({**c.row(), **four, **score, "seconds": f"{c.seconds:.1f}"})
     atomic_write_text(os.path.join(cfg.out, "leaderboard.csv"), buf.getvalue())
     summary = {
         "chosen": chosen.name,
         "reason": reason,
         "estimate": chosen.estimate,
-        "score_top1": chosen.score[0],
+        "score_top1": chosen.score_top1,
+        "score_mean_per_class": chosen.score_mean_per_class,
+        "ranked_by": chosen.rank_by,
         "val_top1": chosen.val_top1,
         "oof_top1": chosen.oof_top1,
         "selection": _selection(folds),

@@ -171,6 +171,10 @@ class FrozenStage:
         X, y = _features(store, ("train", "val"), pooling)
         norm, clf = fit_head(head, X, y, seed=self.cfg.seed)
         counts = np.bincount(y, minlength=len(self.data.classes))
+        if "la_tau" in cand.params:  # a logit-adjusted probe (recipe/longtail.py), π from the refit's counts
+            from finegrain.heads.decoupled import LogitAdjusted
+
+            clf = LogitAdjusted(clf, tau=cand.params["la_tau"], class_counts=counts[clf.classes_]).fit()
         return frozen_model(
             self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=self.views[view]["flip"],
             gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
