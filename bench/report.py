@@ -380,7 +380,7 @@ def _cb_focal_reading(ms: dict) -> list[str]:
                 "The weights (79x between the largest and the smallest class), applied from the first epoch of a "
                 "short schedule, made the network learn worse features, which no classifier repairs — the effect "
                 "deferred re-weighting (DRW, in LDAM-DRW) avoids by re-weighting only in the last 20% of training; "
-                "the paper's 200 epochs leave the features time to recover."
+                "whether the paper's 200 epochs give the features time to recover was not run here."
                 if worse
                 else "The features are as good; the loss of accuracy is in the classifier the weighted loss learns."
             ),
