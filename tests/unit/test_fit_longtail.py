@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from finegrain.data import load_image_set
+from finegrain.data.longtail import describe_counts
 from finegrain.recipe import FitConfig, fit
-from finegrain.recipe.longtail import adjust, imbalance_ratio
+from finegrain.recipe.longtail import adjust
 from tests.conftest import COLOURS, write_class_images
 
 
 def test_adjust_and_imbalance_ratio():
-    assert imbalance_ratio(np.array([30, 10, 0, 3])) == 10.0
+    assert describe_counts(np.array([30, 10, 0, 3]))["imbalance_ratio"] == 10.0
     p = np.array([[0.6, 0.4], [0.0, 0.0]])
     prior = np.array([0.8, 0.2])
     np.testing.assert_allclose(adjust(p, prior, 0.0), p)

@@ -210,11 +210,12 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
 def _long_tail(state: FitState, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:
     """On long-tailed data (imbalance ratio >= 3): logit-adjusted probes join, and every candidate is ranked by mean
     per-class accuracy. Returns whether it is."""
-    from finegrain.recipe.longtail import LT_IMBALANCE, add_logit_adjusted, imbalance_ratio
+    from finegrain.data.longtail import describe_counts
+    from finegrain.recipe.longtail import LT_IMBALANCE, add_logit_adjusted
 
     counts = np.bincount([s.label for s in splits.train + splits.val], minlength=n_classes)
-    ratio = imbalance_ratio(counts)
-    if ratio < LT_IMBALANCE:
+    ratio = describe_counts(counts)["imbalance_ratio"]
+    if not ratio >= LT_IMBALANCE:
         return False
     added = add_logit_adjusted(state, counts, y_val, folds)
     print(f"fit: long-tailed data (imbalance {ratio:.1f}): ranked by mean per-class accuracy; {len(added)} "

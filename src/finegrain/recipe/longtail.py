@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from finegrain.heads.longtail import TAUS
 from finegrain.recipe.candidates import Candidate, val_scores
 
 LT_IMBALANCE = 3.0
-TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-
-
-def imbalance_ratio(counts: np.ndarray) -> float:
-    """Largest over smallest number of training images a class (classes with none are ignored)."""
-    present = np.asarray(counts)[np.asarray(counts) > 0]
-    return float(present.max() / present.min()) if len(present) else 1.0
 
 
 def adjust(proba: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
