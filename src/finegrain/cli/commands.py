@@ -402,7 +402,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config(args)
     _check_two_classes(cfg.data)
-    result = train(cfg, progress=not args.no_progress)
+    if getattr(args, "unlabeled", None):
+        result = _train_distilled(cfg, args)
+    else:
+        result = train(cfg, progress=not args.no_progress)
     line = f"best epoch {result.best_epoch}: val top-1 {result.best_val_top1:.4f}"
     if result.test_metrics:
         t = result.test_metrics
@@ -413,6 +416,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.skipped:
         _skipped_summary(result.skipped, None, os.path.join(cfg.out, "metrics.json"))
     return 1 if result.skipped else 0
+
+
+def _train_distilled(cfg, args: argparse.Namespace):
+    """train --unlabeled DIR: the folder checked (one-line errors), then the distilled student (semi/distill.py)."""
+    from finegrain.data import load_image_set
+    from finegrain.recipe.unlabeled import unlabeled_paths
+    from finegrain.semi.distill import train_distilled
+
+    paths = unlabeled_paths(args.unlabeled, load_image_set(cfg.data))
+    return train_distilled(cfg, paths, temperature=args.distill_temperature, weight=args.distill_weight,
+                           progress=not args.no_progress)  # fmt: skip
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--unlabeled",
+        default=None,
+        help="folder of images without labels: the run is a student distilled from label propagation's probe on its "
+        "frozen features (regime head or last:K)",
+    )
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="with --unlabeled: softening T (default 2)")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="with --unlabeled: weight of the KL term")
     _add_dataclass_options(p, TrainConfig, skip={"data", "out", "regime", "resume", "device"})
     p.epilog = "Every option is also key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 

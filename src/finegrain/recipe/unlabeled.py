@@ -79,7 +79,7 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
     from finegrain.recipe.candidates import POOLINGS, VIEWS, Candidate, class_proba, val_scores
     from finegrain.recipe.frozen import _aligned, _features
 
-    reports = []
+    reports, best = [], None  # best: (val top-1, estimator, its unlabeled features, their paths) -> the teacher
     val_paths = [s.path for s in frozen.data.samples if s.split == "val"]
     for view in VIEWS:
         store_dir = os.path.join(frozen.cfg.out, "features", view)
@@ -106,11 +106,63 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
                           "spi": frozen.spi.get(view, 0.0), "unlabeled": clf.report_}  # fmt: skip
                 state.add(Candidate(name, "semi", top1, mpc, time.perf_counter() - t0, params), proba)
                 reports.append({"candidate": name, **clf.report_})
+                if best is None or top1 > best[0]:
+                    best = (top1, clf, l2_normalize(Xu), [e.path for e in ustore.index()])
+    if best is not None and frozen.cfg.finetune:
+        reports += run_distill(frozen, state, clock, y_val, *best[1:], n_test=n_test)
     if reports:  # how many unlabeled images each candidate used, at what confidence
         from finegrain.atomic import atomic_write_json
 
         atomic_write_json(os.path.join(frozen.cfg.out, "unlabeled.json"), {"n_files": len(paths), "runs": reports})
     return reports
+
+
+DISTILL_MIN_SECONDS = 120  # a student below this cannot do one useful pass on top of its LP start
+DISTILL_SHARE = 0.45  # of the time left: fit's plain fine-tune comes after and gets the rest
+
+
+def run_distill(frozen, state, clock, y_val: np.ndarray, teacher_clf, Xu: np.ndarray, upaths: list[str], *,
+                n_test: int) -> list[dict]:  # fmt: skip
+    """A distilled student (semi/distill.py: last:1 over the cached trunk, LP-FT start) of the val-best semi
+    candidate `teacher_clf` (fitted with the unlabeled features Xu [M, D] of the files upaths), scored on fit's
+    validation split as a fine-tuned candidate; skipped (and said) when the time left cannot afford it."""
+    from finegrain.config import TrainConfig
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.predictor import load
+    from finegrain.recipe.candidates import Candidate, val_scores
+    from finegrain.semi.distill import DistillTrainer, make_teacher
+
+    cfg, name, views = frozen.cfg, "distill", 2
+    val_paths = [s.path for s in frozen.data.samples if s.split == "val"]
+    spi = max(frozen.spi.values(), default=0.05)
+    available = DISTILL_SHARE * (clock.remaining() - frozen.reserve(n_test) - 2 * len(val_paths) * spi)
+    train_seconds = available - views * len(upaths) * spi  # the unlabeled trunk cache comes first
+    if name in state.candidates or train_seconds < DISTILL_MIN_SECONDS or not len(upaths):
+        if name not in state.candidates:
+            frozen.skipped.append({"candidate": name, "why": f"{max(train_seconds, 0):.0f} s for the student"})
+        return []
+    run = os.path.join(cfg.out, "candidates", name)
+    resume = os.path.exists(os.path.join(run, "checkpoint-last.pt"))
+    tcfg = TrainConfig(
+        data=cfg.data, out=run, backbone=cfg.backbone, regime="last:1", head_init="probe", epochs=30,
+        cache_views=views, time_budget_min=max(train_seconds, 1.0) / 60, seed=cfg.seed, workers=cfg.workers,
+        device=cfg.device, resume=resume,
+    )  # fmt: skip
+    teacher = make_teacher(teacher_clf, Xu, len(frozen.data.classes))
+    no_test = ImageSet(frozen.data.root, frozen.data.classes, [s for s in frozen.data.samples if s.split != "test"])
+    t0 = time.perf_counter()
+    trainer = DistillTrainer(tcfg, upaths, teacher=teacher, progress=frozen.progress, image_set=no_test)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
+    proba = np.zeros((len(val_paths), len(frozen.data.classes)))
+    proba[pred.index] = pred.proba
+    top1, mpc = val_scores(proba, y_val)
+    params = {"source": name, "run": run, "unlabeled": teacher.report}
+    state.add(Candidate(name, "finetune", top1, mpc, time.perf_counter() - t0, params), proba)
+    return [{"candidate": name, **teacher.report}]
 
 
 def final_semi_model(frozen, cand, paths: list[str]):

@@ -1,5 +1,6 @@
 """Learning from unlabeled images on frozen embeddings: label propagation, self-training, the out-of-class guard,
-and which unlabeled images to label next."""
+and which unlabeled images to label next. Distillation into a fine-tuned student lives in `finegrain.semi.distill`
+(not imported here: it needs torch and the training engine)."""
 
 from finegrain.semi.graph import certainty, diffuse, knn_graph
 from finegrain.semi.guard import guard_mask, mass_threshold, similarity_guard

@@ -239,29 +239,33 @@ class CachedTrunkSteps(ImageSteps):
         if self.train_cache is not None:
             return
         cfg, model = self.cfg, self.model.eval()
-        train_tf = build_train_transform(cfg.augment, model.preprocess, scale=cfg.crop_scale)
         # More views than epochs are never all seen: each epoch draws one view of each image
         n_views = 1 if cfg.augment == "none" else min(max(cfg.cache_views, 1), cfg.epochs)
         # A time budget bounds the whole run: the augmented views may take at most half of it
         budget = cfg.time_budget_min
         deadline = time.perf_counter() + 30 * budget if budget else None
+        seed = epoch_seed(cfg.seed, 0, 5)
+        self.train_cache = self.cache_samples(self.splits.train, n_views=n_views, seed=seed, deadline=deadline)
+        val_view = [build_eval_transform(model.preprocess)]
+        self.val_cache = self._cache(self.splits.val, val_view, seed=epoch_seed(cfg.seed, 0, 6))
+
+    def cache_samples(
+        self, samples: list[Sample], *, n_views: int, seed: int, deadline: float | None = None
+    ) -> TrunkCache:
+        """The frozen trunk over n_views augmented (train) views of `samples` (train, or unlabeled images)."""
+        cfg = self.cfg
+        train_tf = build_train_transform(cfg.augment, self.model.eval().preprocess, scale=cfg.crop_scale)
+        return self._cache(samples, [train_tf] * n_views, seed=seed, deadline=deadline)
+
+    def _cache(self, samples: list[Sample], views: list[Callable], *, seed: int, deadline=None) -> TrunkCache:
         # The frozen trunk only runs forward: bf16 autocast where the hardware makes it faster (the cache is
         # stored in bf16 anyway), whatever precision the trained tail uses.
         fast = native_bf16(self.runtime.torch_device)
         runtime = dataclasses.replace(self.runtime, precision="bf16") if fast else self.runtime
-        common = dict(
-            runtime=runtime,
-            preprocess=model.preprocess,
-            batch_size=cfg.batch_size,
-            progress=self.progress,
-            on_bad=self.on_bad,
-        )
-        train, val = self.splits.train, self.splits.val
-        views = [train_tf] * n_views
-        seed = epoch_seed(cfg.seed, 0, 5)
-        self.train_cache = build_trunk_cache(self._trunk(), train, views, seed=seed, deadline=deadline, **common)
-        val_view = [build_eval_transform(model.preprocess)]
-        self.val_cache = build_trunk_cache(self._trunk(), val, val_view, seed=epoch_seed(cfg.seed, 0, 6), **common)
+        return build_trunk_cache(
+            self._trunk(), samples, views, runtime=runtime, preprocess=self.model.preprocess, seed=seed,
+            batch_size=self.cfg.batch_size, progress=self.progress, on_bad=self.on_bad, deadline=deadline,
+        )  # fmt: skip
 
     def eval_pace(self) -> float | None:
         """Measured on images when a pass went through them, else the trunk cache's pace (the trunk is most of it)."""
@@ -319,6 +323,12 @@ class CachedTrunkSteps(ImageSteps):
         cache = self.train_cache if which == "train" else self.val_cache
         if cache is None:
             return super().head_inputs(which)
+        return self.pooled_features(cache)
+
+    @torch.no_grad()
+    def pooled_features(self, cache: TrunkCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [N', D] of the first view of a cache's valid images through the network as it is (eval),
+        and the cache's labels [N']."""
         self.model.eval()
         device = self.runtime.torch_device
         batches = ((h.to(device), y) for h, y in cache.batches(batch_size=self.cfg.batch_size, generator=None))
