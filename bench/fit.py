@@ -6,6 +6,7 @@ every training image, a fine-tune on the validation split) is from the best cand
     python -m bench.fit cub100 --budget 10
     python -m bench.fit cifar10-500 --budget 10      # CIFAR-10, 500 train images a class (seed 0), full 10k test
     python -m bench.fit cub100-5shot --budget 5      # 5 (or 1shot: 1) train images a class, seed 0
+    python -m bench.fit cub100-lt10 --budget 5       # long-tailed train (imbalance 10), balanced test
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.evaluate.inference import predict_paths
 from finegrain.evaluate.predictor import load
 from finegrain.recipe import FitConfig, fit
-from finegrain.recipe.candidates import HEADS, POOLINGS, class_proba, fit_head
+from finegrain.recipe.candidates import HEADS, NO_VAL_HEAD, POOLINGS, class_proba, fit_head
 from finegrain.recipe.frozen import FrozenStage, _aligned, _features
+from finegrain.recipe.longtail import adjust
 
 CACHE = os.path.join(ROOT, "bench", "cache")
 
@@ -35,6 +37,8 @@ def _manifest(name: str) -> str:
     """The data folder or a CSV manifest (path,label,split) for a benchmark dataset name."""
     if name == "cub100":
         return require_dataset("cub100")
+    if name == "cub100-lt10":
+        return _longtailed_manifest()
     rng = np.random.default_rng(0)
     base = require_dataset("cifar10" if name.startswith("cifar10") else "cub100")
     per_class = {"cifar10-500": 500, "cub100-1shot": 1, "cub100-5shot": 5}[name]
@@ -55,6 +59,22 @@ def _manifest(name: str) -> str:
     return path
 
 
+def _longtailed_manifest() -> str:
+    """cub100 with a long-tailed train split (imbalance 10, 30 down to 3 images a class, the subset of
+    `python -m bench.longtail cub` seed 0) and the full balanced test split."""
+    from finegrain.data.longtail import make_longtailed
+
+    full = load_image_set(require_dataset("cub100"))
+    train = make_longtailed([s for s in full.samples if s.split == "train"], imbalance_ratio=10, seed=0, n_max=30)
+    rows = [(s.path, full.classes[s.label], "train") for s in train]
+    rows += [(s.path, full.classes[s.label], "test") for s in full.samples if s.split == "test"]
+    path = os.path.join(CACHE, "cub100-lt10.csv")
+    os.makedirs(CACHE, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split"), *rows])
+    return path
+
+
 def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     """Test top-1 of every candidate of a finished fit (bench only), all in the test split's order."""
     image_set = load_image_set(cfg.data)
@@ -63,6 +83,11 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     test_set = ImageSet(image_set.root, image_set.classes, test)
     stage = FrozenStage(cfg, test_set, None, None, progress=False)
     names = {c.name for c in result.leaderboard}
+    no_val = result.chosen.estimate == "none"  # one image a class: fit chose by rule; show what it could have had
+    heads = (*HEADS, NO_VAL_HEAD, ("1nn-l2", "knn", {"n_neighbors": 1}, "l2")) if no_val else HEADS
+    if no_val:
+        view = result.chosen.params["view"]
+        names |= {f"{view}/{pooling}/{h[0]}" for pooling in POOLINGS for h in heads}
     probas: dict[str, np.ndarray] = {}
     for view in stage.views:
         if not any(n.startswith(view + "/") for n in names):
@@ -76,7 +101,7 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
             X, yy = _features(store, ("train", "val"), pooling)
             Xt = _aligned(test_store, "test", pooling, paths)
             ok = ~np.isnan(Xt[:, 0])
-            for head in HEADS:
+            for head in heads:
                 if f"{view}/{pooling}/{head[0]}" in names:
                     norm, clf = fit_head(head, X, yy, seed=cfg.seed)
                     p = np.zeros((len(paths), n_classes))
@@ -87,17 +112,19 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
             pred = predict_paths(load(c.params["run"]), paths)
             probas[c.name] = np.zeros((len(paths), n_classes))
             probas[c.name][pred.index] = pred.proba
-    out = {}
+    counts = np.bincount([s.label for s in image_set.samples if s.split != "test"], minlength=n_classes)
+    for c in result.leaderboard:  # long-tailed data: logit-adjusted probes (recipe/longtail.py), as fit saves them
+        if "la_tau" in c.params:
+            probas[c.name] = adjust(probas[c.name.removesuffix("+la")], counts / counts.sum(), c.params["la_tau"])
     for c in result.leaderboard:
         if c.members:
             probas[c.name] = sum(probas[m] for m in c.members) / len(c.members)
-        out[c.name] = float(np.mean(probas[c.name].argmax(1) == y))
-    return out
+    return {name: float(np.mean(p.argmax(1) == y)) for name, p in probas.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", choices=["cub100", "cifar10-500", "cub100-1shot", "cub100-5shot"])
+    ap.add_argument("dataset", choices=["cub100", "cifar10-500", "cub100-1shot", "cub100-5shot", "cub100-lt10"])
     ap.add_argument("--budget", type=float, required=True, help="minutes")
     ap.add_argument("--no-finetune", action="store_true")
     args = ap.parse_args()
@@ -130,6 +157,8 @@ def main() -> None:
         }
         for c in result.leaderboard
     }
+    board = {c.name for c in result.leaderboard}
+    row["not_candidates"] = {n: t for n, t in hindsight.items() if n not in board}  # no-validation rows: fit's options
     print(json.dumps({k: v for k, v in row.items() if k != "candidates"}, indent=1))
     record("fit.json", f"{args.dataset}/{args.budget:g}min", row)
     _headline()

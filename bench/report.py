@@ -514,13 +514,20 @@ def fit_section(fit: dict) -> list[str]:
         selection = (r.get("selection") or "val").split(":")[0]
         selection = "val" if selection.startswith("validation") else selection
         est = r.get("chosen_estimate", "val")
-        score = f"{r.get('chosen_score_top1', r['chosen_val_top1']):.3f} ({est})"
+        value = r.get("chosen_score_top1", r["chosen_val_top1"])
+        score = "— (no validation: a rule)" if value is None else f"{value:.3f} ({est})"
         out.append(
             f"| {key.split('/')[0]} | {r['budget_min']:g} min | {selection} | {r['wall_s'] / 60:.1f} min | "
             f"`{r['chosen']}` | {score} | "
             f"{r['test_top1']:.3f}{interval} | {r['test_mean_per_class']:.3f} | `{r['best_in_hindsight']}` | "
             f"{r['best_in_hindsight_top1']:.3f} | {r['loss_to_best_points']:.1f} |"
         )
+    for key, r in fit.items():
+        if key != "headline" and r.get("not_candidates"):  # no validation possible: what the rule chose among
+            cells = ", ".join(f"`{n.split('/', 1)[1]}` {t:.3f}" for n, t in sorted(r["not_candidates"].items()))
+            out += ["", f"{key}: no validation is possible with one image a class, so `fit` applies its documented "
+                    f"rule (CL2N nearest class mean, recipe/no_validation.py); on test, in hindsight, the heads it "
+                    f"did not try: {cells}."]  # fmt: skip
     out += ["", "Commands: " + ", ".join(sorted({f"`{r['command']}`" for k, r in fit.items() if k != "headline"})), ""]
     return out
 

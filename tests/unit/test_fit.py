@@ -102,6 +102,28 @@ def test_fit_warns_about_classes_too_small_to_validate_and_test_classes_never_tr
     assert result.test["n"] == 8 and len(json.loads((tmp_path / "fit" / "fit.json").read_text())["warnings"]) == 2
 
 
+def test_one_image_a_class_gets_the_documented_choice_said_so_and_a_working_model(tmp_path, capsys):
+    root = tmp_path / "data"
+    for c, name in enumerate(["red", "green", "blue"]):
+        write_class_images(str(root / "train" / name), COLOURS[c], 1, seed=c)
+        write_class_images(str(root / "test" / name), COLOURS[c], 3, seed=10 + c)
+    result = fit(_fit_cfg(str(root), tmp_path / "fit"), progress=False)
+    out = capsys.readouterr().out
+    assert "no validation possible" in out and "documented choice" in out
+    summary = json.loads((tmp_path / "fit" / "fit.json").read_text())  # strict JSON: no NaN for unscored values
+    assert summary["chosen"] == "full256-flip/gem/ncm-cl2n" and summary["estimate"] == "none"
+    assert summary["val_top1"] is None and summary["selection"].startswith("none: no validation possible")
+    assert summary["splits"] == {"train": 3, "val": 0, "test": 9}
+    with open(tmp_path / "fit" / "leaderboard.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["name"] == summary["chosen"] and row["score_top1"] == "" and row["val_top1"] == ""
+    # the saved model is the CL2N nearest class mean of the three training images: each predicts its own class
+    model = finegrain.load(str(tmp_path / "fit" / "model"))
+    train = [str(root / "train" / n / "000.jpg") for n in ("blue", "green", "red")]
+    assert list(model.predict_proba(train).argmax(1)) == [0, 1, 2]
+    assert result.test["n"] == 9 and result.test["metrics"]["top1"] >= 0.5  # discs of three colours
+
+
 def test_a_rerun_with_other_settings_is_refused(train_data, tmp_path):
     fit(_fit_cfg(train_data, tmp_path / "fit", ensemble=False), progress=False)
     with pytest.raises(FinegrainError, match="other settings"):

@@ -46,18 +46,21 @@ HEADS = (
     ("ncm-pcaw", "ncm", {}, "pca-whiten:256"),
     ("knn10-l2", "knn", {"n_neighbors": 10}, "l2"),
 )
+# fit's choice when no validation is possible (recipe/no_validation.py): SimpleShot's CL2N nearest class mean
+NO_VAL_HEAD = ("ncm-cl2n", "ncm", {}, "cl2n")
 
 
 @dataclass
 class Candidate:
     """One scored candidate. kind: frozen | semi | finetune | ensemble; val_top1 / val_mean_per_class on fit's
     validation split; oof_top1 / oof_mean_per_class out-of-fold over every training image when estimate is 'oof-K'
-    (frozen candidates and their ensembles), None when estimate is 'val' (the validation split is all there is)."""
+    (frozen candidates and their ensembles), None when estimate is 'val' (the validation split is all there is) or
+    'none' (no validation possible: fit's documented choice, recipe/no_validation.py, scored on nothing)."""
 
     name: str
     kind: str
-    val_top1: float
-    val_mean_per_class: float
+    val_top1: float | None  # None: not scored (no validation possible, recipe/no_validation.py)
+    val_mean_per_class: float | None
     seconds: float
     params: dict = field(default_factory=dict)
     members: list[str] = field(default_factory=list)

@@ -29,6 +29,7 @@ from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.recipe.candidates import Candidate, ensembles, pick
 from finegrain.recipe.frozen import FrozenStage
+from finegrain.recipe.no_validation import NO_VAL_SELECTION, choose_without_validation
 from finegrain.recipe.oof import Folds, make_folds
 from finegrain.recipe.unlabeled import final_semi_model, run_semi, unlabeled_paths
 from finegrain.train.data import make_splits
@@ -103,7 +104,7 @@ class FitState:
             for c in saved["candidates"]:
                 self.candidates[c["name"]] = Candidate(**c)
                 self.probas[c["name"]] = np.load(self._proba_path(c["name"]))
-                if self.candidates[c["name"]].estimate != "val":
+                if self.candidates[c["name"]].estimate.startswith("oof"):
                     self.oof[c["name"]] = np.load(self._proba_path(c["name"], "oof"))
 
     def _proba_path(self, name: str, kind: str = "val") -> str:
@@ -139,8 +140,9 @@ def _check_data(image_set: ImageSet, splits) -> list[str]:
     val_classes = {s.label for s in splits.val}
     lonely = [image_set.classes[c] for c in range(len(counts)) if counts[c] > 0 and c not in val_classes]
     if not splits.val:
-        raise FinegrainError("no image could be kept for validation: fit chooses on validation, add images a class")
-    if lonely:
+        notes.append("no validation possible: every class has a single training image; fit makes its documented "
+                     "choice instead of a measured one (recipe/no_validation.py)")  # fmt: skip
+    elif lonely:
         notes.append(
             f"{len(lonely)} class(es) have too few images for a validation image (e.g. {lonely[0]!r}): they are "
             "trained on but the choice is made on the other classes"
@@ -177,15 +179,32 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     learned, tested = [s.path for s in splits.train + splits.val], [s.path for s in splits.test]
     save_splits(cfg.out, data=cfg.data, how=splits.note, splits={"train": learned, "test": tested})
     upaths = _with_test_images(cfg, upaths, splits)
+    frozen = FrozenStage(cfg, data, state, clock, progress=progress)
+    if splits.val:
+        board, chosen, reason, folds = _choose(cfg, data, splits, state, frozen, clock, upaths, progress=progress)
+    else:  # one image a class: nothing to score on
+        chosen, reason = choose_without_validation(frozen, len(splits.train), upaths)
+        state.add(chosen, np.zeros((0, len(image_set.classes))))
+        board, folds = [chosen], None
+    print(f"fit: chose {chosen.name}: {reason}", flush=True)
+    model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
+    test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
+    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
+    return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+
+
+def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: FrozenStage, clock: Clock, upaths, *,
+            progress: bool):  # fmt: skip
+    """Score every candidate that fits the budget and pick one: (leaderboard, chosen, reason, folds)."""
     y_val = np.array([s.label for s in splits.val])
     folds = _folds(splits, cfg.seed)
-    frozen = FrozenStage(cfg, data, state, clock, progress=progress)
     frozen.run(y_val, n_test=len(splits.test), folds=folds)
     if upaths:
         run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test))
-    balanced = _long_tail(state, splits, len(image_set.classes), y_val, folds)
-    if cfg.finetune:
-        reserve = frozen.test_cost("eval", len(splits.test)) + 20.0  # the fine-tuned model's own test pass
+    balanced = _long_tail(state, splits, len(data.classes), y_val, folds)
+    if cfg.finetune:  # keep the test pass of the fine-tuned model, or of the frozen leader, whichever costs more
+        leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))
+        reserve = max(frozen.test_cost("eval", len(splits.test)), leader) + 20.0
         _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
     for cand in state.candidates.values():
         cand.rank_by = "mean_per_class" if balanced else "top1"
@@ -200,11 +219,19 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     affordable = _affordable(board, state, frozen, clock, len(splits.test))
     chosen, challenger = pick(affordable)
     reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val))
-    print(f"fit: chose {chosen.name}: {reason}", flush=True)
-    model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
-    test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
-    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
-    return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+    return board, chosen, reason, folds
+
+
+def _leader_cost(state: FitState, frozen: FrozenStage, y_val: np.ndarray, folds, n_test: int) -> float:
+    """Seconds the test pass of the best frozen candidate so far (an ensemble of them included) would take: time a
+    fine-tune must leave free, or the leader it did not beat could no longer be scored."""
+    pool = list(state.candidates.values())
+    if not pool:
+        return 0.0
+    y_oof = folds.y if folds is not None else None
+    extra = [c for c, _ in ensembles(pool, state.probas, y_val, oof=state.oof, y_oof=y_oof)] if len(pool) > 1 else []
+    leader, _ = pick(pool + extra)
+    return frozen.candidate_cost(leader, {c.name: c for c in pool + extra}, n_test)
 
 
 def _long_tail(state: FitState, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:
@@ -398,6 +425,10 @@ def _test_note(cfg: FitConfig, test, splits) -> str:
     return "scored once at the end; never used for a choice"
 
 
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
 def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped, folds) -> None:
     buf = io.StringIO()
     fields = ["name", "kind", "estimate", "score_top1", "score_mean_per_class", "val_top1", "val_mean_per_class",
@@ -405,8 +436,8 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for c in board:
-        four = {k: "" if v is None else f"{v:.4f}" for k, v in c.row().items() if k.startswith(("val_", "oof_"))}
-        score = {"score_top1": f"{c.score_top1:.4f}", "score_mean_per_class": f"{c.score_mean_per_class:.4f}"}
+        four = {k: _fmt(v) for k, v in c.row().items() if k.startswith(("val_", "oof_"))}
+        score = {"score_top1": _fmt(c.score_top1), "score_mean_per_class": _fmt(c.score_mean_per_class)}
         w.writerow({**c.row(), **four, **score, "seconds": f"{c.seconds:.1f}"})
     atomic_write_text(os.path.join(cfg.out, "leaderboard.csv"), buf.getvalue())
     summary = {
@@ -418,7 +449,7 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
         "ranked_by": chosen.rank_by,
         "val_top1": chosen.val_top1,
         "oof_top1": chosen.oof_top1,
-        "selection": _selection(folds),
+        "selection": _selection(folds) if splits.val else NO_VAL_SELECTION,
         "test_transductive" if cfg.transductive else "test": test,
         "transductive": cfg.transductive,
         "budget_min": cfg.budget_min,

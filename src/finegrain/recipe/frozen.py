@@ -14,7 +14,16 @@ from finegrain.backbones import Backbone, create_backbone
 from finegrain.data import ImageSet
 from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.heads.to_model import frozen_model
-from finegrain.recipe.candidates import HEADS, POOLINGS, Candidate, class_proba, fit_head, val_scores, views_for
+from finegrain.recipe.candidates import (
+    HEADS,
+    NO_VAL_HEAD,
+    POOLINGS,
+    Candidate,
+    class_proba,
+    fit_head,
+    val_scores,
+    views_for,
+)
 from finegrain.recipe.oof import Folds, fixed_params, oof_proba
 from finegrain.runtime import Runtime
 
@@ -23,6 +32,10 @@ class FrozenStage:
     def __init__(self, cfg, data: ImageSet, state, clock, *, progress: bool = True) -> None:
         self.cfg, self.data, self.state, self.clock, self.progress = cfg, data, state, clock, progress
         self.spi: dict[str, float] = {}  # seconds an image, measured per view
+        # seconds to set a view's engine up (ONNX export, parity check, the auto race), measured per view: paid once
+        # by its extraction and once more by the test pass of a model on it (the saved model is converted anew)
+        self.setup: dict[str, float] = {}
+        self.head_seconds: dict[str, float] = {}  # seconds scoring every head on a view's features (OOF included)
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
         self.views = views_for(cfg.backbone)
@@ -69,9 +82,20 @@ class FrozenStage:
             return s / (self._cost_units(v) * self._bare_spi(self.views[v]["backbone"]))
         return 1.0
 
+    def _estimate_setup(self, view: str) -> float:
+        """Seconds to set up a view's engine: measured if extracted, else the costliest measured setup scaled by the
+        backbones' bare forward times (export and the engine race grow with the network), else 0."""
+        if view in self.setup:
+            return self.setup[view]
+        if not self.setup:
+            return 0.0
+        v, s = max(self.setup.items(), key=lambda item: item[1])
+        a, b = self.views[view]["backbone"], self.views[v]["backbone"]
+        return s * (max(1.0, self._bare_spi(a) / self._bare_spi(b)) if a != b else 1.0)
+
     def test_cost(self, view: str, n_test: int) -> float:
-        """Seconds to score the test split with a model on this view."""
-        return self._estimate_spi(view) * n_test
+        """Seconds to score the test split with a model on this view (its engine set up anew, then the images)."""
+        return self._estimate_setup(view) + self._estimate_spi(view) * n_test
 
     def reserve(self, n_test: int) -> float:
         """Seconds to keep for the end: the test pass of a model on the cheapest view, and the refit."""
@@ -93,7 +117,8 @@ class FrozenStage:
             precision=self.cfg.precision, device=self.cfg.device, progress=self.progress, runtime=self.cfg.runtime,
         )  # fmt: skip
         if result.n_extracted:
-            self.spi[view] = (time.perf_counter() - t0) / max(result.n_extracted, 1)
+            self.setup[view] = max(time.perf_counter() - t0 - result.seconds, 0.0)
+            self.spi[view] = result.seconds / result.n_extracted
         else:
             self.spi.setdefault(view, self._estimate_spi(view))
         return result.store
@@ -104,7 +129,8 @@ class FrozenStage:
         With `folds`, each head is also scored out-of-fold over every training image."""
         val_paths = [s.path for s in self.data.samples if s.split == "val"]
         for i, view in enumerate(self.views):
-            cost = self.n_trainval * self._estimate_spi(view) + self.test_cost(view, n_test)
+            cost = self._estimate_setup(view) + self.n_trainval * self._estimate_spi(view)
+            cost += self.test_cost(view, n_test) + max(self.head_seconds.values(), default=0.0)  # heads as last view's
             if self.views[view]["backbone"] != self.cfg.backbone:  # worth it in an ensemble: count a partner's test
                 cost += min((self.test_cost(v, n_test) for v in self.spi), default=0.0)
             if i > 0 and self.clock.remaining() - 20.0 < cost:
@@ -113,12 +139,14 @@ class FrozenStage:
                 print(f"fit: skipping the {view} view: {why}", flush=True)
                 continue
             store = self._store(view)
+            t0 = time.perf_counter()
             for pooling in POOLINGS:
                 Xtr, ytr = _features(store, "train", pooling)
                 Xva = _aligned(store, "val", pooling, val_paths)
                 Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
                 for head in HEADS:
                     self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
+            self.head_seconds[view] = time.perf_counter() - t0
 
     def _done(self, name: str, folds: Folds | None) -> bool:
         """Scored already (a resumed run); one scored before out-of-fold estimates existed is scored again."""
@@ -166,7 +194,7 @@ class FrozenStage:
     def final_model(self, cand: Candidate):
         """The candidate's head refitted on train + val features, as a model (and its spec) on its view."""
         view, pooling = cand.params["view"], cand.params["pooling"]
-        head = next(h for h in HEADS if h[0] == cand.params["head"])
+        head = next(h for h in (*HEADS, NO_VAL_HEAD) if h[0] == cand.params["head"])
         store = FeatureStore.open(os.path.join(self.cfg.out, "features", view))
         X, y = _features(store, ("train", "val"), pooling)
         norm, clf = fit_head(head, X, y, seed=self.cfg.seed)
@@ -182,8 +210,10 @@ class FrozenStage:
 
 
 def _features(store: FeatureStore, splits, pooling: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features [N, D] and labels [N] of one split or several."""
-    parts = [store.split(s, pooling) for s in ((splits,) if isinstance(splits, str) else splits)]
+    """Features [N, D] and labels [N] of one split or several (of those the store holds: no val with one image a
+    class)."""
+    held = {e.split for e in store.index()}
+    parts = [store.split(s, pooling) for s in ((splits,) if isinstance(splits, str) else splits) if s in held]
     return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([p[1] for p in parts])
 
 
