@@ -187,7 +187,8 @@ STUDENT = dict(backbone="efficientnet_lite0", regime="last:1", head_init="probe"
                warmup_epochs=1.0)  # fmt: skip
 
 
-def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: int, teacher=None) -> dict:
+def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: int, teacher=None,
+                temperature: float = 2.0) -> dict:  # fmt: skip
     """Test top-1 of the student trained on the labelled rows (distilled from `teacher` on the unlabeled rows;
     None: the same student on the labelled images alone), scored once on the test rows."""
     import shutil
@@ -208,7 +209,8 @@ def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: in
     if teacher is None:
         trainer = Trainer(cfg, progress=False, image_set=image_set)
     else:
-        trainer = DistillTrainer(cfg, [paths[r] for r in unl], teacher=teacher, progress=False, image_set=image_set)
+        trainer = DistillTrainer(cfg, [paths[r] for r in unl], teacher=teacher, temperature=temperature,
+                                 progress=False, image_set=image_set)  # fmt: skip
     try:
         result = trainer.fit()
     finally:
@@ -217,7 +219,8 @@ def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: in
     return {**row, "used": teacher.report} if teacher is not None else row
 
 
-def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, baseline: bool, in_pick: bool) -> dict:
+def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, baseline: bool, in_pick: bool,
+                    temperature: float) -> dict:  # fmt: skip
     """The distillation row of one setting: label propagation (its defaults, the LP row) as the teacher, its soft
     labels on the unlabeled rest of train, the distilled student on test; with `baseline` the same student
     without unlabeled images; with `in_pick` the student trained without the validation images, scored on them."""
@@ -226,9 +229,15 @@ def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, base
     lab, unl, test = sample(base, rows, shots, seed)
     clf = LabelPropagationProbe().fit(F[lab], labels[lab], F[unl])
     n_classes = int(labels.max()) + 1
-    teacher = make_teacher(clf, F[unl], n_classes)
-    out = {"teacher_lp_test": float(np.mean(clf.predict(F[test]) == labels[test])), "student": dict(STUDENT)}
-    out["distill"] = student_run(base, paths, labels, lab, test, unl, seed=seed, teacher=teacher)
+    teacher = make_teacher(clf, F[unl], n_classes, temperature=temperature)
+    out = {
+        "teacher_lp_test": float(np.mean(clf.predict(F[test]) == labels[test])),
+        "student": dict(STUDENT),
+        "temperature": temperature,
+    }
+    out["distill"] = student_run(
+        base, paths, labels, lab, test, unl, seed=seed, teacher=teacher, temperature=temperature
+    )
     if baseline:
         out["student_supervised"] = student_run(base, paths, labels, lab, test, unl, seed=seed)
     out["distill_minus_lp_points"] = round(100 * (out["distill"]["test"] - out["teacher_lp_test"]), 2)
@@ -238,7 +247,8 @@ def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, base
         tr, va = stratified_split(labels[lab], test_size=0.2, seed=seed)
         tr, va = list(np.asarray(lab)[tr]), list(np.asarray(lab)[va])
         clf = LabelPropagationProbe().fit(F[tr], labels[tr], F[unl])
-        val = student_run(base, paths, labels, tr, va, unl, seed=seed, teacher=make_teacher(clf, F[unl], n_classes))
+        val_teacher = make_teacher(clf, F[unl], n_classes, temperature=temperature)
+        val = student_run(base, paths, labels, tr, va, unl, seed=seed, teacher=val_teacher, temperature=temperature)
         out["val"] = val["test"]
     return out
 
@@ -255,7 +265,8 @@ def add_to_pick(setting: dict, row: dict) -> None:
     setting["gain_points"] = round(100 * (pick["test"] - setting["best_supervised"]), 2)
 
 
-def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, baseline: bool, in_pick: bool) -> None:
+def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, baseline: bool, in_pick: bool,
+                temperature: float) -> None:  # fmt: skip
     """--distill: distillation rows added to the recorded cub100 entry (the rest kept), written after each run."""
     import json
 
@@ -270,13 +281,16 @@ def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, ba
     for n in shots:
         for seed in seeds:
             r = distill_setting(F, labels, paths, base, rows, n, seed, baseline=baseline and seed == seeds[0],
-                                in_pick=in_pick)  # fmt: skip
+                                in_pick=in_pick, temperature=temperature)  # fmt: skip
             print(f"distill {n} shot seed {seed}: {r}", flush=True)
             with open(path) as f:
                 data = json.load(f)
             entry = data["cub100"]
             entry.setdefault("distill", {})[f"{n}shot/seed{seed}"] = r
-            entry["distill_command"] = command_line()
+            cmds = entry.setdefault(
+                "distill_commands", [entry.pop("distill_command")] if "distill_command" in entry else []
+            )
+            cmds += [command_line()] if command_line() not in cmds else []
             if "val" in r:
                 add_to_pick(entry["settings"][f"{n}shot/seed{seed}"], r)
                 entry["headline"] = headline(entry["settings"], entry["suggest"])
@@ -294,6 +308,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="with --distill: seeds (default 0 1 2)")
     ap.add_argument("--baseline", action="store_true", help="with --distill: the same student without unlabeled")
     ap.add_argument("--in-pick", action="store_true", help="with --distill: a candidate of the validation pick")
+    ap.add_argument("--temperature", type=float, default=2.0, help="with --distill: the softening T")
+    ap.add_argument("--dev-distill", action="store_true", help="only the train-labels-only protocol that set T")
     args = ap.parse_args()
     base = require_dataset("cub100")
     F, rows, labels = load_features()
@@ -302,7 +318,20 @@ def main() -> None:
         return
     if args.distill:
         seeds = args.seeds or [0, 1, 2]
-        run_distill(F, labels, base, rows, args.shots, seeds, baseline=args.baseline, in_pick=args.in_pick)
+        run_distill(
+            F,
+            labels,
+            base,
+            rows,
+            args.shots,
+            seeds,
+            baseline=args.baseline,
+            in_pick=args.in_pick,
+            temperature=args.temperature,
+        )
+        return
+    if args.dev_distill:
+        record("unlabeled.json", "cub100/dev_distill", develop_temperature(F, labels, base, rows))
         return
     if args.suggest_only:
         rerun_suggest(F, labels, base, rows, [0] if args.quick else [0, 1, 2])
@@ -327,6 +356,26 @@ def main() -> None:
     record("unlabeled.json", "headline", headline(settings, sug))  # the issue's figures, at the top of the file
 
 
+def develop_temperature(F, labels, base, rows) -> dict:
+    """The distilled student's accuracy on the unlabeled pool (hidden train labels; the test split is not read) for
+    T in (1, 2), 5 labelled images a class, development seed 5."""
+    from finegrain.semi.distill import make_teacher
+
+    store = FeatureStore.open(STORE)
+    paths = [""] * len(F)
+    for e in store.index():
+        paths[e.row] = e.path
+    lab, unl, _ = sample(base, rows, 5, 5)
+    clf = LabelPropagationProbe().fit(F[lab], labels[lab], F[unl])
+    out = {"lp_pseudo_label_accuracy": float(np.mean(clf.pseudo_labels_ == labels[unl]))}
+    for t in (1.0, 2.0):
+        teacher = make_teacher(clf, F[unl], int(labels.max()) + 1, temperature=t)
+        r = student_run(base, paths, labels, lab, unl, unl, seed=5, teacher=teacher, temperature=t)
+        out[f"5shot/seed5/T{t:g}"] = r["test"]
+        print(f"dev distill T {t}: accuracy on the unlabeled pool {r['test']:.4f} ({r['minutes']} min)", flush=True)
+    return {"student_accuracy_on_pool": out, "note": "train split only: the unlabeled pool's hidden labels"}
+
+
 def develop_k(F, labels, base, rows) -> dict:
     """Pseudo-label accuracy of label propagation on the unlabeled pool (train split; the test split is not read)
     for k in (10, 20), 1 and 5 labelled images a class, development seeds 5 and 6."""
@@ -345,8 +394,19 @@ def _mean_gain(settings: dict, key: str) -> float:
     return round(float(np.mean([v["gain_points"] for k, v in settings.items() if k.startswith(key + "/")])), 2)
 
 
+def _gain_without_distill(settings: dict) -> dict:
+    """Where distillation joined the pick (--distill --in-pick): the 5-shot gain of the pick made without it."""
+    runs = [v for k, v in settings.items() if k.startswith("5shot/")]
+    if not any("before_distill" in r["pick"] for r in runs):
+        return {}
+    gains = [100 * (r["pick"].get("before_distill", r["pick"])["test"] - r["best_supervised"]) for r in runs]
+    note = "5 shots: the distilled student (bench.unlabeled --distill --in-pick) is one of the pick's candidates"
+    return {"gain_5shot_points_without_distill": round(float(np.mean(gains)), 2), "note_distill": note}
+
+
 def headline(settings: dict, sug: dict) -> dict:
     return {
+        **_gain_without_distill(settings),
         "gain_5shot_points": _mean_gain(settings, "5shot"),
         "gain_1shot_points": _mean_gain(settings, "1shot"),
         "gain_5shot_out_of_class_points": _mean_gain(settings, "5shot_out_of_class"),
@@ -424,11 +484,12 @@ def _distill_rows(r: dict) -> list[str]:
     runs = r.get("distill")
     if not runs:
         return []
-    st = next(iter(runs.values()))["student"]
+    st, t = next(iter(runs.values()))["student"], next(iter(runs.values())).get("temperature", 2.0)
     out = [
         f"### Distillation (semi/distill.py): a {st['regime']} student ({st['backbone']}, {st['image_size']} px, "
         f"{st['pooling'].upper()}, {st['cache_views']} cached views, {st['epochs']} epochs, LP-FT start) trained on "
-        "the labelled images + KL to label propagation's soft labels (T = 2) on the unlabeled ones",
+        f"the labelled images + KL to label propagation's soft labels (T = {t:g}) "
+        "on the unlabeled ones",
         "",
         "| setting | LP teacher | distilled student | student, labelled only | unlabeled used (mean confidence) "
         "| val: student / pick's best other | minutes |",
@@ -443,7 +504,8 @@ def _distill_rows(r: dict) -> list[str]:
             val = f"{v['val']:.2f} / {max(others.values()):.2f}"
         out.append(f"| {key} | {v['teacher_lp_test']:.3f} | {d['test']:.3f} | {sup} | {u['n_used']} of "
                    f"{u['n_unlabeled']} ({u['mean_confidence']}) | {val} | {d['minutes']} |")  # fmt: skip
-    return [*out, "", f"Command: `{r.get('distill_command', '')}`", ""]
+    cmds = "; ".join(f"`{c}`" for c in r.get("distill_commands", []))
+    return [*out, "", f"Commands: {cmds}", ""]
 
 
 def report_section(doc: dict) -> list[str]:

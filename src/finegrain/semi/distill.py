@@ -8,7 +8,13 @@ The teacher is the best model on frozen features finegrain has: label propagatio
 whose out-of-class guard and certainty decide which unlabeled images the student learns from. The student is
 finegrain's training engine (`DistillTrainer`, a `Trainer`) on the frozen trunk cached over augmented views of the
 labelled and the unlabeled images (regime head or last:K: what a CPU affords); each step forwards a labelled batch
-and `ratio` x as many unlabeled images together, so BatchNorm sees both."""
+and `ratio` x as many unlabeled images together, so BatchNorm sees both.
+
+Measured (bench.unlabeled --distill, cub100, 5 labelled images a class, the rest of train unlabeled, 3 seeds): a
+last:1 lite0 student at 256 px reached 0.850 test top-1 against 0.705 for the same student on the labelled images
+alone (seed 0), but stayed 1.2 points below its teacher (0.862): on a 2-core CPU the student sees 15 epochs of 2
+cached views, not the long full fine-tune of the paper. T = 2 and T = 1 scored the same on a train-labels-only
+development protocol (0.831 / 0.828 on the unlabeled pool, seed 5)."""
 
 from __future__ import annotations
 
