@@ -21,7 +21,13 @@ BACKENDS = ("auto", "numpy", "faiss")
 FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and needs no extra library
 AUTO_PROBE_ROWS = 1 << 15  # auto: both exact backends timed on at most this many gallery rows
-PQ_TARGET_BYTES = 64  # ivfpq: code bytes a vector (m sub-quantizers of 8 bits), before the 8-byte id
+# ivfpq defaults, measured on 200k and 1M synthetic vectors of 1280 dims (bench/scale.py) and on cub100: a 4-bit
+# code a PCA dimension re-ranks as well as twice the bytes (PCA 128, 128 codes) and far better than 2 dimensions a
+# code; the coarse cells, not the codes, bound recall, and fast-scan makes probing a quarter of them cheap.
+PCA_DIM = 64  # ivfpq: a gallery wider than 2 x this is PCA-projected to it first (the re-rank uses full vectors)
+PQ_SUBQUANTIZERS = 128  # ivfpq: at most this many 4-bit fast-scan codes a vector (one a dimension up to 128)
+FAST_SCAN_MIN_N = 256  # ivfpq below this: plain PQ of log2(N) bits (k-means needs points for its centroids)
+IVFPQ_PROBE_FRACTION = 1 / 4  # ivfpq: share of the cells probed by default
 _TRAIN_MAX = 65536  # ivf / ivfpq: at most this many (seeded, sampled) vectors train the quantizers
 DENSE_MAX_BYTES = 2 << 30  # a gallery (or training matrix) above 2 GiB or a quarter of RAM stays on disk
 
@@ -147,7 +153,7 @@ def import_faiss():
     faiss-cpu's bundled OpenBLAS (0.3.15) does not recognise recent CPUs (AMD Zen 4 here) and falls back to its
     Prescott kernels, 2.7x slower than numpy at exact search (BENCHMARKS.md). OPENBLAS_CORETYPE is read when the
     library loads, so it is set, unless the user set it, before the first import: SkylakeX with AVX-512, else
-    Haswell with AVX2.
+    Haswell with AVX2. OMP_WAIT_POLICY likewise defaults to PASSIVE.
     """
     if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
         from finegrain.runtime.settings import _cpu_flags  # one reader of /proc/cpuinfo
@@ -156,6 +162,10 @@ def import_faiss():
         core = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
         if core:
             os.environ["OPENBLAS_CORETYPE"] = core
+    if "faiss" not in sys.modules:
+        # faiss's bundled libgomp spins idle threads: on a busy machine training fast-scan PQ (thousands of tiny
+        # k-means) took 41 s instead of 0.3 s; sleeping threads cost little when the cores are free
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import faiss
 
     return faiss
@@ -168,14 +178,15 @@ def _on_disk(X) -> bool:
 
 class FaissIndex:
     """faiss search: "flat" is exact; "ivf" clusters the gallery into nlist cells and probes nprobe of them;
-    "ivfpq" also compresses each vector to m bytes (product quantization, 8 bits a sub-vector) and, when the
-    gallery given to add() is a memory map, re-ranks rerank x k candidates (default 50 x k) exactly from it (the
-    vectors stay on disk: RAM holds m + 8 bytes a vector); "hnsw" is a graph over full vectors (fast single queries,
-    more RAM). nprobe: None -> chosen from nlist (`_nprobe`).
+    "ivfpq" projects a wide gallery onto its first `pca` principal axes, clusters it into nlist cells and compresses
+    each vector to m 4-bit codes (faiss fast-scan PQ: m / 2 bytes); when the gallery given to add() is a memory map it
+    re-ranks rerank x k candidates exactly from it (the vectors stay on disk; RAM: `bytes_per_vector`). "hnsw" is a
+    graph over full vectors (fast single queries, more RAM). nprobe: None -> chosen from nlist (`_nprobe`).
 
     nlist: None -> about 4 * sqrt(N), capped at (training vectors) / 39 (faiss wants >= 39 training points a cell).
-    m: None -> the largest divisor of D up to 64 (64 bytes a vector for D = 1280). Quantizers are trained on at
-    most 65,536 vectors of the first batch given to add(), sampled with `seed`.
+    pca: None -> 64 when D > 128, else no projection (0). m: None -> the largest divisor of the (projected) dimension up
+    to 128: a 4-bit code a dimension (32 bytes a vector for D = 1280). Quantizers are trained on at most 65,536
+    vectors of the first batch given to add(), sampled with `seed`.
     """
 
     def __init__(
@@ -186,7 +197,8 @@ class FaissIndex:
         nlist: int | None = None,
         nprobe: int | None = None,
         m: int | None = None,
-        rerank: int = 50,
+        pca: int | None = None,
+        rerank: int = 10,
         hnsw_m: int = 32,
         seed: int = 0,
     ) -> None:
@@ -196,10 +208,12 @@ class FaissIndex:
         for name, value in (("nlist", nlist), ("m", m)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+        if pca is not None and pca < 0:
+            raise ValueError(f"pca must be 0 (no projection), a positive integer or None; got {pca!r}")
         if (nprobe is not None and nprobe < 1) or rerank < 1 or hnsw_m < 2:
             raise ValueError(f"nprobe and rerank must be positive, hnsw_m at least 2; got {nprobe}, {rerank}, {hnsw_m}")
         self.kind, self.nlist, self.nprobe, self.m, self.rerank = kind, nlist, nprobe, m, rerank
-        self.hnsw_m, self.seed = hnsw_m, seed
+        self.pca, self.hnsw_m, self.seed = pca, hnsw_m, seed
         self._index = None
         self._source: list[np.ndarray] = []  # ivfpq: memory-mapped galleries, for the exact re-rank
 
@@ -209,14 +223,21 @@ class FaissIndex:
 
     @property
     def bytes_per_vector(self) -> float:
-        """RAM per stored vector: the code (4 D for flat / ivf / hnsw, m for ivfpq) + ids or graph links."""
+        """RAM per stored vector: 4 D for flat, + graph links for hnsw, + the 8-byte id for ivf; for ivfpq all the
+        index holds (codes padded to fast-scan blocks, ids, cell centroids, PQ tables, the PCA) over N."""
         d = 0 if self._index is None else self._index.d
         if self.kind == "flat":
             return 4.0 * d
         if self.kind == "hnsw":
             return 4.0 * d + 2 * self.hnsw_m * 4
-        code = self._index.code_size if self._index is not None else 0
-        return float(code + 8)
+        if self.kind == "ivf" or self.ntotal == 0:
+            return float(self.code_bytes + 8) if self._index is not None else 8.0
+        return len(import_faiss().serialize_index(self._index)) / self.ntotal
+
+    @property
+    def code_bytes(self) -> int:
+        """ivf / ivfpq: bytes of one vector's code in its cell (4 D for ivf, m / 2 for ivfpq)."""
+        return int(import_faiss().extract_index_ivf(self._index).code_size)
 
     def add(self, X: np.ndarray) -> FaissIndex:
         """Append the [N, D] vectors X to the gallery (copied; the caller's array is never modified).
@@ -264,10 +285,10 @@ class FaissIndex:
         self._index = import_faiss().read_index(path)
         self._source = [source] if kind == "ivfpq" and _on_disk(source) else []
         if kind in ("ivf", "ivfpq"):
-            self.nlist_ = self._index.nlist
-            self._index.nprobe = self._nprobe(self.nlist_)
+            ivf = import_faiss().downcast_index(import_faiss().extract_index_ivf(self._index))
+            self.nlist_ = int(ivf.nlist)
         if kind == "ivfpq":
-            self.m_ = int(self._index.pq.M)
+            self.m_, self.pca_ = int(ivf.pq.M), int(ivf.d) if ivf.d < self._index.d else 0
         return self
 
     def _create(self, X: np.ndarray):
@@ -283,28 +304,41 @@ class FaissIndex:
         if n == 0:
             raise ValueError(f"an {self.kind.upper()} index is trained on the first vectors added; X is empty")
         nlist = min(self.nlist or max(1, min(round(4 * math.sqrt(n)), min(n, _TRAIN_MAX) // 39)), n)
-        quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
         if self.kind == "ivf":
+            quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
         else:
-            self.m_ = self.m or max(m for m in range(1, min(PQ_TARGET_BYTES, d) + 1) if d % m == 0)
-            if d % self.m_:
-                raise ValueError(f"m must divide the dimension {d}; got {self.m_}")
-            nbits = 8 if n >= 256 else max(1, int(math.log2(n)))  # k-means needs a point per centroid
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, self.m_, nbits, faiss_metric)
+            index = self._create_ivfpq(faiss, n, d, nlist)
         rows = np.sort(np.random.default_rng(self.seed).permutation(n)[:_TRAIN_MAX])
         sample = as_matrix(X[rows])
         index.train(l2_normalize(sample) if self.metric == "cosine" else sample)
-        index.nprobe = self._nprobe(nlist)
+        if self.kind == "ivfpq" and self.pca_:
+            # the PCA keeps its full D x D eigenbasis (6.6 MB for D = 1280); its projection needs the first rows only
+            pca = faiss.downcast_VectorTransform(index.chain.at(0))
+            pca.PCAMat.resize(pca.d_out * pca.d_in)
         self.nlist_ = nlist
         return index
 
+    def _create_ivfpq(self, faiss, n: int, d: int, nlist: int):
+        """PCA -> IVF -> 4-bit fast-scan PQ, all under L2: a cosine gallery arrives as unit rows, whose L2 order is
+        the cosine order, and a centred PCA keeps L2 distances (it would not keep inner products)."""
+        fast = n >= FAST_SCAN_MIN_N
+        pca = (PCA_DIM if d > 2 * PCA_DIM else 0) if self.pca is None else self.pca
+        self.pca_ = pca if fast and pca < min(d, n) else 0  # no projection onto all of D, nor from too few rows
+        d_in = self.pca_ or d
+        self.m_ = self.m or max(m for m in range(1, min(PQ_SUBQUANTIZERS if fast else 64, d_in) + 1) if d_in % m == 0)
+        if d_in % self.m_:
+            raise ValueError(f"m must divide the (projected) dimension {d_in}; got {self.m_}")
+        spec = f"{f'PCA{d_in},' if self.pca_ else ''}IVF{nlist},PQ{self.m_}"
+        spec += "x4fs" if fast else f"x{max(1, int(math.log2(n)))}"
+        return faiss.index_factory(d, spec, faiss.METRIC_L2)
+
     def _nprobe(self, nlist: int) -> int:
-        """Cells probed: nprobe, or from the gallery's nlist: 16 for ivf; for ivfpq 1/16 of the cells (at least 16),
-        where recall@10 on 1M vectors kept rising with nprobe (BENCHMARKS.md, Scale out)."""
+        """Cells probed: nprobe, or from the gallery's nlist: 16 for ivf; for ivfpq a quarter of the cells (at least
+        16): on 1M vectors of intrinsic dimension 64 the neighbours spread over many cells (bench/scale.py)."""
         if self.nprobe is not None:
             return min(self.nprobe, nlist)
-        return min(nlist, 16 if self.kind == "ivf" else max(16, nlist // 16))
+        return min(nlist, 16 if self.kind == "ivf" else max(16, round(nlist * IVFPQ_PROBE_FRACTION)))
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Q [M, D] -> (scores [M, k] float32, indices [M, k] int64), best first; k is clamped to N.
@@ -317,12 +351,14 @@ class FaissIndex:
             raise ValueError(f"Q has {Q.shape[1]} features, the index holds {self._index.d}")
         if self.metric == "cosine":
             Q = l2_normalize(Q)
+        if self.kind in ("ivf", "ivfpq"):
+            import_faiss().extract_index_ivf(self._index).nprobe = self._nprobe(self.nlist_)
         reranked = self.kind == "ivfpq" and self._source and all(s is not None for s in self._source)
         scores, indices = self._index.search(Q, min(k * self.rerank, self.ntotal) if reranked else k)
         if reranked:
             return self._rerank(Q, indices, k)
-        if self.metric == "l2":
-            scores = -scores
+        if self._index.metric_type == import_faiss().METRIC_L2:  # squared distances (of unit rows for cosine)
+            scores = 1 - scores / 2 if self.metric == "cosine" else -scores
         scores[indices < 0] = -np.inf
         return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
 
@@ -355,12 +391,13 @@ def build_index(
     nprobe: int | None = None,
     chunk_size: int | None = None,
     m: int | None = None,
+    pca: int | None = None,
 ) -> NumpyIndex | FaissIndex:
     """Index the [N, D] gallery X.
 
     backend "auto": numpy or faiss flat for exact search, whichever answered a short timed query on this gallery
     faster (`choose_exact_backend`, cached), faiss for kind ivf / ivfpq / hnsw. kind="ivfpq" on a memory map keeps
-    the vectors on disk (m + 8 bytes of RAM a vector) and re-ranks from it.
+    the vectors on disk (RAM: the m / 2 code bytes, the 8-byte id and a share of the centroids) and re-ranks from it.
     """
     check_metric(metric)
     if backend not in BACKENDS:
@@ -378,7 +415,7 @@ def build_index(
         if kind != "flat":
             raise ValueError(f"kind={kind!r} needs backend='faiss' (numpy search is exact, kind='flat')")
         return NumpyIndex(metric, chunk_size=chunk_size).add(X)
-    return FaissIndex(metric, kind=kind, nlist=nlist, nprobe=nprobe, m=m).add(X)
+    return FaissIndex(metric, kind=kind, nlist=nlist, nprobe=nprobe, m=m, pca=pca).add(X)
 
 
 _AUTO_CACHE: dict[str, str] = {}
