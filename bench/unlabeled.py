@@ -188,7 +188,7 @@ STUDENT = dict(backbone="efficientnet_lite0", regime="last:1", head_init="probe"
 
 
 def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: int, teacher=None,
-                temperature: float = 2.0) -> dict:  # fmt: skip
+                temperature: float = 2.0, epochs: int | None = None) -> dict:  # fmt: skip
     """Test top-1 of the student trained on the labelled rows (distilled from `teacher` on the unlabeled rows;
     None: the same student on the labelled images alone), scored once on the test rows."""
     import shutil
@@ -204,7 +204,7 @@ def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: in
     tag = "distill" if teacher is not None else "student"
     out = os.path.join(ROOT, "bench", "cache", f"{tag}-{len(lab)}lab-s{seed}")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=base, out=out, seed=seed, **STUDENT)
+    cfg = TrainConfig(data=base, out=out, seed=seed, **{**STUDENT, "epochs": epochs or STUDENT["epochs"]})
     image_set, t0 = ImageSet(base, list(classes), samples), time.perf_counter()
     if teacher is None:
         trainer = Trainer(cfg, progress=False, image_set=image_set)
@@ -220,23 +220,27 @@ def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: in
 
 
 def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, baseline: bool, in_pick: bool,
-                    temperature: float) -> dict:  # fmt: skip
+                    temperature: float, ooc: bool = False, epochs: int | None = None) -> dict:  # fmt: skip
     """The distillation row of one setting: label propagation (its defaults, the LP row) as the teacher, its soft
     labels on the unlabeled rest of train, the distilled student on test; with `baseline` the same student
     without unlabeled images; with `in_pick` the student trained without the validation images, scored on them."""
     from finegrain.semi.distill import make_teacher
 
     lab, unl, test = sample(base, rows, shots, seed)
+    if ooc:  # the first 50 classes labelled, half the pool from the other 50 (out_of_class)
+        lab, unl, test = out_of_class(lab, unl, test, labels, seed)
     clf = LabelPropagationProbe().fit(F[lab], labels[lab], F[unl])
     n_classes = int(labels.max()) + 1
     teacher = make_teacher(clf, F[unl], n_classes, temperature=temperature)
+    if ooc:
+        teacher.report["n_used_out_of_class"] = int((teacher.use & (labels[unl] > labels[lab].max())).sum())
     out = {
         "teacher_lp_test": float(np.mean(clf.predict(F[test]) == labels[test])),
-        "student": dict(STUDENT),
+        "student": {**STUDENT, "epochs": epochs or STUDENT["epochs"]},
         "temperature": temperature,
     }
     out["distill"] = student_run(
-        base, paths, labels, lab, test, unl, seed=seed, teacher=teacher, temperature=temperature
+        base, paths, labels, lab, test, unl, seed=seed, teacher=teacher, temperature=temperature, epochs=epochs
     )
     if baseline:
         out["student_supervised"] = student_run(base, paths, labels, lab, test, unl, seed=seed)
@@ -266,7 +270,7 @@ def add_to_pick(setting: dict, row: dict) -> None:
 
 
 def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, baseline: bool, in_pick: bool,
-                temperature: float) -> None:  # fmt: skip
+                temperature: float, ooc: bool = False, epochs: int | None = None) -> None:  # fmt: skip
     """--distill: distillation rows added to the recorded cub100 entry (the rest kept), written after each run."""
     import json
 
@@ -280,19 +284,21 @@ def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, ba
     path = os.path.join(RESULTS, "unlabeled.json")
     for n in shots:
         for seed in seeds:
+            key = f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"
+            key += f"/epochs{epochs}" if epochs and epochs != STUDENT["epochs"] else ""
             r = distill_setting(F, labels, paths, base, rows, n, seed, baseline=baseline and seed == seeds[0],
-                                in_pick=in_pick, temperature=temperature)  # fmt: skip
+                                in_pick=in_pick, temperature=temperature, ooc=ooc, epochs=epochs)  # fmt: skip
             print(f"distill {n} shot seed {seed}: {r}", flush=True)
             with open(path) as f:
                 data = json.load(f)
             entry = data["cub100"]
-            entry.setdefault("distill", {})[f"{n}shot/seed{seed}"] = r
+            entry.setdefault("distill", {})[key] = r
             cmds = entry.setdefault(
                 "distill_commands", [entry.pop("distill_command")] if "distill_command" in entry else []
             )
             cmds += [command_line()] if command_line() not in cmds else []
             if "val" in r:
-                add_to_pick(entry["settings"][f"{n}shot/seed{seed}"], r)
+                add_to_pick(entry["settings"][f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"], r)
                 entry["headline"] = headline(entry["settings"], entry["suggest"])
                 data["headline"] = {**data["headline"], **entry["headline"]}
             atomic_write_json(path, data)
@@ -309,6 +315,8 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="with --distill: the same student without unlabeled")
     ap.add_argument("--in-pick", action="store_true", help="with --distill: a candidate of the validation pick")
     ap.add_argument("--temperature", type=float, default=2.0, help="with --distill: the softening T")
+    ap.add_argument("--out-of-class", action="store_true", help="with --distill: the out-of-class setting")
+    ap.add_argument("--epochs", type=int, default=None, help="with --distill: the student's epochs (default 15)")
     ap.add_argument("--dev-distill", action="store_true", help="only the train-labels-only protocol that set T")
     args = ap.parse_args()
     base = require_dataset("cub100")
@@ -328,6 +336,8 @@ def main() -> None:
             baseline=args.baseline,
             in_pick=args.in_pick,
             temperature=args.temperature,
+            ooc=args.out_of_class,
+            epochs=args.epochs,
         )
         return
     if args.dev_distill:
@@ -502,8 +512,9 @@ def _distill_rows(r: dict) -> list[str]:
         if "val" in v:
             others = {k: x for k, x in r["settings"][key]["pick"]["val"].items() if k != "distill"}
             val = f"{v['val']:.2f} / {max(others.values()):.2f}"
+        foreign = f", {u['n_used_out_of_class']} of them out of class" if "n_used_out_of_class" in u else ""
         out.append(f"| {key} | {v['teacher_lp_test']:.3f} | {d['test']:.3f} | {sup} | {u['n_used']} of "
-                   f"{u['n_unlabeled']} ({u['mean_confidence']}) | {val} | {d['minutes']} |")  # fmt: skip
+                   f"{u['n_unlabeled']}{foreign} ({u['mean_confidence']}) | {val} | {d['minutes']} |")  # fmt: skip
     cmds = "; ".join(f"`{c}`" for c in r.get("distill_commands", []))
     return [*out, "", f"Commands: {cmds}", ""]
 
