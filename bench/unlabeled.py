@@ -473,7 +473,8 @@ def _lp_alone(settings: dict) -> str:
         parts.append(f"{key} {gain:+.1f}")
     return (
         "Label propagation with its defaults, no choice made: " + ", ".join(parts) + " points; the pick loses to it "
-        "where 1 validation image a class prefers self-training. Self-training hurts at 1 image a class (the probe's "
+        "where 1 validation image a class prefers self-training or the distilled student. Self-training hurts at 1 "
+        "image a class (the probe's "
         "few confident pseudo-labels are too often wrong), label propagation never does here."
     )
 
@@ -553,7 +554,8 @@ def report_section(doc: dict) -> list[str]:
           f"{v['gain_points']:+.1f} | {v['suggest_supervised_probe']:.3f} / {v['random_supervised_probe']:.3f} |"
           for k, v in sug.items()],
         "",
-        "Headline: " + ", ".join(f"{k} {v:+.1f}" for k, v in h.items() if k != "note") + f" ({h['note']}). "
+        "Headline: " + ", ".join(f"{k} {v:+.1f}" for k, v in h.items() if isinstance(v, int | float))
+        + f" ({h['note']}" + (f"; {h['note_distill']}" if "note_distill" in h else "") + "). "
         + _lp_alone(s)
         + _suggest_note(sug),
         "",
