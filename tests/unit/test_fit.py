@@ -124,6 +124,20 @@ def test_one_image_a_class_gets_the_documented_choice_said_so_and_a_working_mode
     assert result.test["n"] == 9 and result.test["metrics"]["top1"] >= 0.5  # discs of three colours
 
 
+def test_one_image_a_class_with_unlabeled_images_propagates_labels_by_the_same_rule(tmp_path):
+    root, pool = tmp_path / "data", tmp_path / "pool"
+    for c, name in enumerate(["red", "green", "blue"]):
+        write_class_images(str(root / "train" / name), COLOURS[c], 1, seed=c)
+        write_class_images(str(root / "test" / name), COLOURS[c], 2, seed=10 + c)
+        write_class_images(str(pool / name), COLOURS[c], 3, seed=20 + c)  # labels unread: only the files
+    fit(_fit_cfg(str(root), tmp_path / "fit", unlabeled=str(pool)), progress=False)
+    summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert summary["chosen"] == "full256-flip/gem/lp-l2" and summary["estimate"] == "none"
+    assert "label propagation (literature defaults) over the 9 unlabeled images" in summary["reason"]
+    spec = json.loads((tmp_path / "fit" / "model" / "model.json").read_text())
+    assert "unlabeled" in json.dumps(spec)  # the model says it learned from the unlabeled images
+
+
 def test_a_rerun_with_other_settings_is_refused(train_data, tmp_path):
     fit(_fit_cfg(train_data, tmp_path / "fit", ensemble=False), progress=False)
     with pytest.raises(FinegrainError, match="other settings"):
