@@ -193,6 +193,7 @@ def _headline() -> None:
         "cub100_top1_20min": top1("cub100/20min"),
         "cifar10_500_top1_10min": top1("cifar10-500/10min"),
         "cifar10_500_top1_30min": top1("cifar10-500/30min"),
+        "cub100_lt10_top1_5min": top1("cub100-lt10/5min"),  # long-tailed train (imbalance 10), balanced test
         "max_loss_to_best_candidate_points": max(  # over the runs where fit chose (not its one-shot rule)
             (r["loss_to_best_points"] for r in runs.values() if not r["selection"].startswith("none")), default=None
         ),
