@@ -94,6 +94,7 @@ def _ddp_rank(rank: int, port: int, path: str, out: str) -> None:
         y = np.load(path + ".y.npy")
         probe = StreamingProbe(Cs=(1.0,), chunk_rows=300, batch_size=50, epochs=3).fit(X, y)
         np.save(f"{out}-{rank}.npy", probe.coef_)
+        dist.barrier()  # both ranks past their last collective before teardown (as train/distributed.py does)
     finally:
         dist.destroy_process_group()
 
