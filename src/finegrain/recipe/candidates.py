@@ -114,6 +114,20 @@ def views_for(backbone: str) -> dict[str, dict]:
     return out
 
 
+def finetune_candidate(name: str, run: str, val_paths: list[str], y_val: np.ndarray, n_classes: int, cfg, *,
+                       seconds: float, params: dict | None = None) -> tuple[Candidate, np.ndarray]:  # fmt: skip
+    """A fine-tuned run folder as a candidate: its model on fit's validation images (unreadable ones score as
+    wrong), (Candidate kind 'finetune', probabilities [N_val, n_classes])."""
+    from finegrain.evaluate.inference import predict_paths
+    from finegrain.evaluate.predictor import load
+
+    pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
+    proba = np.zeros((len(val_paths), n_classes))
+    proba[pred.index] = pred.proba
+    top1, mpc = val_scores(proba, y_val)
+    return Candidate(name, "finetune", top1, mpc, seconds, {"source": name, "run": run, **(params or {})}), proba
+
+
 def val_scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(top-1, mean per-class accuracy) of probabilities [N, C] against labels [N]."""
     pred = proba.argmax(1)

@@ -27,7 +27,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
-from finegrain.recipe.candidates import Candidate, ensembles, pick
+from finegrain.recipe.candidates import Candidate, ensembles, finetune_candidate, pick
 from finegrain.recipe.frozen import FrozenStage
 from finegrain.recipe.no_validation import NO_VAL_SELECTION, choose_without_validation
 from finegrain.recipe.oof import Folds, make_folds
@@ -327,9 +327,6 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
 
 def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Clock, *, reserve, progress) -> None:
     """Fine-tune in the time left (regime=auto from the data and that time, LP-FT start), scored on fit's val."""
-    from finegrain.evaluate.inference import predict_paths
-    from finegrain.evaluate.predictor import load
-    from finegrain.recipe.candidates import val_scores
     from finegrain.train.engine import Trainer
 
     name = "finetune"
@@ -357,13 +354,9 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
         trainer.fit()
     finally:
         trainer.close()
-    pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
-    proba = np.zeros((len(val_paths), len(data.classes)))
-    proba[pred.index] = pred.proba
     y_val = np.array([s.label for s in splits.val])
-    top1, mpc = val_scores(proba, y_val)
-    params = {"source": name, "run": run}
-    state.add(Candidate(name, "finetune", top1, mpc, time.perf_counter() - t0, params), proba)
+    seconds = time.perf_counter() - t0
+    state.add(*finetune_candidate(name, run, val_paths, y_val, len(data.classes), cfg, seconds=seconds))
 
 
 def state_spi(state: FitState) -> float:

@@ -131,9 +131,7 @@ def run_distill(frozen, state, clock, y_val: np.ndarray, teacher_clf, Xu: np.nda
     candidate `teacher_clf` (fitted with the unlabeled features Xu [M, D] of the files upaths), scored on fit's
     validation split as a fine-tuned candidate; skipped (and said) when the time left cannot afford it."""
     from finegrain.config import TrainConfig
-    from finegrain.evaluate.inference import predict_paths
-    from finegrain.evaluate.predictor import load
-    from finegrain.recipe.candidates import Candidate, val_scores
+    from finegrain.recipe.candidates import finetune_candidate
     from finegrain.semi.distill import DistillTrainer, make_teacher
 
     cfg, name, views = frozen.cfg, "distill", 2
@@ -160,12 +158,9 @@ def run_distill(frozen, state, clock, y_val: np.ndarray, teacher_clf, Xu: np.nda
         trainer.fit()
     finally:
         trainer.close()
-    pred = predict_paths(load(run), val_paths, precision=cfg.precision, workers=cfg.workers)
-    proba = np.zeros((len(val_paths), len(frozen.data.classes)))
-    proba[pred.index] = pred.proba
-    top1, mpc = val_scores(proba, y_val)
-    params = {"source": name, "run": run, "unlabeled": teacher.report}
-    state.add(Candidate(name, "finetune", top1, mpc, time.perf_counter() - t0, params), proba)
+    seconds, extra = time.perf_counter() - t0, {"unlabeled": teacher.report}
+    state.add(*finetune_candidate(name, run, val_paths, y_val, len(frozen.data.classes), cfg, seconds=seconds,
+                                  params=extra))  # fmt: skip
     return [{"candidate": name, **teacher.report}]
 
 
