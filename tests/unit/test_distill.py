@@ -109,11 +109,14 @@ def test_fit_scores_a_distilled_student_as_a_candidate_when_the_budget_allows(tm
         write_class_images(str(root / "data" / "test" / name), COLOURS[c], 1, seed=10 + c)
         write_class_images(str(root / "pool" / name), COLOURS[c], 2, seed=20 + c)
     monkeypatch.setattr(recipe_unlabeled, "DISTILL_MIN_SECONDS", -1e9)  # the tiny budget could not afford it
-    cfg = FitConfig(data=str(root / "data"), out=str(tmp_path / "fit"), budget_min=1.0, ensemble=False, workers=0,
-                    bootstrap=20, unlabeled=str(root / "pool"))  # fmt: skip
+    cfg = FitConfig(data=str(root / "data"), out=str(tmp_path / "fit"), budget_min=1.0, workers=0, bootstrap=20,
+                    unlabeled=str(root / "pool"))  # fmt: skip
     result = fit(cfg, progress=False)
-    distill = [c for c in result.leaderboard if c.name == "distill"]
-    assert distill and distill[0].kind == "finetune" and 0 <= distill[0].val_top1 <= 1
+    board = {c.name: c for c in result.leaderboard}
+    assert board["distill"].kind == "finetune" and 0 <= board["distill"].val_top1 <= 1
+    # the student is offered averaged with its teacher (the best semi candidate), never alone
+    pairs = [c.members for c in result.leaderboard if len(c.members) == 2 and c.members[1] == "distill"]
+    assert any(board[m[0]].kind == "semi" for m in pairs) and result.chosen.name != "distill"
     runs = json.loads((tmp_path / "fit" / "unlabeled.json").read_text())["runs"]
     report = next(r for r in runs if r["candidate"] == "distill")
     assert report["method"] == "distillation" and report["n_unlabeled"] == 6 and 0 <= report["n_used"] <= 6

@@ -208,3 +208,23 @@ def test_pick_ranks_cross_validated_candidates_out_of_fold_and_a_fine_tune_on_th
     assert pick([lucky, steady, weak_ft]) == (steady, weak_ft)
     strong_ft = Candidate("finetune", "finetune", 0.86, 0.86, 60.0)  # beats `steady` on the same val images
     assert pick([lucky, steady, strong_ft]) == (strong_ft, steady)
+
+
+def test_a_distilled_student_is_chosen_only_averaged_with_its_teacher():
+    from finegrain.recipe.candidates import Candidate, pick
+    from finegrain.recipe.unlabeled import MEMBER_ONLY, with_teacher
+
+    y = np.array([0, 1, 2, 0, 1, 2])
+    eye = np.eye(3)
+    p_teacher, p_student = eye[[0, 1, 2, 0, 0, 0]], eye[[0, 1, 2, 0, 1, 1]]  # 4/6 and 5/6 right
+    teacher = Candidate("eval/gem/lp-l2", "semi", 4 / 6, 4 / 6, 2.0, {"source": "eval/gem"}, oof_top1=0.8,
+                        oof_mean_per_class=0.8, estimate="oof-5")  # fmt: skip
+    student = Candidate("distill", "finetune", 5 / 6, 5 / 6, 100.0, {"source": "distill", "member_only": MEMBER_ONLY})
+    both, proba = with_teacher(student, p_student, teacher, p_teacher, y)
+    assert both.members == [teacher.name, "distill"] and np.allclose(proba, (p_teacher + p_student) / 2)
+    assert both.kind == "ensemble" and both.estimate == "val" and 4 / 6 <= both.val_top1 <= 5 / 6
+    # the student alone beats the teacher on the validation split, but is never chosen alone
+    assert pick([teacher, student]) == (teacher, None)
+    chosen, challenger = pick([teacher, student, both])
+    assert chosen is (both if both.val_score > teacher.val_score else teacher)
+    assert "distill" not in {chosen.name, challenger.name}

@@ -144,19 +144,41 @@ def test_cli_bad_unlabeled_folder_is_exit_2_with_one_line(folders, which, tmp_pa
         assert len(err) == 1 and err[0].startswith("finegrain: error: unlabeled folder"), err
 
 
-def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation(folders, tmp_path):
+def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation_and_out_of_fold(folders, tmp_path):
     import json
 
     from finegrain.recipe import FitConfig, fit
+    from finegrain.recipe.candidates import val_scores
+    from finegrain.recipe.fit import FitState
 
     cfg = FitConfig(data=folders["data"], out=str(tmp_path / "fit"), budget_min=1.0, finetune=False,
                     ensemble=False, workers=0, bootstrap=20, unlabeled=folders["pool"])  # fmt: skip
     result = fit(cfg, progress=False)
     semi = [c for c in result.leaderboard if c.kind == "semi"]
     assert semi and all(0 <= c.val_top1 <= 1 for c in semi)
+    # ranked like the frozen heads: out-of-fold over every labelled image (12), each predicted once by the model
+    # the other folds (and the unlabeled pool) fitted; read back from disk as a resumed run reads it
+    state = FitState(cfg.out, cfg)
+    frozen = next(c for c in state.candidates.values() if c.kind == "frozen")
+    for c in semi:
+        oof = state.oof[c.name]
+        assert c.estimate == frozen.estimate and c.estimate.startswith("oof") and oof.shape == (12, 3)
+        assert np.allclose(oof.sum(1), 1)
+    y = _fold_labels(folders["data"], cfg)
+    assert all((c.oof_top1, c.oof_mean_per_class) == val_scores(state.oof[c.name], y) for c in semi)
+    assert result.chosen.score >= max(c.score for c in semi)  # the pick ranks them with everything else
     runs = json.loads((tmp_path / "fit" / "unlabeled.json").read_text())["runs"]
     assert runs and all(r["n_unlabeled"] == 9 and 0 <= r["n_used"] <= 9 for r in runs)
     assert (tmp_path / "fit" / "model").is_dir() and result.test is not None
+
+
+def _fold_labels(data: str, cfg) -> np.ndarray:
+    """fit's labelled images' classes in the order its folds keep: train, then val."""
+    from finegrain.data import load_image_set
+    from finegrain.train.data import make_splits
+
+    splits = make_splits(load_image_set(data), val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return np.array([s.label for s in splits.train + splits.val])
 
 
 def test_suggest_command_writes_the_same_csv_for_the_same_seed(folders, tmp_path, capsys):

@@ -226,8 +226,10 @@ def pick(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
     """(chosen, its strongest challenger on the validation split or None). The best out-of-fold candidate, unless a
     candidate with only a validation score (a fine-tune, an ensemble with one, a frozen head whose OOF pass did not
     fit the budget) beats it on the validation split's images, which both were scored on (ties go to the OOF one).
-    Without OOF estimates: the best on the validation split."""
+    Without OOF estimates: the best on the validation split. A candidate with params 'member_only' (a distilled
+    student) is never chosen alone, only inside an ensemble."""
     by_name = {c.name: c for c in candidates}
+    candidates = [c for c in candidates if "member_only" not in c.params] or candidates
     cross = [c for c in candidates if c.estimate != "val"]
     val_only = [c for c in candidates if c.estimate == "val"]
     if not cross:

@@ -200,7 +200,7 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
     folds = _folds(splits, cfg.seed)
     frozen.run(y_val, n_test=len(splits.test), folds=folds)
     if upaths:
-        run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test))
+        run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test), folds=folds)
     balanced = _long_tail(state, splits, len(data.classes), y_val, folds)
     if cfg.finetune:  # keep the test pass of the fine-tuned model, or of the frozen leader, whichever costs more
         leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))

@@ -1,10 +1,13 @@
-"""Out-of-fold (OOF) estimates for fit's frozen candidates: K-fold predictions over every training image (fit's
-train + val), as scikit-learn's `cross_val_predict` makes them, so near-tied candidates are ranked on all N images
-instead of on the validation split alone (on cub100 its 583 images ranked a 0.920-test candidate below a 0.904 one).
+"""Out-of-fold (OOF) estimates for fit's frozen and semi-supervised candidates: K-fold predictions over every training
+image (fit's train + val), as scikit-learn's `cross_val_predict` makes them, so near-tied candidates are ranked on
+all N images instead of on the validation split alone (on cub100 its 583 images ranked a 0.920-test candidate below a
+0.904 one).
 
-Cheap by construction: features are extracted once per view; a fold refits the head once with the hyperparameters
-its single fit on fit's train part chose (the probe's C, NCM's temperature), so K folds cost K solver runs, not K
-searches. An ensemble's OOF probabilities are the average of its members' (free)."""
+Cheap by construction: features are extracted once per view; a fold refits the head once with the hyperparameters its
+single fit on fit's train part chose (the probe's C, NCM's temperature), so K folds cost K solver runs, not K searches.
+An ensemble's OOF probabilities are the average of its members' (free). A semi-supervised candidate
+(recipe/unlabeled.py) is refitted in each fold on the other folds' labels and the whole unlabeled pool; the held-out
+images are not added to the pool (the saved model predicts new images with its probe, not by propagation)."""
 
 from __future__ import annotations
 
@@ -68,17 +71,30 @@ def fixed_params(clf) -> dict:
 def oof_proba(
     head: tuple, X: np.ndarray, folds: Folds, *, fixed: dict, seed: int, n_classes: int, time_left: Callable[[], float]
 ) -> np.ndarray | None:
-    """OOF probabilities [N, n_classes]: image i predicted by the head fitted on the other folds (normalizer
-    included). X [N, D] is aligned with folds.paths; NaN rows (unreadable files) are never fitted and stay 0.
-    None when, measured on the folds done, the rest would not fit in time_left() seconds."""
+    """OOF probabilities [N, n_classes] of one HEADS entry: image i predicted by the head fitted on the other folds
+    (normalizer included), with the hyperparameters `fixed`; see `oof_loop`."""
+
+    def fit_predict(X_fit: np.ndarray, y_fit: np.ndarray, X_held: np.ndarray) -> np.ndarray:
+        norm, clf = fit_head(head, X_fit, y_fit, seed=seed, fixed=fixed)
+        return class_proba(clf, norm.transform(X_held), n_classes)
+
+    return oof_loop(fit_predict, X, folds, n_classes=n_classes, time_left=time_left)
+
+
+def oof_loop(
+    fit_predict: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], X: np.ndarray, folds: Folds, *,
+    n_classes: int, time_left: Callable[[], float],
+) -> np.ndarray | None:  # fmt: skip
+    """OOF probabilities [N, n_classes]: image i predicted by `fit_predict(X_fit, y_fit, X_held)` -> [n_held,
+    n_classes] fitted on the other folds. X [N, D] is aligned with folds.paths; NaN rows (unreadable files) are
+    never fitted and stay 0. None when, measured on the folds done, the rest would not fit in time_left() seconds."""
     ok = ~np.isnan(X[:, 0])
     out = np.zeros((len(X), n_classes))
     t0 = time.perf_counter()
     for f in range(folds.k):
         fit_rows, held = ok & (folds.fold != f), ok & (folds.fold == f)
-        norm, clf = fit_head(head, X[fit_rows], folds.y[fit_rows], seed=seed, fixed=fixed)
         if held.any():
-            out[held] = class_proba(clf, norm.transform(X[held]), n_classes)
+            out[held] = fit_predict(X[fit_rows], folds.y[fit_rows], X[held])
         per_fold = (time.perf_counter() - t0) / (f + 1)
         if f + 1 < folds.k and per_fold * (folds.k - f - 1) > time_left():
             return None
