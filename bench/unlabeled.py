@@ -12,10 +12,11 @@ store `bench/cache/cub100-lite0-finegrain` (made by bench.representations: `fine
 Hyper-parameters, never tuned on test: label propagation's gamma = 3, alpha = 0.8 are the literature's for frozen
 features (Lazarou et al., ICCV 2021); k = 10 (iLPC: 20) was set on a development protocol that reads train-split
 labels only: seeds 5 and 6, pseudo-label accuracy on the unlabeled pool (`--dev` reruns it and records it).
-With 5 labelled images a class the pick is made on a validation split (1 labelled image a class held out,
-stratified, seeded) among the supervised heads, self-training and label propagation over k in {10, 20} x alpha in
-{0.8, 0.99}; the winner is refitted on all labelled images.
-With 1 labelled image a class there is nothing to validate on: the pick is label propagation with its defaults.
+With 5 labelled images a class the pick is fit's (recipe/fit.py) on this one view: fit's frozen heads and
+semi-supervised candidates (label propagation with k 10 and 20, self-training), ranked by their 5-fold out-of-fold
+top-1 over the labelled images; with --distill --in-pick the distilled student joins as fit adds it (averaged with its
+teacher, compared with the leader on the validation split). With 1 labelled image a class there is nothing to
+validate on: the pick is label propagation with its defaults.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from finegrain.heads.index import l2_normalize
 from finegrain.semi import LabelPropagationProbe, SelfTrainingProbe, suggest_to_label
 
 STORE = os.path.join(ROOT, "bench", "cache", "cub100-lite0-finegrain")
-LP_GRID = [{"k": k, "alpha": a} for k in (10, 20) for a in (0.8, 0.99)]
 
 
 def load_features(store_dir: str = STORE) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
@@ -81,11 +81,9 @@ def supervised(X, y, Xt, yt) -> dict[str, float]:
     return out
 
 
-def semi_models(grid: bool):
-    """(name, unfitted estimator) of the semi-supervised candidates."""
-    lps = LP_GRID if grid else [{}]
-    out = [(f"lp(k={p.get('k', 10)},alpha={p.get('alpha', 0.8)})", LabelPropagationProbe(**p)) for p in lps]
-    return out + [("self-training", SelfTrainingProbe())]
+def semi_models():
+    """(name, unfitted estimator) of the semi-supervised methods at their defaults."""
+    return [("lp(k=10,alpha=0.8)", LabelPropagationProbe()), ("self-training", SelfTrainingProbe())]
 
 
 def run_setting(F, labels, lab, unl, test, *, pick_on_val: bool, seed: int) -> dict:
@@ -95,7 +93,7 @@ def run_setting(F, labels, lab, unl, test, *, pick_on_val: bool, seed: int) -> d
     res = {"n_labelled": len(lab), "n_unlabeled": len(unl), "n_test": len(test), "supervised": supervised(X, y, Xt, yt)}
     res["best_supervised"] = max(res["supervised"].values())
     res["methods"], res["used"] = {}, {}
-    for name, model in semi_models(grid=False):
+    for name, model in semi_models():
         t0 = time.perf_counter()
         model.fit(X, y, Xu)
         res["methods"][name] = float(np.mean(model.predict(Xt) == yt))
@@ -111,30 +109,54 @@ def run_setting(F, labels, lab, unl, test, *, pick_on_val: bool, seed: int) -> d
 
 
 def pick_on_validation(F, labels, lab, unl, test, seed: int) -> dict:
-    """fit's way: hold out 1 labelled image a class, score every candidate on it, refit the best on all."""
+    """fit's way (recipe/fit.py) on this one view: fit's frozen heads (HEADS) and semi-supervised candidates
+    (SEMI_HEADS), each scored out-of-fold over the labelled images (recipe/oof.py's 5 stratified folds; a semi one
+    refitted in each fold on the other folds' labels + the pool) and on fit's validation split (1 labelled image a
+    class held out, stratified, seeded); recipe.candidates.pick chooses; every candidate refitted on all labelled
+    images (and the pool) is scored on test once, the chosen one's is the pick's."""
     from finegrain.data import stratified_split
+    from finegrain.recipe.candidates import HEADS, Candidate, class_proba, fit_head, pick, val_scores
+    from finegrain.recipe.oof import make_folds, oof_loop
+    from finegrain.recipe.unlabeled import SEMI_HEADS
 
-    y = labels[lab]
+    lab, n_classes = np.asarray(lab), int(labels.max()) + 1
+    y, Xu = labels[lab], F[unl]
+    folds = make_folds([str(r) for r in lab], y, seed=seed)
     tr, va = stratified_split(y, test_size=0.2, seed=seed)
-    tr, va = np.asarray(lab)[tr], np.asarray(lab)[va]
-    cands = [(n, create_classifier(c, **o)) for n, c, o in (("probe", "probe", {}), ("ncm", "ncm", {}),
-                                                            ("1-nn", "knn", {"n_neighbors": 1}))]  # fmt: skip
-    cands += semi_models(grid=True)
-    scores = {}
-    for name, model in cands:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if name.startswith(("lp", "self")):
-                model.fit(F[tr], labels[tr], F[unl])
-            else:
-                model.fit(F[tr], labels[tr])
-        scores[name] = float(np.mean(model.predict(F[va]) == labels[va]))
-    best = max(scores, key=lambda n: (scores[n], n.startswith("lp")))
-    model = dict(cands)[best]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = model.fit(F[lab], y, F[unl]) if best.startswith(("lp", "self")) else model.fit(F[lab], y)
-    return {"name": best, "val": scores, "test": float(np.mean(model.predict(F[test]) == labels[test]))}
+
+    def fitter(name: str):
+        head = next((h for h in HEADS if h[0] == name), None)
+
+        def fit_predict(X, yy, Xh):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if head is not None:
+                    norm, clf = fit_head(head, X, yy, seed=seed)
+                    return class_proba(clf, norm.transform(Xh), n_classes)
+                return class_proba(dict(SEMI_HEADS)[name](seed).fit(X, yy, Xu), Xh, n_classes)
+
+        return fit_predict
+
+    cands, tests, semi = [], {}, {h[0] for h in SEMI_HEADS}
+    for name in [h[0] for h in HEADS] + [h[0] for h in SEMI_HEADS]:
+        fp = fitter(name)
+        oof = oof_loop(fp, F[lab], folds, n_classes=n_classes, time_left=lambda: np.inf)
+        p_val = fp(F[lab[tr]], y[tr], F[lab[va]])
+        kind = "semi" if name in semi else "frozen"
+        cand = Candidate(name, kind, *val_scores(p_val, y[va]), 0.0, {"source": "gem", "head": name})
+        cand.oof_top1, cand.oof_mean_per_class = val_scores(oof, y)
+        cand.estimate = folds.estimate
+        cands.append(cand)
+        tests[name] = float(np.mean(fp(F[lab], y, F[test]).argmax(1) == labels[test]))
+    chosen, _ = pick(cands)
+    best_semi = max((c for c in cands if c.kind == "semi"), key=lambda c: c.score)
+    return {
+        "name": chosen.name, "estimate": chosen.estimate, "teacher": best_semi.name,
+        "leader_val": [chosen.val_top1, chosen.val_mean_per_class],
+        "oof": {c.name: round(c.oof_top1, 4) for c in cands}, "val": {c.name: c.val_top1 for c in cands},
+        "test_all": {k: round(v, 4) for k, v in tests.items()}, "test": tests[chosen.name],
+        "best_fit_supervised_head": max(tests[h[0]] for h in HEADS),
+    }  # fmt: skip
 
 
 def suggest_vs_random(F, labels, base, rows, seed: int, n_more: int = 100) -> dict:
@@ -188,9 +210,10 @@ STUDENT = dict(backbone="efficientnet_lite0", regime="last:1", head_init="probe"
 
 
 def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: int, teacher=None,
-                temperature: float = 2.0, epochs: int | None = None) -> dict:  # fmt: skip
+                temperature: float = 2.0, epochs: int | None = None, proba: bool = False) -> dict:  # fmt: skip
     """Test top-1 of the student trained on the labelled rows (distilled from `teacher` on the unlabeled rows;
-    None: the same student on the labelled images alone), scored once on the test rows."""
+    None: the same student on the labelled images alone), scored once on the test rows (with `proba` also its
+    probabilities [len(test), C] under "proba")."""
     import shutil
 
     from finegrain.config import TrainConfig
@@ -216,56 +239,78 @@ def student_run(base: str, paths: list[str], labels, lab, test, unl, *, seed: in
     finally:
         trainer.close()
     row = {"test": result.test_metrics["top1"], "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    if proba:  # the saved student on the scored rows, as fit scores a candidate (evaluate.inference)
+        from finegrain.evaluate.inference import predict_paths
+        from finegrain.evaluate.predictor import load
+
+        pred = predict_paths(load(os.path.join(out, "model")), [paths[r] for r in test])
+        row["proba"] = np.zeros((len(test), len(classes)))
+        row["proba"][pred.index] = pred.proba
     return {**row, "used": teacher.report} if teacher is not None else row
 
 
 def distill_setting(F, labels, paths, base, rows, shots: int, seed: int, *, baseline: bool, in_pick: bool,
-                    temperature: float, ooc: bool = False, epochs: int | None = None) -> dict:  # fmt: skip
-    """The distillation row of one setting: label propagation (its defaults, the LP row) as the teacher, its soft
-    labels on the unlabeled rest of train, the distilled student on test; with `baseline` the same student
-    without unlabeled images; with `in_pick` the student trained without the validation images, scored on them."""
+                    temperature: float, ooc: bool = False, epochs: int | None = None,
+                    teacher_head: str = "lp-l2") -> dict:  # fmt: skip
+    """The distillation row of one setting: label propagation (fit's `teacher_head`, by default its defaults) as
+    the teacher, its soft labels on the unlabeled rest of train, the distilled student on test, and the average of
+    the two; with `baseline` the same student without unlabeled images; with `in_pick` the student and its teacher
+    fitted without the validation images (fit's split), scored on them alone and averaged, as fit scores them."""
+    from finegrain.recipe.candidates import class_proba, val_scores
+    from finegrain.recipe.unlabeled import SEMI_HEADS
     from finegrain.semi.distill import make_teacher
 
     lab, unl, test = sample(base, rows, shots, seed)
     if ooc:  # the first 50 classes labelled, half the pool from the other 50 (out_of_class)
         lab, unl, test = out_of_class(lab, unl, test, labels, seed)
-    clf = LabelPropagationProbe().fit(F[lab], labels[lab], F[unl])
-    n_classes = int(labels.max()) + 1
+    n_classes, make = int(labels.max()) + 1, dict(SEMI_HEADS)[teacher_head]
+    clf = make(seed).fit(F[lab], labels[lab], F[unl])
     teacher = make_teacher(clf, F[unl], n_classes, temperature=temperature)
     if ooc:
         teacher.report["n_used_out_of_class"] = int((teacher.use & (labels[unl] > labels[lab].max())).sum())
+    p_teacher = class_proba(clf, F[test], n_classes)
     out = {
-        "teacher_lp_test": float(np.mean(clf.predict(F[test]) == labels[test])),
+        "teacher": teacher_head,
+        "teacher_lp_test": float(np.mean(p_teacher.argmax(1) == labels[test])),
         "student": {**STUDENT, "epochs": epochs or STUDENT["epochs"]},
         "temperature": temperature,
     }
-    out["distill"] = student_run(
-        base, paths, labels, lab, test, unl, seed=seed, teacher=teacher, temperature=temperature, epochs=epochs
-    )
+    out["distill"] = student_run(base, paths, labels, lab, test, unl, seed=seed, teacher=teacher,
+                                 temperature=temperature, epochs=epochs, proba=True)  # fmt: skip
+    p_both = (p_teacher + out["distill"].pop("proba")) / 2
+    out["with_teacher_test"] = float(np.mean(p_both.argmax(1) == labels[test]))
     if baseline:
         out["student_supervised"] = student_run(base, paths, labels, lab, test, unl, seed=seed)
     out["distill_minus_lp_points"] = round(100 * (out["distill"]["test"] - out["teacher_lp_test"]), 2)
-    if in_pick and shots > 1:  # as pick_on_validation: the same held-out labelled image a class
+    out["with_teacher_minus_lp_points"] = round(100 * (out["with_teacher_test"] - out["teacher_lp_test"]), 2)
+    if in_pick and shots > 1:  # as fit: the same held-out labelled image a class
         from finegrain.data import stratified_split
 
         tr, va = stratified_split(labels[lab], test_size=0.2, seed=seed)
         tr, va = list(np.asarray(lab)[tr]), list(np.asarray(lab)[va])
-        clf = LabelPropagationProbe().fit(F[tr], labels[tr], F[unl])
+        clf = make(seed).fit(F[tr], labels[tr], F[unl])
         val_teacher = make_teacher(clf, F[unl], n_classes, temperature=temperature)
-        val = student_run(base, paths, labels, tr, va, unl, seed=seed, teacher=val_teacher, temperature=temperature)
+        val = student_run(base, paths, labels, tr, va, unl, seed=seed, teacher=val_teacher, temperature=temperature,
+                          proba=True)  # fmt: skip
         out["val"] = val["test"]
+        p_val = (class_proba(clf, F[va], n_classes) + val["proba"]) / 2
+        out["val_with_teacher"] = list(val_scores(p_val, labels[va]))
     return out
 
 
 def add_to_pick(setting: dict, row: dict) -> None:
-    """The distilled student joins the recorded pick's candidates on the same validation images: it becomes the pick
-    only if it scores strictly higher there (ties keep the earlier pick); its test score is then the 5-shot run's."""
+    """The distilled student joins the recorded pick's candidates as fit adds it: never alone (member only), and
+    averaged with its teacher as a candidate scored on the validation split, which becomes the pick only if it beats
+    the out-of-fold leader there (top-1, then mean per-class; ties keep the leader); its test score is then the
+    5-shot run's average of student and teacher."""
     pick = setting["pick"]
     pick.setdefault("before_distill", {"name": pick["name"], "test": pick["test"]})
     pick["name"], pick["test"] = pick["before_distill"]["name"], pick["before_distill"]["test"]
-    pick["val"]["distill"] = row["val"]
-    if row["val"] > max(v for k, v in pick["val"].items() if k != "distill"):
-        pick["name"], pick["test"] = "distill", row["distill"]["test"]
+    name = f"ensemble({row['teacher']} + distill)"
+    pick["val"]["distill"] = row["val"]  # member only: reported, never chosen alone
+    pick["val"][name] = row["val_with_teacher"][0]
+    if tuple(row["val_with_teacher"]) > tuple(pick["leader_val"]):
+        pick["name"], pick["test"] = name, row["with_teacher_test"]
     setting["gain_points"] = round(100 * (pick["test"] - setting["best_supervised"]), 2)
 
 
@@ -286,8 +331,12 @@ def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, ba
         for seed in seeds:
             key = f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"
             key += f"/epochs{epochs}" if epochs and epochs != STUDENT["epochs"] else ""
+            with open(path) as f:  # the teacher fit would take: the recorded pick's best semi candidate
+                setting = json.load(f)["cub100"]["settings"].get(f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}")
+            teacher = (setting or {}).get("pick", {}).get("teacher", "lp-l2")
             r = distill_setting(F, labels, paths, base, rows, n, seed, baseline=baseline and seed == seeds[0],
-                                in_pick=in_pick, temperature=temperature, ooc=ooc, epochs=epochs)  # fmt: skip
+                                in_pick=in_pick, temperature=temperature, ooc=ooc, epochs=epochs,
+                                teacher_head=teacher)  # fmt: skip
             print(f"distill {n} shot seed {seed}: {r}", flush=True)
             with open(path) as f:
                 data = json.load(f)
@@ -318,6 +367,16 @@ def main() -> None:
     ap.add_argument("--out-of-class", action="store_true", help="with --distill: the out-of-class setting")
     ap.add_argument("--epochs", type=int, default=None, help="with --distill: the student's epochs (default 15)")
     ap.add_argument("--dev-distill", action="store_true", help="only the train-labels-only protocol that set T")
+    ap.add_argument(
+        "--dev-with-teacher",
+        action="store_true",
+        help="only the train-labels-only protocol: the student alone vs averaged with its teacher",
+    )
+    ap.add_argument(
+        "--settings-only",
+        action="store_true",
+        help="measure the settings (supervised, methods, pick) again, keep suggest and distillation rows",
+    )
     args = ap.parse_args()
     base = require_dataset("cub100")
     F, rows, labels = load_features()
@@ -340,13 +399,37 @@ def main() -> None:
             epochs=args.epochs,
         )
         return
-    if args.dev_distill:
-        record("unlabeled.json", "cub100/dev_distill", develop_temperature(F, labels, base, rows))
+    if args.dev_distill or args.dev_with_teacher:
+        import json
+
+        from bench.common import RESULTS, command_line
+
+        with open(os.path.join(RESULTS, "unlabeled.json")) as f:
+            dev = json.load(f).get("cub100/dev_distill", {})
+        if args.dev_distill:
+            dev.update(develop_temperature(F, labels, base, rows))
+        else:
+            dev["with_teacher"] = {**develop_with_teacher(F, labels, base, rows), "command": command_line()}
+        kept = {k: v for k, v in dev.items() if k not in ("command", "machine")}
+        record("unlabeled.json", "cub100/dev_distill", kept)
         return
     if args.suggest_only:
         rerun_suggest(F, labels, base, rows, [0] if args.quick else [0, 1, 2])
         return
     seeds = [0] if args.quick else [0, 1, 2]
+    settings = measure_settings(F, labels, base, rows, seeds)
+    if args.settings_only:
+        keep_rows(settings)
+        return
+    sug = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
+    print("suggest vs random:", sug, flush=True)
+    record("unlabeled.json", "cub100", {"settings": settings, "suggest": sug, "seeds": seeds,
+                                        "headline": headline(settings, sug), "features": features_note()})  # fmt: skip
+    record("unlabeled.json", "headline", headline(settings, sug))  # the issue's figures, at the top of the file
+
+
+def measure_settings(F, labels, base, rows, seeds: list[int]) -> dict:
+    """Every setting's rows (run_setting) for 5 shots, 1 shot and 5 shots out-of-class, each seed."""
     settings = {}
     for key, shots, ooc in (("5shot", 5, False), ("1shot", 1, False), ("5shot_out_of_class", 5, True)):
         for seed in seeds:
@@ -359,11 +442,53 @@ def main() -> None:
             print(f"{key} seed {seed}: best supervised {r['best_supervised']:.3f}, {r['methods']}, pick "
                   f"{r['pick']['name']} {r['pick']['test']:.3f} ({r['gain_points']:+.1f}) "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-    sug = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
-    print("suggest vs random:", sug, flush=True)
-    record("unlabeled.json", "cub100", {"settings": settings, "suggest": sug, "seeds": seeds,
-                                        "headline": headline(settings, sug), "features": features_note()})  # fmt: skip
-    record("unlabeled.json", "headline", headline(settings, sug))  # the issue's figures, at the top of the file
+    return settings
+
+
+def keep_rows(settings: dict) -> None:
+    """--settings-only: the new settings into the recorded cub100 entry; its suggest and distillation rows kept
+    (the 5-shot picks are made again without the student: rerun --distill --in-pick to add it)."""
+    import json
+
+    from bench.common import RESULTS, command_line
+    from finegrain.atomic import atomic_write_json
+
+    path = os.path.join(RESULTS, "unlabeled.json")
+    with open(path) as f:
+        data = json.load(f)
+    entry = data["cub100"]
+    entry.update(settings=settings, command=command_line(), features=features_note())
+    entry["headline"] = headline(settings, entry["suggest"])
+    data["headline"] = entry["headline"]
+    atomic_write_json(path, data)
+
+
+def develop_with_teacher(F, labels, base, rows) -> dict:
+    """The distilled student alone, its label-propagation teacher and their average on held-out train images (the
+    test split is not read): 5 labelled images a class, development seeds 5 and 6, half of the rest of train held
+    out, the other half the unlabeled pool."""
+    from finegrain.data import stratified_split
+    from finegrain.recipe.candidates import class_proba
+    from finegrain.semi.distill import make_teacher
+
+    paths = [""] * len(F)
+    for e in FeatureStore.open(STORE).index():
+        paths[e.row] = e.path
+    out, n_classes = {}, int(labels.max()) + 1
+    for seed in (5, 6):
+        lab, rest, _ = sample(base, rows, 5, seed)
+        rest = np.asarray(rest)
+        a, b = stratified_split(labels[rest], test_size=0.5, seed=seed)
+        pool, held = list(rest[a]), list(rest[b])
+        clf = LabelPropagationProbe().fit(F[lab], labels[lab], F[pool])
+        p_teacher = class_proba(clf, F[held], n_classes)
+        teacher = make_teacher(clf, F[pool], n_classes, temperature=2.0)
+        r = student_run(base, paths, labels, lab, held, pool, seed=seed, teacher=teacher, proba=True)
+        probas = {"teacher_lp": p_teacher, "student": r["proba"], "with_teacher": (p_teacher + r["proba"]) / 2}
+        scores = {name: round(float(np.mean(p.argmax(1) == labels[held])), 4) for name, p in probas.items()}
+        out[f"5shot/seed{seed}"] = {"n_held_out": len(held), "n_pool": len(pool), **scores}
+        print(f"dev with teacher seed {seed}: {out[f'5shot/seed{seed}']}", flush=True)
+    return {"held_out_accuracy": out, "note": "train split only: held-out train images, never in the pool"}
 
 
 def develop_temperature(F, labels, base, rows) -> dict:
