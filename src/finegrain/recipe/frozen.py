@@ -24,7 +24,7 @@ from finegrain.recipe.candidates import (
     val_scores,
     views_for,
 )
-from finegrain.recipe.oof import Folds, fixed_params, oof_proba
+from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
 
@@ -175,15 +175,23 @@ class FrozenStage:
         self.state.add(cand, proba, oof)
 
     def _oof(self, cand: Candidate, head, clf, Xall: np.ndarray, folds: Folds, n_test: int) -> np.ndarray | None:
-        """The candidate's out-of-fold probabilities [N, C] (its OOF scores set), or None, with the reason in
-        cand.params['oof'], when they do not fit in the budget (the candidate keeps its validation-split score)."""
+        """A frozen head's out-of-fold probabilities (`cross_validate`), refitted with the hyperparameters its
+        single fit chose; a fold costs about half that fit (one solver run, no C search)."""
+        fit_predict = head_fit_predict(
+            head, fixed=fixed_params(clf), seed=self.cfg.seed, n_classes=len(self.data.classes)
+        )
+        return self.cross_validate(cand, fit_predict, Xall, folds, n_test, fold_seconds=0.5 * cand.seconds)
+
+    def cross_validate(self, cand: Candidate, fit_predict, Xall: np.ndarray, folds: Folds, n_test: int, *,
+                       fold_seconds: float) -> np.ndarray | None:  # fmt: skip
+        """The candidate's out-of-fold probabilities [N, C] (`oof_loop` with `fit_predict`; its OOF scores set), or
+        None, with the reason in cand.params['oof'], when its folds (about fold_seconds each) do not fit in the
+        budget (the candidate keeps its validation-split score)."""
         left = lambda: self.clock.remaining() - self.reserve(n_test) - 5  # noqa: E731
-        guess = folds.k * 0.5 * cand.seconds  # a fold: one solver run (the single fit also searched C)
+        guess = folds.k * fold_seconds
         oof = None
         if guess <= left():
-            fixed = fixed_params(clf)
-            oof = oof_proba(head, Xall, folds, fixed=fixed, seed=self.cfg.seed, n_classes=len(self.data.classes),
-                            time_left=left)  # fmt: skip
+            oof = oof_loop(fit_predict, Xall, folds, n_classes=len(self.data.classes), time_left=left)
         if oof is None:
             cand.params["oof"] = f"not run: its {folds.k} folds (~{guess:.0f} s) did not fit in the budget"
             return None

@@ -73,12 +73,18 @@ def oof_proba(
 ) -> np.ndarray | None:
     """OOF probabilities [N, n_classes] of one HEADS entry: image i predicted by the head fitted on the other folds
     (normalizer included), with the hyperparameters `fixed`; see `oof_loop`."""
+    fit_predict = head_fit_predict(head, fixed=fixed, seed=seed, n_classes=n_classes)
+    return oof_loop(fit_predict, X, folds, n_classes=n_classes, time_left=time_left)
+
+
+def head_fit_predict(head: tuple, *, fixed: dict, seed: int, n_classes: int):
+    """fit_predict(X_fit, y_fit, X_held) -> probabilities [n_held, n_classes] of one HEADS entry (for `oof_loop`)."""
 
     def fit_predict(X_fit: np.ndarray, y_fit: np.ndarray, X_held: np.ndarray) -> np.ndarray:
         norm, clf = fit_head(head, X_fit, y_fit, seed=seed, fixed=fixed)
         return class_proba(clf, norm.transform(X_held), n_classes)
 
-    return oof_loop(fit_predict, X, folds, n_classes=n_classes, time_left=time_left)
+    return fit_predict
 
 
 def oof_loop(

@@ -115,7 +115,7 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
                 params = {"view": view, "pooling": pooling, "head": head, "source": f"{view}/{pooling}",
                           "spi": frozen.spi.get(view, 0.0), "unlabeled": clf.report_}  # fmt: skip
                 cand = Candidate(name, "semi", top1, mpc, time.perf_counter() - t0, params)
-                oof = _semi_oof(frozen, clock, cand, make, Xall, Xu, folds, n_test) if folds is not None else None
+                oof = _semi_oof(frozen, cand, make, Xall, Xu, folds, n_test) if folds is not None else None
                 cand.seconds = time.perf_counter() - t0
                 state.add(cand, proba, oof)
                 reports.append({"candidate": name, **clf.report_})
@@ -130,28 +130,18 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
     return reports
 
 
-def _semi_oof(frozen, clock, cand, make, Xall: np.ndarray, Xu: np.ndarray, folds, n_test: int) -> np.ndarray | None:
-    """A semi-supervised candidate's out-of-fold probabilities [N, C] (its OOF scores set): each fold refits it on
-    the other folds' labelled images + every unlabeled one (Xu, L2-normalised). None, with the reason in
-    cand.params['oof'], when the folds do not fit in the budget (it keeps its validation-split score)."""
-    from finegrain.recipe.candidates import class_proba, val_scores
-    from finegrain.recipe.oof import oof_loop
+def _semi_oof(frozen, cand, make, Xall: np.ndarray, Xu: np.ndarray, folds, n_test: int) -> np.ndarray | None:
+    """A semi-supervised candidate's out-of-fold probabilities (FrozenStage.cross_validate): each fold refits it on
+    the other folds' labelled images + every unlabeled one (Xu, L2-normalised), about as long as its single fit."""
+    from finegrain.recipe.candidates import class_proba
 
     n_classes, seed = len(frozen.data.classes), frozen.cfg.seed
-    left = lambda: clock.remaining() - frozen.reserve(n_test) - 5  # noqa: E731
-    guess = folds.k * cand.seconds  # a fold: one more propagation and probe fit
 
     def fit_predict(X_fit: np.ndarray, y_fit: np.ndarray, X_held: np.ndarray) -> np.ndarray:
         clf = make(seed).fit(l2_normalize(X_fit), y_fit, Xu)
         return class_proba(clf, l2_normalize(X_held), n_classes)
 
-    oof = oof_loop(fit_predict, Xall, folds, n_classes=n_classes, time_left=left) if guess <= left() else None
-    if oof is None:
-        cand.params["oof"] = f"not run: its {folds.k} folds (~{guess:.0f} s) did not fit in the budget"
-        return None
-    cand.oof_top1, cand.oof_mean_per_class = val_scores(oof, folds.y)
-    cand.estimate = folds.estimate
-    return oof
+    return frozen.cross_validate(cand, fit_predict, Xall, folds, n_test, fold_seconds=cand.seconds)
 
 
 DISTILL_MIN_SECONDS = 120  # a student below this cannot do one useful pass on top of its LP start
