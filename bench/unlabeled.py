@@ -638,6 +638,9 @@ def _setting_rows(settings: dict, key: str) -> list[str]:
     runs = [v for k, v in sorted(settings.items()) if k.startswith(key + "/")]
     out = [_row(f"supervised {n}", [r["supervised"][n] for r in runs]) for n in ("probe", "ncm", "1-nn")]
     out.append(_row("best supervised (in hindsight, on test)", [r["best_supervised"] for r in runs]))
+    if all("best_fit_supervised_head" in r["pick"] for r in runs):  # PCA-whitened NCM, k-NN 10, probes
+        out.append(_row("best of fit's supervised heads (in hindsight)", [r["pick"]["best_fit_supervised_head"]
+                                                                          for r in runs]))  # fmt: skip
     for m in runs[0]["methods"]:
         used = [r["used"][m] for r in runs]
         ooc = [u.get("n_used_out_of_class") for u in used]

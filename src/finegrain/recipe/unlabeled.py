@@ -194,7 +194,7 @@ def run_distill(frozen, state, clock, y_val: np.ndarray, teacher_cand, teacher_c
 
 # Measured on a development protocol that reads train-split labels only (cub100, 5 labelled images a class, seeds 5
 # and 6, half of the rest of train held out, the other half unlabeled): the student alone 0.814 / 0.784 against its
-# label-propagation teacher's 0.824 / 0.814, the average of the two 0.833 / 0.821 (bench.unlabeled --dev-distill).
+# label-propagation teacher's 0.824 / 0.814, the average of the two 0.833 / 0.821 (bench.unlabeled --dev-with-teacher).
 MEMBER_ONLY = "a distilled student is chosen only averaged with other models: alone it scored below its teacher"
 
 
