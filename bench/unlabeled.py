@@ -197,7 +197,7 @@ def rerun_suggest(F, labels, base, rows, seeds: list[int]) -> None:
     entry["suggest"] = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
     entry["suggest_command"] = command_line()
     entry["headline"] = headline(entry["settings"], entry["suggest"])
-    data["headline"] = entry["headline"]  # the issue's figures, at the top of the file
+    data["headline"] = {**entry["headline"], **headline_extras(data)}  # the issue's figures, at the top of the file
     print("suggest vs random:", entry["suggest"], flush=True)
     atomic_write_json(path, data)
 
@@ -349,7 +349,7 @@ def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, ba
             if "val" in r:
                 add_to_pick(entry["settings"][f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"], r)
                 entry["headline"] = headline(entry["settings"], entry["suggest"])
-                data["headline"] = {**data["headline"], **entry["headline"]}
+                data["headline"] = {**data["headline"], **entry["headline"], **headline_extras(data)}
             atomic_write_json(path, data)
 
 
@@ -421,6 +421,7 @@ def main() -> None:
         r["gain_points"] = round(100 * (r["test_top1"] - r["best_supervised_same_labels"]), 2)
         print(f"fit with unlabeled images: {r}", flush=True)
         record("unlabeled.json", f"cub100/fit-5shot-{args.fit:g}min", r)
+        add_fit_headline()
         return
     if args.suggest_only:
         rerun_suggest(F, labels, base, rows, [0] if args.quick else [0, 1, 2])
@@ -454,6 +455,35 @@ def measure_settings(F, labels, base, rows, seeds: list[int]) -> dict:
     return settings
 
 
+def add_fit_headline() -> None:
+    """headline_extras into the recorded headline (the rest kept)."""
+    import json
+
+    from bench.common import RESULTS
+    from finegrain.atomic import atomic_write_json
+
+    path = os.path.join(RESULTS, "unlabeled.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["headline"] = {**data["headline"], **headline_extras(data)}
+    atomic_write_json(path, data)
+
+
+def headline_extras(data: dict) -> dict:
+    """Beside the issue's figures: `finegrain fit` itself with the unlabeled folder (--fit MIN), and the commands
+    that measured the recorded rows."""
+    entry = data.get("cub100", {})
+    cmds = [entry.get("command"), entry.get("suggest_command"), *entry.get("distill_commands", [])]
+    out = {"commands": [c for c in cmds if c]}
+    for key, v in data.items():
+        if key.startswith("cub100/fit-5shot-"):
+            tag = key.split("fit-5shot-")[1]
+            out[f"fit_itself_5shot_{tag}_gain_points"] = v["gain_points"]
+            out[f"fit_itself_5shot_{tag}_test_top1"] = round(v["test_top1"], 4)
+            out["commands"].append(v["command"])
+    return out
+
+
 def _recorded(key: str) -> dict:
     import json
 
@@ -477,7 +507,7 @@ def keep_rows(settings: dict) -> None:
     entry = data["cub100"]
     entry.update(settings=settings, command=command_line(), features=features_note())
     entry["headline"] = headline(settings, entry["suggest"])
-    data["headline"] = entry["headline"]
+    data["headline"] = {**entry["headline"], **headline_extras(data)}
     atomic_write_json(path, data)
 
 
@@ -719,6 +749,22 @@ def _distill_rows(r: dict, doc: dict) -> list[str]:
     return [*out, "", f"Commands: {cmds}", ""]
 
 
+def _fit_rows(doc: dict) -> list[str]:
+    """`finegrain fit` itself with the unlabeled folder (bench.unlabeled --fit MIN)."""
+    runs = {k: v for k, v in doc.items() if k.startswith("cub100/fit-5shot-")}
+    if not runs:
+        return []
+    title = "### `finegrain fit` itself: 5 labelled a class (seed 0) + the unlabeled rest of train as a folder"
+    head = "| budget | wall | chosen (estimate) | test top-1 | best supervised, same labels | gain (points) |"
+    out = [title + ", cold start", "", head, "|---:|---:|---|---:|---:|---:|"]
+    for v in runs.values():
+        chosen = f"`{v['chosen']}` ({v['chosen_estimate']})"
+        out.append(f"| {v['budget_min']:g} min | {v['wall_s'] / 60:.1f} min | {chosen} | {v['test_top1']:.3f} | "
+                   f"{v['best_supervised_same_labels']:.3f} | {v['gain_points']:+.1f} |")  # fmt: skip
+    cmds = "; ".join(f"`{v['command']}`" for v in runs.values())
+    return [*out, "", f"Command: {cmds}", ""]
+
+
 def report_section(doc: dict) -> list[str]:
     """BENCHMARKS.md's section (bench/report.py renders it)."""
     r = doc.get("cub100")
@@ -744,6 +790,7 @@ def report_section(doc: dict) -> list[str]:
     for key, title in titles.items():
         out += [f"### {title}", "", "| model | test top-1 | by seed |", "|---|---:|---|", *_setting_rows(s, key), ""]
     out += _distill_rows(r, doc)
+    out += _fit_rows(doc)
     sug = r["suggest"]
     out += [
         f"### `suggest` vs random (start 1 labelled a class, label 100 more, label propagation scored on test; "
