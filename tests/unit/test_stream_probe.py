@@ -97,6 +97,10 @@ def _ddp_rank(rank: int, port: int, path: str, out: str) -> None:
         dist.barrier()  # both ranks past their last collective before teardown (as train/distributed.py does)
     finally:
         dist.destroy_process_group()
+    # Results are on disk; skip the interpreter's teardown, where gloo's threads intermittently abort the rank
+    # ("terminate called without an active exception": 1 clean-clone run in about 20 since the barrier; 0 of 40 runs
+    # of this worker alone). What this test checks (equal ranks, one model) is decided before this line.
+    os._exit(0)
 
 
 def test_ddp_two_ranks_train_one_model(memmap, tmp_path):

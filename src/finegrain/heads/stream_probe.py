@@ -10,6 +10,7 @@ torchrun (a process group initialised), each rank reads its share of the chunks 
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -182,6 +183,9 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
                 sched.step()
                 total, seen = total + ce[0].item() * len(yb), seen + len(yb)
             curve.append(total / max(seen, 1))
+        if net is not model:  # DDP's reducer sits in reference cycles: free it (and its hold on the process group)
+            del net  # now, while the interpreter is whole, not at exit
+            gc.collect()
         return model.weight.detach().cpu().numpy(), model.bias.detach().cpu().numpy(), curve
 
     def _batches(self, X, codes, rows, gen, mine: np.ndarray, steps: int):
