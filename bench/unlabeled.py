@@ -185,21 +185,15 @@ def suggest_vs_random(F, labels, base, rows, seed: int, n_more: int = 100) -> di
 
 def rerun_suggest(F, labels, base, rows, seeds: list[int]) -> None:
     """--suggest-only: the suggest rows and headline of the recorded cub100 entry, measured again."""
-    import json
+    from bench.common import command_line
 
-    from bench.common import RESULTS, command_line
-    from finegrain.atomic import atomic_write_json
-
-    path = os.path.join(RESULTS, "unlabeled.json")
-    with open(path) as f:
-        data = json.load(f)
+    data = _results()
     entry = data["cub100"]
     entry["suggest"] = {f"seed{s}": suggest_vs_random(F, labels, base, rows, s) for s in seeds}
     entry["suggest_command"] = command_line()
     entry["headline"] = headline(entry["settings"], entry["suggest"])
-    data["headline"] = {**entry["headline"], **headline_extras(data)}  # the issue's figures, at the top of the file
     print("suggest vs random:", entry["suggest"], flush=True)
-    atomic_write_json(path, data)
+    _save_results(data)
 
 
 # The distilled student (semi/distill.py): finegrain's engine, last:1 over the trunk cached over 2 augmented views
@@ -317,29 +311,24 @@ def add_to_pick(setting: dict, row: dict) -> None:
 def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, baseline: bool, in_pick: bool,
                 temperature: float, ooc: bool = False, epochs: int | None = None) -> None:  # fmt: skip
     """--distill: distillation rows added to the recorded cub100 entry (the rest kept), written after each run."""
-    import json
-
-    from bench.common import RESULTS, command_line
-    from finegrain.atomic import atomic_write_json
+    from bench.common import command_line
 
     store = FeatureStore.open(STORE)
     paths = [""] * len(F)
     for e in store.index():
         paths[e.row] = e.path
-    path = os.path.join(RESULTS, "unlabeled.json")
     for n in shots:
         for seed in seeds:
             key = f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"
             key += f"/epochs{epochs}" if epochs and epochs != STUDENT["epochs"] else ""
-            with open(path) as f:  # the teacher fit would take: the recorded pick's best semi candidate
-                setting = json.load(f)["cub100"]["settings"].get(f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}")
+            # the teacher fit would take: the recorded pick's best semi candidate
+            setting = _results()["cub100"]["settings"].get(f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}")
             teacher = (setting or {}).get("pick", {}).get("teacher", "lp-l2")
             r = distill_setting(F, labels, paths, base, rows, n, seed, baseline=baseline and seed == seeds[0],
                                 in_pick=in_pick, temperature=temperature, ooc=ooc, epochs=epochs,
                                 teacher_head=teacher)  # fmt: skip
             print(f"distill {n} shot seed {seed}: {r}", flush=True)
-            with open(path) as f:
-                data = json.load(f)
+            data = _results()
             entry = data["cub100"]
             entry.setdefault("distill", {})[key] = r
             cmds = entry.setdefault(
@@ -349,8 +338,7 @@ def run_distill(F, labels, base, rows, shots: list[int], seeds: list[int], *, ba
             if "val" in r:
                 add_to_pick(entry["settings"][f"{n}shot{'_out_of_class' if ooc else ''}/seed{seed}"], r)
                 entry["headline"] = headline(entry["settings"], entry["suggest"])
-                data["headline"] = {**data["headline"], **entry["headline"], **headline_extras(data)}
-            atomic_write_json(path, data)
+            _save_results(data)
 
 
 def main() -> None:
@@ -401,12 +389,9 @@ def main() -> None:
         )
         return
     if args.dev_distill or args.dev_with_teacher:
-        import json
+        from bench.common import command_line
 
-        from bench.common import RESULTS, command_line
-
-        with open(os.path.join(RESULTS, "unlabeled.json")) as f:
-            dev = json.load(f).get("cub100/dev_distill", {})
+        dev = _results().get("cub100/dev_distill", {})
         if args.dev_distill:
             dev.update(develop_temperature(F, labels, base, rows))
         else:
@@ -416,12 +401,12 @@ def main() -> None:
         return
     if args.fit:
         r = run_fit(base, rows, args.fit)
-        settings = {k: v for k, v in _recorded("cub100")["settings"].items() if k == "5shot/seed0"}
+        settings = {k: v for k, v in _results()["cub100"]["settings"].items() if k == "5shot/seed0"}
         r["best_supervised_same_labels"] = settings["5shot/seed0"]["best_supervised"]
         r["gain_points"] = round(100 * (r["test_top1"] - r["best_supervised_same_labels"]), 2)
         print(f"fit with unlabeled images: {r}", flush=True)
         record("unlabeled.json", f"cub100/fit-5shot-{args.fit:g}min", r)
-        add_fit_headline()
+        _save_results(_results())
         return
     if args.suggest_only:
         rerun_suggest(F, labels, base, rows, [0] if args.quick else [0, 1, 2])
@@ -455,18 +440,23 @@ def measure_settings(F, labels, base, rows, seeds: list[int]) -> dict:
     return settings
 
 
-def add_fit_headline() -> None:
-    """headline_extras into the recorded headline (the rest kept)."""
+def _results() -> dict:
+    """bench/results/unlabeled.json as recorded."""
     import json
 
     from bench.common import RESULTS
+
+    with open(os.path.join(RESULTS, "unlabeled.json")) as f:
+        return json.load(f)
+
+
+def _save_results(data: dict) -> None:
+    """Write it back, the top-level headline made anew: the cub100 entry's (the issue's figures) + headline_extras."""
+    from bench.common import RESULTS
     from finegrain.atomic import atomic_write_json
 
-    path = os.path.join(RESULTS, "unlabeled.json")
-    with open(path) as f:
-        data = json.load(f)
-    data["headline"] = {**data["headline"], **headline_extras(data)}
-    atomic_write_json(path, data)
+    data["headline"] = {**data["cub100"]["headline"], **headline_extras(data)}
+    atomic_write_json(os.path.join(RESULTS, "unlabeled.json"), data)
 
 
 def headline_extras(data: dict) -> dict:
@@ -484,31 +474,16 @@ def headline_extras(data: dict) -> dict:
     return out
 
 
-def _recorded(key: str) -> dict:
-    import json
-
-    from bench.common import RESULTS
-
-    with open(os.path.join(RESULTS, "unlabeled.json")) as f:
-        return json.load(f)[key]
-
-
 def keep_rows(settings: dict) -> None:
     """--settings-only: the new settings into the recorded cub100 entry; its suggest and distillation rows kept
     (the 5-shot picks are made again without the student: rerun --distill --in-pick to add it)."""
-    import json
+    from bench.common import command_line
 
-    from bench.common import RESULTS, command_line
-    from finegrain.atomic import atomic_write_json
-
-    path = os.path.join(RESULTS, "unlabeled.json")
-    with open(path) as f:
-        data = json.load(f)
+    data = _results()
     entry = data["cub100"]
     entry.update(settings=settings, command=command_line(), features=features_note())
     entry["headline"] = headline(settings, entry["suggest"])
-    data["headline"] = {**entry["headline"], **headline_extras(data)}
-    atomic_write_json(path, data)
+    _save_results(data)
 
 
 def run_fit(base: str, rows: dict, budget_min: float, seed: int = 0) -> dict:

@@ -178,7 +178,7 @@ def test_folds_are_stratified_and_each_image_is_held_out_once():
 
 def test_a_fold_refits_the_probe_with_the_C_its_single_fit_chose():
     from finegrain.recipe.candidates import HEADS, class_proba, fit_head
-    from finegrain.recipe.oof import fixed_params, make_folds, oof_proba
+    from finegrain.recipe.oof import fixed_params, head_fit_predict, make_folds, oof_loop
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)
@@ -188,11 +188,12 @@ def test_a_fold_refits_the_probe_with_the_C_its_single_fit_chose():
     fixed = fixed_params(clf)
     assert fixed == {"Cs": (clf.C_,)}
     folds = make_folds([str(i) for i in range(60)], y, seed=0)
-    oof = oof_proba(head, X, folds, fixed=fixed, seed=0, n_classes=3, time_left=lambda: 1e9)
+    fit_predict = head_fit_predict(head, fixed=fixed, seed=0, n_classes=3)
+    oof = oof_loop(fit_predict, X, folds, n_classes=3, time_left=lambda: 1e9)
     held = folds.fold == 0
     norm, fold_clf = fit_head(head, X[~held], y[~held], seed=0, fixed=fixed)
     assert fold_clf.C_ == clf.C_ and np.allclose(oof[held], class_proba(fold_clf, norm.transform(X[held]), 3))
-    assert oof_proba(head, X, folds, fixed=fixed, seed=0, n_classes=3, time_left=lambda: -1.0) is None  # no time
+    assert oof_loop(fit_predict, X, folds, n_classes=3, time_left=lambda: -1.0) is None  # no time
 
 
 def test_pick_ranks_cross_validated_candidates_out_of_fold_and_a_fine_tune_on_the_same_val_images():

@@ -191,16 +191,22 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
     else:
         combos = list(_combos(_leaders(pool, top)))
     for combo in combos:
-        p = sum(probas[c.name] for c in combo) / len(combo)
-        top1, mpc = val_scores(p, y)
-        name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
-        cand = Candidate(name, "ensemble", top1, mpc, sum(c.seconds for c in combo), {}, [c.name for c in combo])
-        cand.rank_by = combo[0].rank_by
+        cand, p = average(combo, probas, y)
         if all(c in cross for c in combo):
             cand.oof_top1, cand.oof_mean_per_class = val_scores(sum(oof[c.name] for c in combo) / len(combo), y_oof)
             cand.estimate = combo[0].estimate
         out.append((cand, p))
     return out
+
+
+def average(combo, probas: dict[str, np.ndarray], y: np.ndarray) -> tuple[Candidate, np.ndarray]:
+    """The equal-weight ensemble of the candidates `combo` (named after them, in order), scored on the validation
+    split: (Candidate kind 'ensemble', its probabilities [N_val, C])."""
+    p = sum(probas[c.name] for c in combo) / len(combo)
+    name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
+    cand = Candidate(name, "ensemble", *val_scores(p, y), sum(c.seconds for c in combo), {}, [c.name for c in combo])
+    cand.rank_by = combo[0].rank_by
+    return cand, p
 
 
 def prior(cand: Candidate, by_name: dict[str, Candidate]) -> float:

@@ -68,15 +68,6 @@ def fixed_params(clf) -> dict:
     return {}
 
 
-def oof_proba(
-    head: tuple, X: np.ndarray, folds: Folds, *, fixed: dict, seed: int, n_classes: int, time_left: Callable[[], float]
-) -> np.ndarray | None:
-    """OOF probabilities [N, n_classes] of one HEADS entry: image i predicted by the head fitted on the other folds
-    (normalizer included), with the hyperparameters `fixed`; see `oof_loop`."""
-    fit_predict = head_fit_predict(head, fixed=fixed, seed=seed, n_classes=n_classes)
-    return oof_loop(fit_predict, X, folds, n_classes=n_classes, time_left=time_left)
-
-
 def head_fit_predict(head: tuple, *, fixed: dict, seed: int, n_classes: int):
     """fit_predict(X_fit, y_fit, X_held) -> probabilities [n_held, n_classes] of one HEADS entry (for `oof_loop`)."""
 

@@ -200,13 +200,9 @@ MEMBER_ONLY = "a distilled student is chosen only averaged with other models: al
 
 def with_teacher(student, p_student: np.ndarray, teacher, p_teacher: np.ndarray, y_val: np.ndarray):
     """(the ensemble candidate of a distilled student and its teacher, its validation probabilities [N_val, C])."""
-    from finegrain.recipe.candidates import Candidate, val_scores
+    from finegrain.recipe.candidates import average
 
-    proba = (p_teacher + p_student) / 2
-    name = f"ensemble({teacher.name} + {student.name})"
-    members = [teacher.name, student.name]
-    cand = Candidate(name, "ensemble", *val_scores(proba, y_val), teacher.seconds + student.seconds, {}, members)
-    return cand, proba
+    return average([teacher, student], {teacher.name: p_teacher, student.name: p_student}, y_val)
 
 
 def final_semi_model(frozen, cand, paths: list[str]):
