@@ -7,6 +7,8 @@ import shutil
 
 # Tests run offline: make huggingface_hub fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The machine's engine cache (ONNX conversions, races) in a folder of the test session's own, not the user's home.
+os.environ.setdefault("FINEGRAIN_CACHE", __import__("tempfile").mkdtemp(prefix="finegrain-cache-"))
 
 import numpy as np
 import pytest

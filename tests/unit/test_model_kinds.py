@@ -107,3 +107,30 @@ def test_an_ensemble_saves_loads_and_averages_with_its_weights(store_features, t
     assert os.path.isdir(tmp_path / "ens" / "member-1")
     with pytest.raises(FinegrainError, match="weights"):
         Ensemble(members, [1.0])
+
+
+def test_an_ensemble_of_heads_on_one_view_runs_its_trunk_once(store_features, tmp_path):
+    """Two frozen heads on one backbone, view and flip: the saved ensemble's predict runs the trunk once a batch
+    (counted), with the same probabilities as its members run apart."""
+    backbone, classes, split, _ = store_features
+    (Xtr, ytr, _), (_, _, test_paths) = split["train"], split["test"]
+    folders = []
+    for name, norm_name in (("probe", "l2"), ("ncm", "pca-whiten:4")):
+        norm = create_normalizer(norm_name).fit(Xtr)
+        clf = create_classifier(name).fit(norm.transform(Xtr), ytr)
+        model, spec = frozen_model(backbone, clf, norm, classes=classes, pooling="gem", flip=True)
+        folders.append(save_model(model, str(tmp_path / name), spec))
+    members = [finegrain.load(f) for f in folders]
+    apart = [predict_paths(m, test_paths, precision="fp32", workers=0, batch_size=64).proba for m in members]
+    Ensemble(members).save(str(tmp_path / "ens"))
+    ens = finegrain.load(str(tmp_path / "ens"))
+    assert len(ens.members) == 2 and len(ens.runners) == 1  # saved as two members, run as one trunk
+    calls = []
+    trunk = ens.runners[0][0].model.backbone
+    hook = trunk.model.conv_stem.register_forward_hook(lambda *_: calls.append(1))  # the first layer of the trunk
+    try:
+        got = predict_paths(ens, test_paths, precision="fp32", workers=0, batch_size=64).proba
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # one batch, one forward of the trunk (flip included in it), not one per member
+    np.testing.assert_allclose(got, (apart[0] + apart[1]) / 2, atol=1e-5)

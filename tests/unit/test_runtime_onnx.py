@@ -116,3 +116,25 @@ def test_a_k_nn_model_falls_back_to_torch_under_auto(tmp_path):
     np.testing.assert_allclose(auto.predict_proba(_paths(3)), load(folder).predict_proba(_paths(3)), atol=1e-6)
     (engine,) = auto._engines.values()
     assert engine.name == "torch" and "batch" in engine.reason
+
+
+def test_auto_reads_this_machines_race_and_converts_only_where_it_pays(tiny_backbone, tmp_path, monkeypatch):
+    """The machine's race record for an architecture and view decides `auto` without a new conversion: torch won ->
+    torch; ONNX won but its measured saving on the images to run is under the conversion's measured cost -> torch."""
+    from finegrain.embed.extract import Embedder
+    from finegrain.runtime import Runtime, choose_engine
+
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "cache"))
+    embedder = Embedder(tiny_backbone, ["gap"])
+    pre, rt = tiny_backbone.preprocess.with_geometry(64, 1.0), Runtime("cpu", "fp32", False, 0)
+    path = engine_mod._race_path(embedder, pre, rt)
+    os.makedirs(os.path.dirname(path))
+    onnx_dir = str(tmp_path / "onnx")
+    with open(path, "w") as f:
+        json.dump({"choice": "torch", "timing": "torch 90 img/s, onnx 60 img/s"}, f)
+    e = choose_engine(embedder, "auto", preprocess=pre, runtime=rt, n_images=10_000, cache_dir=onnx_dir)
+    assert e.name == "torch" and "this machine's race" in e.reason and not os.path.exists(onnx_dir)
+    with open(path, "w") as f:  # ONNX 2x faster, but 300 images save 0.3 s against a 9 s conversion
+        json.dump({"choice": "onnx", "timing": "", "torch_spi": 0.002, "onnx_spi": 0.001, "convert_s": 9.0}, f)
+    e = choose_engine(embedder, "auto", preprocess=pre, runtime=rt, n_images=300, cache_dir=onnx_dir)
+    assert e.name == "torch" and "would save" in e.reason and not os.path.exists(onnx_dir)

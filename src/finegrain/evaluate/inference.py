@@ -115,6 +115,6 @@ def _weighted_members(predictors) -> list[tuple]:
         raise FinegrainError("no model to predict with")
     out = []
     for item in items:
-        pairs = zip(item.members, item.weights) if hasattr(item, "members") else [(item, 1.0)]
+        pairs = item.runners if hasattr(item, "runners") else [(item, 1.0)]  # an ensemble: its trunks once each
         out += [(p, w / len(items)) for p, w in pairs]
     return out

@@ -109,6 +109,8 @@ class Ensemble:
         if len(w) != len(members) or (w < 0).any() or w.sum() <= 0:
             raise FinegrainError(f"ensemble weights must be {len(members)} non-negative numbers, not all 0")
         self.members, self.weights = list(members), (w / w.sum()).tolist()
+        # what runs: members on one trunk (frozen heads of one backbone, view and flip) fused into one forward pass
+        self.runners: list[tuple[Predictor, float]] = share_trunks(self.members, self.weights)
 
     @property
     def classes(self) -> list[str]:
@@ -119,7 +121,7 @@ class Ensemble:
         return {"kind": "ensemble", "members": [m.meta for m in self.members], "weights": self.weights}
 
     def predict_proba(self, images: Sequence, **kwargs) -> np.ndarray:
-        return sum(w * m.predict_proba(images, **kwargs) for m, w in zip(self.members, self.weights))
+        return sum(w * m.predict_proba(images, **kwargs) for m, w in self.runners)
 
     def predict(self, images: Sequence, *, k: int = 1, tta=None) -> list[list[tuple[str, float]]]:
         return _top_k(self.predict_proba(images, tta=tta), self.classes, k)
@@ -132,6 +134,83 @@ class Ensemble:
         spec = {"format": FORMAT, "kind": "ensemble", "members": names, "weights": self.weights}
         atomic_write_json(os.path.join(folder, "model.json"), {**spec, "classes": self.classes})
         return folder
+
+
+class SharedTrunk(torch.nn.Module):
+    """Frozen classifiers on one backbone, preprocessing and flip setting as one model: the trunk runs once and each
+    member's pooling -> normalizer -> head reads its feature map; the output's softmax is the members' probabilities
+    averaged with `weights` (the logits are the log of that average). `forward_all` like ImageClassifier's, so
+    `runtime.forward`, the ONNX conversion and the engines take it as they take one model."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], weights: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone, self.flip = models[0].backbone, models[0].flip
+        self.heads = torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"pool": m.pool, "norm": m.norm, "head": m.head}) for m in models]
+        )
+        w = torch.as_tensor(list(weights), dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
+
+    @property
+    def preprocess(self):
+        return self.backbone.preprocess
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        fmap = self.backbone.forward_features(torch.cat([x, x.flip(3)]) if self.flip else x)
+        proba, first = 0.0, None
+        for w, h in zip(self.weights, self.heads):
+            pooled = h["pool"](fmap)
+            if self.flip:
+                pooled = (pooled[:n] + pooled[n:]) / 2
+            with torch.autocast(x.device.type, enabled=False):
+                feats = h["norm"](pooled.float())
+                proba = proba + w * h["head"](feats).softmax(-1)
+            first = feats if first is None else first
+        return first, proba.clamp_min(1e-30).log()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[1]
+
+
+def _trunk_key(p: Predictor) -> tuple | None:
+    """What two frozen members must share to run one trunk: backbone, weights' source, preprocessing, flip, device
+    (None for a fine-tuned member: its trunk is its own)."""
+    if p.spec.kind != "frozen":
+        return None
+    return (p.spec.backbone, p.spec.source, json.dumps(p.spec.preprocess.to_dict(), sort_keys=True), p.spec.flip,
+            str(p.device), p.runtime, p.spec.pooling != "stages")  # fmt: skip
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def share_trunks(members: Sequence[Predictor], weights: Sequence[float]) -> list[tuple[Predictor, float]]:
+    """[(Predictor, weight)] to run: frozen members with the same trunk (`_trunk_key` and equal backbone weights)
+    fused into one SharedTrunk Predictor weighted by their sum; every other member as it is."""
+    groups: list[list[int]] = []
+    for i, m in enumerate(members):
+        key = _trunk_key(m)
+        for g in groups:
+            first = members[g[0]]
+            if key is not None and key == _trunk_key(first) and _same_weights(m.model.backbone, first.model.backbone):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    out = []
+    for g in groups:
+        total = sum(weights[i] for i in g)
+        if len(g) == 1:
+            out.append((members[g[0]], total))
+            continue
+        first = members[g[0]]
+        model = SharedTrunk([members[i].model for i in g], [weights[i] / total for i in g])
+        spec = first.spec.replace(extra={**first.spec.extra, "shared_trunk": len(g)})
+        out.append((Predictor(model, spec, str(first.device), runtime=first.runtime), total))
+    return out
 
 
 def _top_k(proba: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:

@@ -178,13 +178,17 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
     """Equal-weight averages of 2 and 3 of the `top` best candidates from different sources: [(Candidate, proba)],
     proba on the validation split. Candidates with out-of-fold probabilities (`oof`: name -> [N, C], labels
     `y_oof`) are led and scored out-of-fold; the others (a fine-tune) join 3 of those leaders in ensembles scored
-    on the validation split only, like themselves."""
+    on the validation split only, like themselves. Near-ties are better averaged than picked: every source's best
+    within the noise of the leader's out-of-fold estimate (`near_ties`, up to NEAR_TIE_MAX) is also averaged."""
     oof = oof or {}
     cross = [c for c in pool if c.estimate != "val" and c.name in oof]
     val_only = [c for c in pool if c not in cross]
     out = []
     if cross:
         combos = list(_combos(_leaders(cross, top)))
+        near = near_ties(cross, oof, y_oof)
+        if len(near) > 3:
+            combos.append(tuple(near))
         if val_only:
             mixed = _leaders(val_only, 2)
             combos += list(_combos(_leaders(cross, 3) + mixed, need=mixed))
@@ -197,6 +201,37 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
             cand.estimate = combo[0].estimate
         out.append((cand, p))
     return out
+
+
+NEAR_TIE_MAX = 6  # the most members of a near-tie ensemble (its test pass grows with the views it needs)
+
+
+def near_ties(cross: list[Candidate], oof: dict[str, np.ndarray], y: np.ndarray) -> list[Candidate]:
+    """The best candidate of each source whose out-of-fold score is within one standard error (paired, over the
+    same images) of the leader's, the leader first; at most NEAR_TIE_MAX."""
+    leaders = _leaders(cross, NEAR_TIE_MAX)
+    if not leaders:
+        return []
+    out = [leaders[0]]
+    for c in leaders[1:]:
+        diff, se = paired_difference(oof[leaders[0].name], oof[c.name], y, rank_by=leaders[0].rank_by)
+        if diff <= se:
+            out.append(c)
+    return out
+
+
+def paired_difference(pa: np.ndarray, pb: np.ndarray, y: np.ndarray, *, rank_by: str = "top1"):
+    """(score of a - score of b, the standard error of that difference) from probabilities [N, C] of two models on
+    the same N labelled images: the per-image difference of correctness, weighted so that its mean is the
+    difference of top-1 (or, rank_by 'mean_per_class', of mean per-class accuracy)."""
+    y = np.asarray(y)
+    w = np.ones(len(y))
+    if rank_by == "mean_per_class":
+        classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+        w = len(y) / (len(classes) * counts[inverse])
+    d = w * ((pa.argmax(1) == y).astype(float) - (pb.argmax(1) == y).astype(float))
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return float(d.mean()), se
 
 
 def average(combo, probas: dict[str, np.ndarray], y: np.ndarray) -> tuple[Candidate, np.ndarray]:
@@ -228,12 +263,15 @@ def _best(candidates: list[Candidate], by_name: dict[str, Candidate], *, on_val:
     return max(ranked, key=key)
 
 
-def pick(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
+def pick(candidates: list[Candidate], probas: dict[str, np.ndarray] | None = None, y_val: np.ndarray | None = None
+         ) -> tuple[Candidate, Candidate | None]:  # fmt: skip
     """(chosen, its strongest challenger on the validation split or None). The best out-of-fold candidate, unless a
     candidate with only a validation score (a fine-tune, an ensemble with one, a frozen head whose OOF pass did not
     fit the budget) beats it on the validation split's images, which both were scored on (ties go to the OOF one).
-    Without OOF estimates: the best on the validation split. A candidate with params 'member_only' (a distilled
-    student) is never chosen alone, only inside an ensemble."""
+    With the validation probabilities (`probas`, labels `y_val`) it must beat it by more than the standard error of
+    the paired difference on those images (`paired_difference`): a win within the noise of a few hundred images
+    does not displace an estimate made on all of them. Without OOF estimates: the best on the validation split. A
+    candidate with params 'member_only' (a distilled student) is never chosen alone, only inside an ensemble."""
     by_name = {c.name: c for c in candidates}
     candidates = [c for c in candidates if "member_only" not in c.params] or candidates
     cross = [c for c in candidates if c.estimate != "val"]
@@ -244,6 +282,15 @@ def pick(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
     if not val_only:
         return best, None
     challenger = _best(val_only, by_name, on_val=True)
-    if challenger.val_score > best.val_score:
+    if challenger.val_score > best.val_score and beyond_noise(challenger, best, probas, y_val):
         return challenger, best
     return best, challenger
+
+
+def beyond_noise(a: Candidate, b: Candidate, probas: dict[str, np.ndarray] | None, y: np.ndarray | None) -> bool:
+    """Whether a beats b on the validation split by more than the standard error of the paired difference (True
+    when the probabilities are not given: the plain comparison decides)."""
+    if probas is None or y is None or a.name not in probas or b.name not in probas:
+        return True
+    diff, se = paired_difference(probas[a.name], probas[b.name], y, rank_by=a.rank_by)
+    return diff > se

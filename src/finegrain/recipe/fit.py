@@ -27,7 +27,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
-from finegrain.recipe.candidates import Candidate, ensembles, finetune_candidate, pick
+from finegrain.recipe.candidates import Candidate, ensembles, finetune_candidate, paired_difference, pick
 from finegrain.recipe.frozen import FrozenStage
 from finegrain.recipe.no_validation import NO_VAL_SELECTION, choose_without_validation
 from finegrain.recipe.oof import Folds, make_folds
@@ -217,8 +217,9 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
     # cross-validated candidates first (by their out-of-fold score), then those scored on the validation split only
     board = sorted(state.candidates.values(), key=lambda c: (c.estimate == "val", -c.score[0], -c.score[1], c.name))
     affordable = _affordable(board, state, frozen, clock, len(splits.test))
-    chosen, challenger = pick(affordable)
-    reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val))
+    chosen, challenger = pick(affordable, state.probas, y_val)
+    margin = _margin(chosen, challenger, state, y_val)
+    reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val), margin=margin)
     return board, chosen, reason, folds
 
 
@@ -229,8 +230,9 @@ def _leader_cost(state: FitState, frozen: FrozenStage, y_val: np.ndarray, folds,
     if not pool:
         return 0.0
     y_oof = folds.y if folds is not None else None
-    extra = [c for c, _ in ensembles(pool, state.probas, y_val, oof=state.oof, y_oof=y_oof)] if len(pool) > 1 else []
-    leader, _ = pick(pool + extra)
+    extra_p = ensembles(pool, state.probas, y_val, oof=state.oof, y_oof=y_oof) if len(pool) > 1 else []
+    extra = [c for c, _ in extra_p]
+    leader, _ = pick(pool + extra, state.probas | {c.name: p for c, p in extra_p}, y_val)
     return frozen.candidate_cost(leader, {c.name: c for c in pool + extra}, n_test)
 
 
@@ -289,7 +291,18 @@ def _scores(c: Candidate, *, on_val: bool = False) -> str:
     return f"{c.oof_top1:.4f}, mean per-class {c.oof_mean_per_class:.4f}"
 
 
-def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, folds, n_val: int) -> str:
+def _margin(chosen: Candidate, challenger: Candidate | None, state: FitState, y_val: np.ndarray) -> str:
+    """The paired difference on the validation split between the chosen candidate and its challenger, and its
+    standard error, in words ('' without a challenger)."""
+    if challenger is None or chosen.name not in state.probas or challenger.name not in state.probas:
+        return ""
+    ranked = sorted((chosen, challenger), key=lambda c: c.estimate != "val")  # the out-of-fold one first
+    diff, se = paired_difference(state.probas[ranked[1].name], state.probas[ranked[0].name], y_val,
+                                 rank_by=chosen.rank_by)  # fmt: skip
+    return f"validation-only minus out-of-fold candidate: {100 * diff:+.1f} points, standard error {100 * se:.1f}"
+
+
+def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, folds, n_val: int, margin="") -> str:
     """Why `chosen` won: the estimate it was ranked by, what it was compared with and on which images."""
     n_oof = sum(c.estimate != "val" for c in affordable)
     what = "mean per-class accuracy (long-tailed data)" if chosen.rank_by == "mean_per_class" else "top-1"
@@ -310,8 +323,9 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
             text += f"; the best candidate scored on the validation split only, {challenger.name}, did not beat it on "
             text += f"the {n_val} validation-split images "
         text += (
-            f"(the same images for both: {a} vs {b}; a fine-tune, alone or in an ensemble, cannot be cross-validated, "
-            "so it is compared with the best out-of-fold candidate there; ties go to the out-of-fold one)"
+            f"(the same images for both: {a} vs {b}; {margin}; a fine-tune, alone or in an ensemble, cannot be "
+            "cross-validated, so it is compared with the best out-of-fold candidate there and must win by more than "
+            "the standard error of the paired difference; within it, the out-of-fold one is kept)"
         )
     fallback = [c.name for c in affordable if c.kind == "frozen" and "oof" in c.params and c.estimate == "val"]
     if fallback:

@@ -102,10 +102,10 @@ class FrozenStage:
         return min(self.test_cost(v, n_test) for v in self.views) + 20.0
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
-        """Seconds the test pass of a candidate takes (an ensemble: its members'; a fine-tune: the eval view's)."""
-        if cand.members:
-            return sum(self.candidate_cost(candidates[m], candidates, n_test) for m in cand.members)
-        return self.test_cost(cand.params.get("view", "eval"), n_test)
+        """Seconds the test pass of a candidate takes: one forward pass for each trunk it runs (members that share a
+        view share its extraction, as the saved ensemble shares it: evaluate/predictor.py), a fine-tune its own at
+        the eval view's cost."""
+        return sum(self.test_cost(view, n_test) for _, view in trunks(cand, candidates))
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
@@ -215,6 +215,17 @@ class FrozenStage:
             self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=self.views[view]["flip"],
             gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
         )  # fmt: skip
+
+
+def trunks(cand: Candidate, candidates: dict[str, Candidate]) -> set[tuple[str, str]]:
+    """The distinct forward passes a candidate's test pass runs: (what runs, its view), a frozen or semi-supervised
+    head's view once however many heads read it, each fine-tuned model on its own."""
+    if cand.members:
+        return set().union(*(trunks(candidates[m], candidates) for m in cand.members))
+    if cand.kind == "finetune":
+        return {(cand.name, cand.params.get("view", "eval"))}
+    view = cand.params.get("view", "eval")
+    return {(view, view)}
 
 
 def _features(store: FeatureStore, splits, pooling: str) -> tuple[np.ndarray, np.ndarray]:

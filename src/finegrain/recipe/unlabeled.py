@@ -209,7 +209,6 @@ def final_semi_model(frozen, cand, paths: list[str]):
     """The semi-supervised candidate refitted on train + val + the unlabeled images, as (model, spec)."""
     from finegrain.embed import create_normalizer
     from finegrain.heads.to_model import frozen_model
-    from finegrain.recipe.candidates import VIEWS
     from finegrain.recipe.frozen import _features
 
     view, pooling = cand.params["view"], cand.params["pooling"]
@@ -220,7 +219,7 @@ def final_semi_model(frozen, cand, paths: list[str]):
     counts = np.bincount(y, minlength=len(frozen.data.classes))
     return frozen_model(
         frozen.backbone(view), clf, create_normalizer("l2").fit(X), classes=frozen.data.classes, pooling=pooling,
-        flip=VIEWS[view]["flip"], train_counts=counts,
+        flip=frozen.views[view]["flip"], train_counts=counts,
         extra={"fit_candidate": cand.name, "refit": "train+val+unlabeled", "unlabeled": clf.report_},
     )  # fmt: skip
 

@@ -2,7 +2,7 @@
 the engine (torch or ONNX Runtime) chosen by a measured check."""
 
 from finegrain.runtime.data import Batch, ImageFiles, collate_images, image_loader
-from finegrain.runtime.engine import RUNTIMES, Engine, check_runtime, choose_engine
+from finegrain.runtime.engine import RUNTIMES, Engine, check_runtime, choose_engine, machine_cache_dir
 from finegrain.runtime.forward import Output, forward
 from finegrain.runtime.settings import PRECISIONS, Runtime, default_num_workers, native_bf16, resolve_precision
 
@@ -16,6 +16,7 @@ __all__ = [
     "Runtime",
     "check_runtime",
     "choose_engine",
+    "machine_cache_dir",
     "collate_images",
     "default_num_workers",
     "forward",

@@ -11,6 +11,7 @@ writable, keyed by the weights and by this machine, so the check runs once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -198,9 +199,13 @@ def choose_engine(
     if problem is None and requested == "auto" and not cache_dir and n_images is not None:
         if n_images < AUTO_MIN_IMAGES:  # nowhere to keep the conversion for a later call
             problem = f"{n_images} images do not repay an ONNX conversion: torch runs them"
+    if problem is None and requested == "auto":
+        problem = _not_worth_converting(model, preprocess, runtime, n_images, cache_dir)
     if problem is None:
         try:
+            t0 = time.perf_counter()
             onnx_engine = _onnx_engine(model, preprocess, runtime, cache_dir)
+            convert_s = time.perf_counter() - t0
         except FinegrainError as e:
             problem = str(e)
     if problem is not None:
@@ -210,7 +215,7 @@ def choose_engine(
         return torch_engine
     if requested == "onnx":
         return onnx_engine
-    return _auto(model, [torch_engine, onnx_engine], preprocess, runtime, cache_dir, int8_path)
+    return _auto(model, [torch_engine, onnx_engine], preprocess, runtime, cache_dir, int8_path, convert_s)
 
 
 def _onnx_engine(model, preprocess, runtime: Runtime, cache_dir: str | None) -> Engine:
@@ -221,8 +226,42 @@ def _onnx_engine(model, preprocess, runtime: Runtime, cache_dir: str | None) -> 
     return Engine("onnx", onnx_module(engine, model), rt, f"ONNX Runtime fp32 (max diff vs torch {diff:.1e})", key)
 
 
-def _auto(model, engines: list[Engine], preprocess, runtime: Runtime, cache_dir, int8_path) -> Engine:
-    """The fastest engine, timed once per machine (the choice is cached beside the conversion)."""
+def machine_cache_dir() -> str:
+    """Where this machine's engine races are recorded: $FINEGRAIN_CACHE/engines, else ~/.cache/finegrain/engines."""
+    root = os.environ.get("FINEGRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finegrain")
+    return os.path.join(root, "engines")
+
+
+def _race_path(model: torch.nn.Module, preprocess, runtime: Runtime) -> str:
+    """The machine's record of the race for this architecture and view (not its weights: speed does not depend on
+    their values), this machine's capabilities and precision."""
+    shape = f"{model}|{getattr(model, 'flip', None)}|{getattr(model, 'names', None)}|{preprocess.input_size}"
+    key = hashlib.sha1(f"{shape}|{OPSET}|{EXPORTER}".encode()).hexdigest()[:16]
+    return os.path.join(machine_cache_dir(), f"race-{key}-{machine_key(runtime)}.json")
+
+
+def _not_worth_converting(model, preprocess, runtime: Runtime, n_images: int | None, cache_dir) -> str | None:
+    """Why `auto` should not convert (None: convert and race): this machine already raced this architecture and
+    view, and torch won, or ONNX Runtime's measured saving on `n_images` images is under the measured cost of a
+    conversion that is not cached yet."""
+    record = _read_json(_race_path(model, preprocess, runtime))
+    if not record:
+        return None
+    if record.get("choice") == "torch":
+        return f"auto -> torch (this machine's race for this view: {record.get('timing')})"
+    onnx_path, _ = _cache_paths(cache_dir, weights_key(model, preprocess.input_size)) if cache_dir else (None, None)
+    if n_images is None or (onnx_path and os.path.isfile(onnx_path)):
+        return None
+    saving = n_images * max(record.get("torch_spi", 0.0) - record.get("onnx_spi", 0.0), 0.0)
+    if saving < record.get("convert_s", 0.0):
+        return (f"auto -> torch: ONNX Runtime would save ~{saving:.0f} s on {n_images} images, under the "
+                f"~{record['convert_s']:.0f} s its conversion takes here")  # fmt: skip
+    return None
+
+
+def _auto(model, engines: list[Engine], preprocess, runtime: Runtime, cache_dir, int8_path, convert_s=0.0) -> Engine:
+    """The fastest engine, timed once per machine (the choice is cached beside the conversion, and the race in the
+    machine's cache for `_not_worth_converting`)."""
     key = engines[1].key
     int8 = verified_int8(int8_path, key)
     if int8:
@@ -239,5 +278,11 @@ def _auto(model, engines: list[Engine], preprocess, runtime: Runtime, cache_dir,
     timing = ", ".join(f"{e.name} {8 / s:.0f} img/s" for e, s in zip(engines, seconds))
     chosen = engines[int(np.argmin(seconds))]
     _write_cache(json_path, lambda f: f.write(json.dumps({"choice": chosen.name, "timing": timing}).encode()))
+    race_path = _race_path(model, preprocess, runtime)
+    record = {"choice": chosen.name, "timing": timing, "torch_spi": seconds[0] / 8, "onnx_spi": seconds[1] / 8}
+    record["convert_s"] = max(convert_s, _read_json(race_path).get("convert_s", 0.0))  # a cached conversion is quick
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(race_path), exist_ok=True)
+    _write_cache(race_path, lambda f: f.write(json.dumps(record).encode()))
     chosen.reason = f"auto -> {chosen.name} (measured: {timing}); {chosen.reason}"
     return chosen

@@ -95,7 +95,8 @@ class ServedModel:
     @property
     def engines(self) -> list[str]:
         """Which engine runs each member at each input size, and why (the predictor's own notes)."""
-        return [note for m in self.members for note in getattr(m, "engine_notes", [])]
+        runners = getattr(self.predictor, "runners", [(self.predictor, 1.0)])  # an ensemble: its trunks once each
+        return [note for m, _ in runners for note in getattr(m, "engine_notes", [])]
 
     def measure_batch_sizes(self, ceiling: int = 16, *, rounds: int = 3) -> dict[int, float]:
         """Images/s of `predict_batch` at batch sizes 1, 2, 4, ... up to `ceiling`, on synthetic photos (decoded
