@@ -24,6 +24,7 @@ def _fit_cfg(data, out, **kw):
     kw.setdefault("finetune", False)
     kw.setdefault("workers", 0)
     kw.setdefault("bootstrap", 50)
+    kw.setdefault("backbones", "efficientnet_lite0")  # the other backbones' views: tests of their own
     return FitConfig(data=data, out=str(out), **kw)
 
 
@@ -229,3 +230,85 @@ def test_a_distilled_student_is_chosen_only_averaged_with_its_teacher():
     chosen, challenger = pick([teacher, student, both])
     assert chosen is (both if both.val_score > teacher.val_score else teacher)
     assert "distill" not in {chosen.name, challenger.name}
+
+
+def test_a_validation_only_challenger_within_its_noise_does_not_displace_the_out_of_fold_leader():
+    """A fine-tune that wins the validation split by 2 images of 100 (standard error of the paired difference ~3
+    images) keeps the out-of-fold leader; one that wins by 12 displaces it."""
+    from finegrain.recipe.candidates import Candidate, paired_difference, pick
+
+    y = np.repeat(np.arange(10), 10)
+    eye = np.eye(10)
+    wrong = (y + 1) % 10
+
+    def proba(right: np.ndarray) -> np.ndarray:
+        return eye[np.where(right, y, wrong)]
+
+    rng = np.random.default_rng(0)
+    leader_right = rng.random(100) < 0.8
+    leader = Candidate("eval/gem/probe-l2", "frozen", float(leader_right.mean()), 0.0, 1.0, {"source": "eval/gem"},
+                       oof_top1=0.85, oof_mean_per_class=0.85, estimate="oof-5")  # fmt: skip
+    close_right, far_right = leader_right.copy(), leader_right.copy()
+    flips = np.flatnonzero(~leader_right)
+    close_right[flips[:4]] = True  # 4 images it gets right that the leader misses ...
+    close_right[np.flatnonzero(leader_right)[:2]] = False  # ... and 2 the other way: +2 images
+    far_right[flips[:12]] = True  # +12 images
+    probas = {leader.name: proba(leader_right)}
+    for name, right in (("close", close_right), ("far", far_right)):
+        probas[name] = proba(right)
+    close = Candidate("close", "finetune", float(close_right.mean()), 0.0, 60.0)
+    far = Candidate("far", "finetune", float(far_right.mean()), 0.0, 60.0)
+    diff, se = paired_difference(probas["close"], probas[leader.name], y)
+    assert diff == pytest.approx(0.02) and se > diff
+    assert pick([leader, close]) == (close, leader)  # the plain comparison would take it
+    assert pick([leader, close], probas, y) == (leader, close)  # within its noise: the out-of-fold leader stays
+    assert pick([leader, far], probas, y) == (far, leader)  # beyond it: displaced
+
+
+def test_fit_prices_a_test_pass_by_its_distinct_trunks():
+    """Two heads on one view cost one extraction of it at test time; a head on another view or a fine-tune adds
+    theirs."""
+    from finegrain.recipe.candidates import Candidate
+    from finegrain.recipe.frozen import FrozenStage, trunks
+
+    def head(name, view):
+        return Candidate(name, "frozen", 0.9, 0.9, 1.0, {"view": view, "source": view})
+
+    cands = {c.name: c for c in (head("a", "eval"), head("b", "eval"), head("c", "full256-flip"))}
+    cands["ft"] = Candidate("ft", "finetune", 0.9, 0.9, 9.0, {"view": "eval"})
+    for name, members in (("ab", ["a", "b"]), ("abc", ["a", "b", "c"]), ("a-ft", ["a", "ft"])):
+        cands[name] = Candidate(name, "ensemble", 0.9, 0.9, 1.0, {}, members)
+    assert trunks(cands["ab"], cands) == {("eval", "eval")}
+    assert len(trunks(cands["abc"], cands)) == 2 and len(trunks(cands["a-ft"], cands)) == 2
+    stage = FrozenStage.__new__(FrozenStage)  # the cost model alone: measured paces given, nothing extracted
+    stage.setup, stage.spi = {"eval": 2.0, "full256-flip": 2.0}, {"eval": 0.01, "full256-flip": 0.03}
+    assert stage.candidate_cost(cands["ab"], cands, 100) == pytest.approx(stage.candidate_cost(cands["a"], cands, 100))
+    assert stage.candidate_cost(cands["abc"], cands, 100) == pytest.approx(3.0 + 5.0)
+
+
+def test_backbones_parse_and_an_unknown_one_is_a_one_line_error(train_data, tmp_path, capsys):
+    from finegrain.cli.main import main
+    from finegrain.recipe.candidates import parse_backbones
+
+    assert parse_backbones("efficientnet_lite0, efficientnet_lite2", "x") == ["efficientnet_lite0", "efficientnet_lite2"]
+    assert parse_backbones("", "efficientnet_lite0")[0] == "efficientnet_lite0"  # the default set starts with it
+    code = main(["fit", train_data, "--out", str(tmp_path / "f"), "--backbones", "efficientnet_lite0,nonet_9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nonet_9" in err[0] and not (tmp_path / "f" / "fit.json").exists()
+
+
+def test_small_images_get_a_view_at_their_own_scale_on_the_leaderboard(tmp_path):
+    """32 px images: fit adds a view at a resolution derived from theirs (112 px, about a quarter of the 224 px
+    eval view's compute), scored out-of-fold like every other."""
+    from finegrain.recipe.candidates import low_res_view
+
+    assert low_res_view(32) == 112 and low_res_view(500) is None and low_res_view(8) == 64
+    root = tmp_path / "small"
+    for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
+        write_class_images(str(root / "train" / name), colour, 10, seed=c, size=(32, 32))
+        write_class_images(str(root / "test" / name), colour, 3, seed=100 + c, size=(32, 32))
+    result = fit(_fit_cfg(str(root), tmp_path / "fit", budget_min=1.5), progress=False)
+    summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert summary["native_short_side"] == 32 and summary["views"]["low112-flip"]["image_size"] == 112
+    low = [c for c in result.leaderboard if c.params.get("view") == "low112-flip"]
+    assert low and all(c.estimate == "oof-5" for c in low)

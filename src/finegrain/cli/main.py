@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: model/, leaderboard.csv, fit.json")
     p.add_argument("--budget-min", type=float, default=None, help="minutes for the whole command (default 10)")
     p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline), any timm name, hf-hub:...")
+    p.add_argument(
+        "--backbones", default=None,
+        help="comma-separated backbones whose views fit tries, e.g. efficientnet_lite0,efficientnet_lite2,"
+        "mobilenetv2_100 (default: --backbone, then the offline ones installed here)",
+    )  # fmt: skip
     p.add_argument("--val-fraction", type=float, default=None, help="validation part of train (default 0.2)")
     p.add_argument("--seed", type=int, default=None, help="fixes the validation split and training (default 0)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None, help="frozen candidates only")

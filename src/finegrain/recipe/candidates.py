@@ -13,20 +13,21 @@ import numpy as np
 from finegrain.embed import create_normalizer
 from finegrain.heads import create_classifier
 
-# Extraction views, cheapest first. BENCHMARKS.md (cub100, lite0): the eval view gives a 0.904 GeM probe, 256 px
-# full frame + flip 0.918-0.920 (for 2.6x the compute).
+# Extraction views of the first backbone, cheapest first. BENCHMARKS.md (cub100, lite0): the eval view gives a 0.904
+# GeM probe, 256 px full frame + flip 0.918-0.920 (for 2.6x the compute). Images much smaller than the backbone's input
+# add a view at a resolution derived from theirs (`low_res_view`), and other backbones a view each (`views_for`).
 VIEWS = {
     "eval": {"image_size": None, "crop_pct": None, "flip": False},
     "full256-flip": {"image_size": 256, "crop_pct": 1.0, "flip": True},
 }
-# A second backbone, tried after the default's views when the budget allows its extraction and test pass: alone it
-# is no better (cub100 GeM probe 0.909 at 260 px full frame + flip vs lite0's 0.918), but an ensemble of the two
-# backbones' probes reaches 0.929-0.931 (`python -m bench.fit`; two views of one backbone: 0.914).
-BACKBONE_VIEWS = {
-    "efficientnet_lite0": {
-        "lite2-full260-flip": {"backbone": "efficientnet_lite2", "image_size": 260, "crop_pct": 1.0, "flip": True},
-    },
-}
+# The other backbones fit tries by default, in order, after the first one's views when the budget allows their
+# extraction and test pass (and their weights load here): alone lite2 is no better on cub100 (GeM probe 0.909 at 260 px
+# full frame + flip vs lite0's 0.918), but an ensemble of the two backbones' probes reaches 0.929-0.931
+# (`python -m bench.fit`; two views of one backbone: 0.914); on a far domain another pre-training may be the closer.
+DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite1", "mobilenetv2_100")
+SHORT_NAMES = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2",
+               "mobilenetv2_100": "mobilenetv2"}  # fmt: skip
+LOW_RES_BELOW = 160  # median short side (px) under which a view at a resolution derived from the images' is added
 POOLINGS = ("gem", "gap")
 # Ties on validation go to the candidate expected to be better: its cub100 test top-1 in BENCHMARKS.md
 # (representation table; the fine-tune is last:1 at 30 minutes). Small validation splits tie often.
@@ -98,20 +99,80 @@ class Candidate:
         return {k: v for k, v in asdict(self).items() if k != "params"} | {"members": "+".join(self.members)}
 
 
-def views_for(backbone: str) -> dict[str, dict]:
-    """The extraction views fit tries for a backbone, cheapest first: VIEWS of that backbone, then the views of a
-    second backbone where one is known to ensemble well with it and its weights load here (offline or cached)."""
+def parse_backbones(text: str | None, first: str) -> list[str]:
+    """The backbones of `fit --backbones a,b,...` (each a name `create_backbone` knows), checked without loading
+    weights; empty: `first`, then DEFAULT_BACKBONES whose offline weights are installed here."""
+    from finegrain.backbones.factory import _timm_names, list_backbones
     from finegrain.backbones.offline import OFFLINE_WEIGHTS, weights_file
     from finegrain.errors import FinegrainError
 
-    out = {name: {**geo, "backbone": backbone} for name, geo in VIEWS.items()}
-    for name, geo in BACKBONE_VIEWS.get(backbone, {}).items():
+    if text:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        for name in names:
+            hub = name.startswith(("hf-hub:", "hf_hub:"))
+            if name not in OFFLINE_WEIGHTS and not hub and name not in _timm_names():
+                raise FinegrainError(
+                    f"--backbones: unknown backbone {name!r}; use offline ones ({', '.join(list_backbones())}), timm "
+                    "model names or hf-hub:org/name, separated by commas"
+                )
+        return list(dict.fromkeys(names))
+    out = [first]
+    for name in DEFAULT_BACKBONES:
+        if name in out:
+            continue
         try:
-            weights_file(geo["backbone"]) if geo["backbone"] in OFFLINE_WEIGHTS else None
-        except FinegrainError:
-            continue  # its weights package is not installed: the view is not offered
-        out[name] = geo
+            weights_file(name)
+        except (FinegrainError, KeyError):
+            continue  # its weights package is not installed here: not offered by default
+        out.append(name)
     return out
+
+
+def low_res_view(native: float | None) -> int | None:
+    """The input size of a view derived from the images' own (median short side `native`): about 3.5x it, within
+    64-160 px, on a multiple of 16; None when the images are not small (LOW_RES_BELOW)."""
+    if not native or native >= LOW_RES_BELOW:
+        return None
+    return int(min(160, max(64, 16 * round(3.5 * native / 16))))
+
+
+def views_for(backbones: list[str], native: float | None = None) -> dict[str, dict]:
+    """The extraction views fit tries, in order: the first backbone's (a low-resolution one first when the images are
+    small, then its eval view, then 256 px full frame + flip), then one view of each other backbone (its own input
+    size, full frame + flip)."""
+    from finegrain.backbones import create_backbone
+
+    first = backbones[0]
+    out = {}
+    low = low_res_view(native)
+    if low is not None:
+        out[f"low{low}-flip"] = {"image_size": low, "crop_pct": 1.0, "flip": True, "backbone": first}
+    out |= {name: {**geo, "backbone": first} for name, geo in VIEWS.items()}
+    for name in backbones[1:]:
+        try:
+            size = create_backbone(name, pretrained=False).preprocess.input_size
+        except Exception:  # noqa: BLE001 - a hub model whose config cannot be fetched: its extraction will say why
+            size = 224
+        if low is not None:
+            size = min(size, 2 * low)
+        short = SHORT_NAMES.get(name, name.replace("/", "-").replace(":", "-"))
+        out[f"{short}-full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True}
+    return out
+
+
+def native_side(paths: list[str], n: int = 200) -> float | None:
+    """The median short side (px) of up to n of the images, from their headers (no decoding); None if none reads."""
+    from PIL import Image
+
+    step = max(1, len(paths) // n)
+    sides = []
+    for p in paths[::step][:n]:
+        try:
+            with Image.open(p) as im:
+                sides.append(min(im.size))
+        except (OSError, ValueError):
+            continue
+    return float(np.median(sides)) if sides else None
 
 
 def finetune_candidate(name: str, run: str, val_paths: list[str], y_val: np.ndarray, n_classes: int, cfg, *,

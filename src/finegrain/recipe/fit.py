@@ -27,7 +27,14 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
-from finegrain.recipe.candidates import Candidate, ensembles, finetune_candidate, paired_difference, pick
+from finegrain.recipe.candidates import (
+    Candidate,
+    ensembles,
+    finetune_candidate,
+    paired_difference,
+    parse_backbones,
+    pick,
+)
 from finegrain.recipe.frozen import FrozenStage
 from finegrain.recipe.no_validation import NO_VAL_SELECTION, choose_without_validation
 from finegrain.recipe.oof import Folds, make_folds
@@ -43,6 +50,9 @@ class FitConfig:
     out: str = ""
     budget_min: float = 10.0  # the whole command: extraction, candidates, fine-tuning, refit, test scoring
     backbone: str = "efficientnet_lite0"
+    # the backbones whose views fit tries, comma-separated, the first one's first ("" : `backbone`, then the offline
+    # ones installed here: recipe/candidates.py DEFAULT_BACKBONES); any timm name or hf-hub:org/name where a network is
+    backbones: str = ""
     val_fraction: float = 0.2  # carved from train, stratified and seeded, when the data has no val split
     seed: int = 0
     finetune: bool = True
@@ -88,7 +98,7 @@ class FitState:
     def __init__(self, out: str, cfg: FitConfig) -> None:
         self.dir = os.path.join(out, "fit-state")
         key = {k: v for k, v in config_dict(cfg).items() if k not in ("workers", "bootstrap")}
-        for opt in ("unlabeled", "transductive"):  # fits without them keep the key they had before the options
+        for opt in ("unlabeled", "transductive", "backbones"):  # unset: the key a fit had before the option existed
             if not key.get(opt):
                 key.pop(opt, None)
         self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -165,6 +175,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
         raise FinegrainError(f"budget_min must be positive (minutes), got {cfg.budget_min}")
     if not cfg.out:
         raise FinegrainError("fit needs an output folder: --out DIR")
+    parse_backbones(cfg.backbones, cfg.backbone)  # an unknown name is a one-line error before any work
     clock = Clock(cfg.budget_min)
     image_set = load_image_set(cfg.data)
     splits = make_splits(image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -189,7 +200,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     print(f"fit: chose {chosen.name}: {reason}", flush=True)
     model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
-    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen.skipped, folds)
+    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen, folds)
     return FitResult(cfg.out, chosen, board, test, clock.elapsed())
 
 
@@ -205,7 +216,15 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
     if cfg.finetune:  # keep the test pass of the fine-tuned model, or of the frozen leader, whichever costs more
         leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))
         reserve = max(frozen.test_cost("eval", len(splits.test)), leader) + 20.0
-        _finetune(cfg, data, splits, state, clock, reserve=reserve, progress=progress)
+        _finetune(cfg, data, splits, state, clock, frozen, reserve=reserve, progress=progress)
+    if frozen.untried(len(splits.test)):  # time the fine-tune left (or did not need): the views skipped before it
+        print(f"fit: time left: trying the views skipped before ({', '.join(frozen.untried(len(splits.test)))})")
+        frozen.run(y_val, n_test=len(splits.test), folds=folds)
+        if balanced:
+            from finegrain.recipe.longtail import add_logit_adjusted
+
+            counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(data.classes))
+            add_logit_adjusted(state, counts, y_val, folds)
     for cand in state.candidates.values():
         cand.rank_by = "mean_per_class" if balanced else "top1"
     pool = list(state.candidates.values())
@@ -339,8 +358,25 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
     return text
 
 
-def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Clock, *, reserve, progress) -> None:
-    """Fine-tune in the time left (regime=auto from the data and that time, LP-FT start), scored on fit's val."""
+def _finetune_view(state: FitState, frozen: FrozenStage) -> str:
+    """The view whose geometry the fine-tune trains and predicts at: with small images, the low-resolution view when
+    its best frozen candidate scores at least as well as the eval view's (a fraction of the compute an epoch), else
+    the eval view (the weights' own geometry)."""
+    low = next((v for v in frozen.views if v.startswith("low")), None)
+    if low is None:
+        return "eval"
+
+    def best(view: str) -> float:
+        scores = [c.score for c in state.candidates.values() if c.kind == "frozen" and c.params.get("view") == view]
+        return max(scores, default=(-1.0, -1.0))[0]
+
+    return low if best(low) >= best("eval") else "eval"
+
+
+def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Clock, frozen: FrozenStage, *, reserve,
+              progress) -> None:  # fmt: skip
+    """Fine-tune in the time left (regime=auto from the data and that time, LP-FT start), scored on fit's val, at the
+    geometry of `_finetune_view`."""
     from finegrain.train.engine import Trainer
 
     name = "finetune"
@@ -353,9 +389,12 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
         return
     run = os.path.join(cfg.out, "candidates", name)
     resume = os.path.exists(os.path.join(run, "checkpoint-last.pt"))
+    view = _finetune_view(state, frozen)
+    geo = {"image_size": frozen.views[view]["image_size"], "crop_pct": frozen.views[view]["crop_pct"]}
     tcfg = TrainConfig(
         data=cfg.data, out=run, backbone=cfg.backbone, regime="auto", head_init="probe", epochs=30,
         time_budget_min=0.85 * available / 60, seed=cfg.seed, workers=cfg.workers, device=cfg.device, resume=resume,
+        **(geo if view != "eval" else {}),
     )  # fmt: skip
     t0 = time.perf_counter()
     no_test = ImageSet(data.root, data.classes, [s for s in data.samples if s.split != "test"])  # fit scores test
@@ -370,7 +409,8 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
         trainer.close()
     y_val = np.array([s.label for s in splits.val])
     seconds = time.perf_counter() - t0
-    state.add(*finetune_candidate(name, run, val_paths, y_val, len(data.classes), cfg, seconds=seconds))
+    params = {"view": view}
+    state.add(*finetune_candidate(name, run, val_paths, y_val, len(data.classes), cfg, seconds=seconds, params=params))
 
 
 def state_spi(state: FitState) -> float:
@@ -436,7 +476,7 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipped, folds) -> None:
+def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen, folds) -> None:
     buf = io.StringIO()
     fields = ["name", "kind", "estimate", "score_top1", "score_mean_per_class", "val_top1", "val_mean_per_class",
               "oof_top1", "oof_mean_per_class", "seconds", "members"]  # fmt: skip
@@ -464,7 +504,9 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, skipp
         "splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
         "splits_note": splits.note,
         "warnings": notes,
-        "skipped_candidates": skipped,
+        "skipped_candidates": frozen.skipped,
+        "views": frozen.views,  # what each view name extracts: backbone, input size, crop, flip
+        "native_short_side": frozen.native,
         "test_note": _test_note(cfg, test, splits),
     }
     atomic_write_json(os.path.join(cfg.out, "fit.json"), summary)

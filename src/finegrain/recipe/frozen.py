@@ -13,6 +13,7 @@ import torch
 from finegrain.backbones import Backbone, create_backbone
 from finegrain.data import ImageSet
 from finegrain.embed import FeatureStore, extract_to_store
+from finegrain.errors import FinegrainError
 from finegrain.heads.to_model import frozen_model
 from finegrain.recipe.candidates import (
     HEADS,
@@ -21,6 +22,8 @@ from finegrain.recipe.candidates import (
     Candidate,
     class_proba,
     fit_head,
+    native_side,
+    parse_backbones,
     val_scores,
     views_for,
 )
@@ -38,7 +41,9 @@ class FrozenStage:
         self.head_seconds: dict[str, float] = {}  # seconds scoring every head on a view's features (OOF included)
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
-        self.views = views_for(cfg.backbone)
+        paths = [s.path for s in data.samples if s.split in ("train", "val")]
+        self.native = native_side(paths)  # the images' median short side: small images get a view of their size
+        self.views = views_for(parse_backbones(getattr(cfg, "backbones", ""), cfg.backbone), self.native)
         self._units: dict[str, float] = {}  # view -> compute relative to a 224 px forward of its backbone
         self._forward_spi: dict[str, float] = {}  # backbone -> seconds an image of its bare 224 px forward
 
@@ -99,7 +104,8 @@ class FrozenStage:
 
     def reserve(self, n_test: int) -> float:
         """Seconds to keep for the end: the test pass of a model on the cheapest view, and the refit."""
-        return min(self.test_cost(v, n_test) for v in self.views) + 20.0
+        first = self.views[next(iter(self.views))]["backbone"]
+        return min(self.test_cost(v, n_test) for v in self.views if self.views[v]["backbone"] == first) + 20.0
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         """Seconds the test pass of a candidate takes: one forward pass for each trunk it runs (members that share a
@@ -125,28 +131,59 @@ class FrozenStage:
 
     # ---- candidates ---------------------------------------------------------------------------------------------
     def run(self, y_val: np.ndarray, *, n_test: int, folds: Folds | None = None) -> None:
-        """Every view x pooling x head that fits the budget, cheapest view first; the first view always runs.
-        With `folds`, each head is also scored out-of-fold over every training image."""
-        val_paths = [s.path for s in self.data.samples if s.split == "val"]
+        """Every view x pooling x head that fits the budget, in the views' order; the first view always runs. With
+        `folds`, each head is also scored out-of-fold over every training image. Called again later (time left after
+        a fine-tune), it tries the views it skipped; what was scored is kept."""
         for i, view in enumerate(self.views):
-            cost = self._estimate_setup(view) + self.n_trainval * self._estimate_spi(view)
-            cost += self.test_cost(view, n_test) + max(self.head_seconds.values(), default=0.0)  # heads as last view's
-            if self.views[view]["backbone"] != self.cfg.backbone:  # worth it in an ensemble: count a partner's test
-                cost += min((self.test_cost(v, n_test) for v in self.spi), default=0.0)
+            if view in self.head_seconds:
+                continue  # done in an earlier call
+            self.skipped = [s for s in self.skipped if s.get("view") != view]
+            try:
+                cost = self.view_cost(view, n_test)
+            except FinegrainError as e:  # another backbone whose weights cannot be had here (no network)
+                self.skipped.append({"view": view, "why": str(e)})
+                continue
             if i > 0 and self.clock.remaining() - 20.0 < cost:
                 why = f"extraction and a test pass on it (~{cost:.0f} s) do not fit in the budget"
                 self.skipped.append({"view": view, "why": why})
                 print(f"fit: skipping the {view} view: {why}", flush=True)
                 continue
-            store = self._store(view)
-            t0 = time.perf_counter()
-            for pooling in POOLINGS:
-                Xtr, ytr = _features(store, "train", pooling)
-                Xva = _aligned(store, "val", pooling, val_paths)
-                Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
-                for head in HEADS:
-                    self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
-            self.head_seconds[view] = time.perf_counter() - t0
+            self._run_view(view, y_val, n_test, folds)
+
+    def view_cost(self, view: str, n_test: int) -> float:
+        """Seconds a view's candidates take: its extraction (engine set-up included), a test pass on it, and
+        scoring the heads (as long as the last view's did); another backbone's also counts a partner's test pass
+        (it is worth most in an ensemble)."""
+        cost = self._estimate_setup(view) + self.n_trainval * self._estimate_spi(view)
+        cost += self.test_cost(view, n_test) + max(self.head_seconds.values(), default=0.0)
+        if self.views[view]["backbone"] != self.views[next(iter(self.views))]["backbone"]:
+            cost += min((self.test_cost(v, n_test) for v in self.spi), default=0.0)
+        return cost
+
+    def untried(self, n_test: int) -> list[str]:
+        """Views not run yet whose cost fits in what is left of the budget."""
+        left = self.clock.remaining() - 20.0
+        out = []
+        for view in self.views:
+            if view not in self.head_seconds:
+                try:
+                    if self.view_cost(view, n_test) <= left:
+                        out.append(view)
+                except FinegrainError:
+                    continue
+        return out
+
+    def _run_view(self, view: str, y_val: np.ndarray, n_test: int, folds: Folds | None) -> None:
+        val_paths = [s.path for s in self.data.samples if s.split == "val"]
+        store = self._store(view)
+        t0 = time.perf_counter()
+        for pooling in POOLINGS:
+            Xtr, ytr = _features(store, "train", pooling)
+            Xva = _aligned(store, "val", pooling, val_paths)
+            Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
+            for head in HEADS:
+                self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
+        self.head_seconds[view] = time.perf_counter() - t0
 
     def _done(self, name: str, folds: Folds | None) -> bool:
         """Scored already (a resumed run); one scored before out-of-fold estimates existed is scored again."""
@@ -157,7 +194,7 @@ class FrozenStage:
         name = f"{view}/{pooling}/{head[0]}"
         if self._done(name, folds):
             return
-        if self.clock.remaining() < self.reserve(n_test) + 5:
+        if self.clock.remaining() < self.reserve(n_test) + 5 and self.state.candidates:  # the first always runs
             self.skipped.append({"candidate": name, "why": "no time left in the budget"})
             return
         Xtr, ytr, Xva, Xall = feats

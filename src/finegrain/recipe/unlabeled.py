@@ -59,14 +59,14 @@ def unlabeled_paths(folder: str, image_set: ImageSet) -> list[str]:
 
 def unlabeled_store(frozen, view: str, paths: list[str]) -> FeatureStore:
     """Features of the unlabeled images on one view (resumable store <out>/features-unlabeled/<view>)."""
-    from finegrain.recipe.candidates import POOLINGS, VIEWS
+    from finegrain.recipe.candidates import POOLINGS
 
     image_set = ImageSet(frozen.data.root, frozen.data.classes, [Sample(p, 0, "unlabeled") for p in paths])
     cfg = frozen.cfg
     result = extract_to_store(
         image_set, frozen.backbone(view), os.path.join(cfg.out, "features-unlabeled", view), poolings=POOLINGS,
-        flip=VIEWS[view]["flip"], batch_size=cfg.batch_size, num_workers=cfg.workers, precision=cfg.precision,
-        device=cfg.device, progress=frozen.progress,
+        flip=frozen.views[view]["flip"], batch_size=cfg.batch_size, num_workers=cfg.workers,
+        precision=cfg.precision, device=cfg.device, progress=frozen.progress,
     )  # fmt: skip
     if result.skipped:
         listed = os.path.join(cfg.out, "features-unlabeled", view, "skipped.csv")
