@@ -3,10 +3,12 @@
 accuracy   test top-1 / mean per-class of head, last:1, last:2 and full under a wall-clock budget each
 throughput one finegrain training step vs a plain timm + torch loop: same model, batch, precision, augmentation
 cache      cached-trunk last:K (trunk once over V views, then V tail epochs) vs V ordinary last:K epochs
+mixing     no mixing vs input mixup vs manifold mixup (cached trunk outputs mixed at the cut), same seed and epochs
 
   python -m bench.finetune accuracy --budget 10
   python -m bench.finetune throughput
   python -m bench.finetune cache
+  python -m bench.finetune mixing --data rsscn7 --regime last:1 --epochs 8 --alpha 0.4
 """
 
 from __future__ import annotations
@@ -261,6 +263,34 @@ def cache(args) -> None:
     )
 
 
+def mixing(args) -> None:
+    """One run each, same seed, epochs and schedule: no mixing and manifold mixup on the cached trunk (cache_views
+    views), input mixup on images (it cannot use the cache, so it also sees a fresh augmentation every epoch)."""
+    data = require_dataset(args.data)
+    base = dict(regime=args.regime, epochs=args.epochs, lr=0.05, backbone_lr_scale=0.2, val_fraction=0.1, seed=0)
+    variants = {
+        "none": dict(cache_views=args.cache_views),
+        f"manifold_mixup={args.alpha:g}": dict(cache_views=args.cache_views, manifold_mixup=args.alpha),
+        f"mixup={args.alpha:g}": dict(cache_views=0, mixup=args.alpha),
+    }
+    key = f"mixing_{args.data}_{args.regime.replace(':', '')}_{args.epochs}ep"
+    rows = {}
+    for name, opts in variants.items():
+        out = os.path.join(ROOT, "bench", "cache", f"mix-{args.data}-{name.replace('=', '')}")
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        r = train(TrainConfig(data=data, out=out, **base, **opts), progress=False)
+        rows[name] = {
+            "test_top1": round(r.test_metrics["top1"], 4),
+            "test_mean_per_class": round(r.test_metrics["mean_per_class"], 4),
+            "val_top1": round(r.best_val_top1, 4),
+            "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "config": {**base, **opts},
+        }
+        print(name, rows[name], flush=True)
+        record("finetune.json", key, {"dataset": args.data, "backbone": "efficientnet_lite0", "variants": rows})
+
+
 def tta(args) -> None:
     """Add the TTA test score of an already trained run (bench/cache/ft-*) to its entry in finetune.json."""
     key = f"accuracy_budget_{args.budget:g}min"
@@ -303,8 +333,14 @@ def main() -> None:
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--regime", default="last:2")
+    p = sub.add_parser("mixing", help="no mixing vs input mixup vs manifold mixup, one run each")
+    p.add_argument("--data", default="rsscn7", help="a folder under ../shared/data")
+    p.add_argument("--regime", default="last:1")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--cache-views", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.4, help="Beta(α, α) of both mixings")
     args = ap.parse_args()
-    {"accuracy": accuracy, "throughput": throughput, "cache": cache, "tta": tta}[args.what](args)
+    {"accuracy": accuracy, "throughput": throughput, "cache": cache, "tta": tta, "mixing": mixing}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "warmup_epochs": (0, True, None, False),
     "mixup": (0, True, None, False),
     "cutmix": (0, True, None, False),
+    "manifold_mixup": (0, True, None, False),
     "crop_pct": (0, False, 1, True),
     "layer_decay": (0, False, 1, True),
     "val_fraction": (0, True, 1, False),
@@ -323,6 +324,9 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range, as fractions of the image
     mixup: float = 0.0
     cutmix: float = 0.0
+    # >0: manifold mixup (Verma et al., 2019), the Beta(α, α) of mixing the cached trunk output at the cut with the
+    # flipped batch, targets alike; needs the trunk cache (regime head or last:K, cache_views >= 1), no mixup/cutmix
+    manifold_mixup: float = 0.0
     ema_decay: float | None = None
     clip_grad: float | None = None
     freeze_bn: bool = False

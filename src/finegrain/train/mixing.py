@@ -1,4 +1,5 @@
-"""Mixup and CutMix on a batch, paired with the flipped batch as timm does (one lambda per batch).
+"""Mixup and CutMix on a batch, paired with the flipped batch as timm does (one lambda per batch); manifold mixup
+(Verma et al., ICML 2019) mixes hidden features the same way.
 
 timm's `Mixup` draws from numpy's global RNG; here every draw comes from the caller's `torch.Generator`, so a run
 that checkpoints the generator state resumes with exactly the same mixes.
@@ -95,3 +96,31 @@ def mix_batch(
     else:
         mixed = x * lam + flipped * (1.0 - lam)
     return mixed, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+def mix_features(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    alpha: float,
+    label_smoothing: float = 0.0,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Manifold mixup: hidden features h [B, ...] float (the cached trunk output at the cut) mixed with h.flip(0).
+
+    Returns (λ·h + (1 - λ)·h.flip(0), the same mix of the smoothed one-hot targets [B, C] float32, λ), with
+    λ ~ Beta(alpha, alpha) drawn from `generator` (one λ per batch); alpha = 0 returns h, the targets unmixed and 1.0.
+    """
+    if not h.is_floating_point() or h.ndim < 2:
+        raise ValueError(f"h must be a float [B, ...] batch of features, got {h.dtype} {tuple(h.shape)}")
+    if y.ndim != 1 or y.shape[0] != h.shape[0]:
+        raise ValueError(f"y must be [B] labels matching h, got {tuple(y.shape)} for batch {h.shape[0]}")
+    if alpha < 0 or not 0 <= label_smoothing < 1:
+        raise ValueError(f"alpha must be >= 0 and label_smoothing in [0, 1), got {alpha}, {label_smoothing}")
+    targets = smooth_one_hot(y, num_classes, label_smoothing=label_smoothing).to(h.device)
+    if alpha == 0:
+        return h, targets, 1.0
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))  # torch has no seeded public Beta sampler
+    return h * lam + h.flip(0) * (1.0 - lam), targets * lam + targets.flip(0) * (1.0 - lam), lam

@@ -2,8 +2,8 @@
 any epoch draws exactly what an uninterrupted one would.
 
 Streams in use: 0 global RNGs at the start of an epoch (augmentation, dropout), 1 the training order (instance
-sampler, cached-trunk batches), 2 the DataLoader's own seed, 3 mixup / CutMix, 5 the re-balancing samplers and the
-trunk cache's train views, 6 its val view.
+sampler, cached-trunk batches), 2 the DataLoader's own seed, 3 mixup / CutMix (manifold mixup on the cached path),
+5 the re-balancing samplers and the trunk cache's train views, 6 its val view.
 """
 
 from __future__ import annotations

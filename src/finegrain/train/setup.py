@@ -47,6 +47,21 @@ def check_train_options(cfg: TrainConfig) -> None:
         raise FinegrainError(
             f"crop_scale must be [min, max] with 0 < min <= max <= 1, e.g. [0.25, 1]; got {cfg.crop_scale}"
         )
+    if cfg.manifold_mixup > 0:
+        _check_manifold_mixup(cfg)
+
+
+def _check_manifold_mixup(cfg: TrainConfig) -> None:
+    """Manifold mixup mixes the cached trunk output, the tail's input: only a cached head / last:K run has it."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        raise FinegrainError("manifold_mixup (mixing at the cut) and mixup/cutmix (mixing images) exclude each other")
+    if cfg.regime == "auto":
+        return  # settled with the regime (settle_auto_regime)
+    if Regime.parse(cfg.regime).kind not in ("head", "last") or cfg.cache_views < 1:
+        raise FinegrainError(
+            "manifold_mixup mixes the cached trunk output: it needs regime head or last:K and cache_views >= 1; "
+            f"got regime {cfg.regime}, cache_views {cfg.cache_views}"
+        )
 
 
 def build_classifier(cfg: TrainConfig, regime: Regime, classes: list[str]) -> ImageClassifier:
@@ -113,7 +128,12 @@ def settle_auto_regime(
     choice = dist.broadcast_object(choice)
     views = cfg.cache_views
     cacheable = choice.regime != "full" and cfg.mixup == 0 and cfg.cutmix == 0 and not dist.enabled
-    if views == 0 and cacheable and dist.device.type == "cpu":
+    if cfg.manifold_mixup > 0 and not cacheable:
+        raise FinegrainError(
+            f"regime auto chose {choice.regime}{' under torchrun' if dist.enabled else ''}, but manifold_mixup mixes "
+            "the cached trunk output (regime head or last:K, one process): set regime=last:K cache_views=N"
+        )
+    if views == 0 and cacheable and (dist.device.type == "cpu" or cfg.manifold_mixup > 0):
         views = min(auto_cache_views(choice.passes), cfg.epochs)  # an epoch draws one view of each image
     if progress and dist.is_main:
         extra = f"; the frozen trunk is cached over {views} augmented views" if views != cfg.cache_views else ""

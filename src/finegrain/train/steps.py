@@ -3,7 +3,7 @@
 ImageSteps        every epoch decodes and augments the training images (mixup / CutMix on the batch); the whole
                   network runs
 CachedTrunkSteps  the frozen trunk ran once over V augmented views of each image (train/cache.py); an epoch runs
-                  only the trained tail on one of them
+                  only the trained tail on one of them (manifold mixup mixes the trunk outputs at this cut)
 
 Both offer one face: `prepare()`, `train_batches(epoch)`, `forward(x)` (training logits), `eval_batches(samples,
 model)` and `head_inputs(which)` (the features LP-FT's probe is fitted on), so the engine never asks which it has.
@@ -29,7 +29,7 @@ from finegrain.train.augment import build_eval_transform, build_train_transform
 from finegrain.train.cache import TrunkCache, build_trunk_cache
 from finegrain.train.data import Splits
 from finegrain.train.distributed import DistContext
-from finegrain.train.mixing import MixConfig, mix_batch
+from finegrain.train.mixing import MixConfig, mix_batch, mix_features
 from finegrain.train.regimes import Regime
 from finegrain.train.samplers import ShardSampler, create_sampler
 from finegrain.train.seeding import epoch_seed
@@ -90,9 +90,12 @@ def optimizer_update(
 
 
 def uses_trunk_cache(cfg: TrainConfig, regime: Regime, dist: DistContext) -> bool:
-    """Asked for with cache_views, or free: the head regime without augmentation trains on cached features."""
+    """Asked for with cache_views or manifold_mixup (it mixes the cached trunk output), or free: the head regime
+    without augmentation trains on cached features."""
     no_mix = cfg.mixup == 0 and cfg.cutmix == 0
-    return cfg.cache_views > 0 or (regime.kind == "head" and cfg.augment == "none" and no_mix and not dist.enabled)
+    if cfg.cache_views > 0 or cfg.manifold_mixup > 0:
+        return True
+    return regime.kind == "head" and cfg.augment == "none" and no_mix and not dist.enabled
 
 
 class ImageSteps:
@@ -228,7 +231,10 @@ class CachedTrunkSteps(ImageSteps):
         super().__init__(model, splits, **kwargs)
         cfg = self.cfg
         if regime.kind not in ("head", "last") or cfg.mixup > 0 or cfg.cutmix > 0 or self.dist.enabled:
-            raise FinegrainError("cache_views needs regime head or last:K, no mixup/cutmix and a single process")
+            raise FinegrainError(
+                "the trunk cache (cache_views, manifold_mixup) needs regime head or last:K, no mixup/cutmix and a "
+                "single process"
+            )
         self.regime, self.progress, self.on_bad = regime, progress, on_bad
         self.frozen = regime.frozen_stages(model)  # None: the whole backbone
         self.train_cache: TrunkCache | None = None
@@ -297,13 +303,21 @@ class CachedTrunkSteps(ImageSteps):
         """(number of batches, the batches): a seeded shuffle of the cached images, a random view of each."""
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, 1))
         batches = self.train_cache.batches(batch_size=self.cfg.batch_size, generator=generator)
-        return math.ceil(len(self.train_cache) / self.cfg.batch_size), self._on_device(batches)
+        return math.ceil(len(self.train_cache) / self.cfg.batch_size), self._on_device(batches, epoch)
 
-    def _on_device(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[TrainBatch]:
-        device = self.runtime.torch_device
+    def _on_device(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> Iterator[TrainBatch]:
+        """The batches on the device; with manifold_mixup, trunk outputs and targets mixed with one λ a batch."""
+        cfg, device = self.cfg, self.runtime.torch_device
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 3))
         for h, y in batches:
-            y = y.to(device)
-            yield TrainBatch(h.to(device), y, y, [])
+            h, y = h.to(device), y.to(device)
+            target = y
+            if cfg.manifold_mixup > 0:
+                h, target, _ = mix_features(
+                    h, y, self.num_classes, alpha=cfg.manifold_mixup, label_smoothing=cfg.label_smoothing,
+                    generator=generator,
+                )  # fmt: skip
+            yield TrainBatch(h, y, target, [])
 
     def eval_batches(
         self, samples: list[Sample], model: torch.nn.Module, *, cached: bool = False
