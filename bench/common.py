@@ -39,12 +39,13 @@ def command_line() -> str:
     return " ".join(["python", script, *sys.argv[1:]])
 
 
-def record(file: str, key: str, value: dict) -> None:
-    """Merge `value` under `key` in bench/results/<file> (other keys belong to other benchmarks)."""
+def record(file: str, key: str, value: dict, *, results: str = RESULTS) -> None:
+    """Merge `value` under `key` in bench/results/<file> (other keys belong to other benchmarks); `results`: another
+    folder (a test's)."""
     from finegrain.atomic import atomic_write_json
 
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, file)
+    os.makedirs(results, exist_ok=True)
+    path = os.path.join(results, file)
     data = {}
     if os.path.exists(path):
         with open(path) as f:

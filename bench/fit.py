@@ -35,8 +35,8 @@ CACHE = os.path.join(ROOT, "bench", "cache")
 
 def _manifest(name: str) -> str:
     """The data folder or a CSV manifest (path,label,split) for a benchmark dataset name."""
-    if name == "cub100":
-        return require_dataset("cub100")
+    if name in ("cub100", "flowers17", "rsscn7"):  # folders with train/ and test/ in ../shared/data
+        return require_dataset(name)
     if name == "cub100-lt10":
         return _longtailed_manifest()
     rng = np.random.default_rng(0)
@@ -82,6 +82,8 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     paths, y, n_classes = [s.path for s in test], np.array([s.label for s in test]), len(image_set.classes)
     test_set = ImageSet(image_set.root, image_set.classes, test)
     stage = FrozenStage(cfg, test_set, None, None, progress=False)
+    with open(os.path.join(cfg.out, "fit.json")) as f:
+        stage.views = json.load(f).get("views") or stage.views  # the fit's own views (from its training images)
     names = {c.name for c in result.leaderboard}
     no_val = result.chosen.estimate == "none"  # one image a class: fit chose by rule; show what it could have had
     heads = (*HEADS, NO_VAL_HEAD, ("1nn-l2", "knn", {"n_neighbors": 1}, "l2")) if no_val else HEADS

@@ -532,6 +532,47 @@ def fit_section(fit: dict) -> list[str]:
     return out
 
 
+def suite_section(suite: dict) -> list[str]:
+    """The development suite (bench/suite.py): one row per recorded fit run, beside the hand baseline."""
+    runs = {k: r for k, r in suite.items() if k.count("/") == 2 and "/seed" in k}
+    if not runs:
+        return []
+    out = [
+        "## Development suite (issue 23)",
+        "",
+        "`finegrain fit` from a cold start (no feature cache) on each data set, seed and budget, beside the hand "
+        "baseline measured in the same invocation: `efficientnet_lite0` with the timm eval transform (224 px, "
+        "bicubic, centre crop 0.875), fp32 GAP features, scikit-learn `LogisticRegression(max_iter=1000)` with its "
+        "default C, trained on every training image and scored on the same test split. Gain: fit minus hand, in "
+        "points. Wall: the whole `fit` command against its budget. Best in hindsight: every candidate scored on test "
+        "after the run (bench only); loss: how far fit's choice is from it, in points.",
+        "",
+        "| data | budget | seed | fit top-1 [95% interval] | hand | gain (points) | wall / budget | chosen "
+        "| best in hindsight | loss (points) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for r in sorted(runs.values(), key=lambda r: (r["dataset"], r["budget_min"], r["seed"])):
+        ci = r.get("test_top1_interval")
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        wall = f"{r['wall_s'] / 60:.1f} / {r['budget_min']:g} min ({100 * r['budget_used_fraction']:.0f}%)"
+        wall += " **over**" if r["over_budget"] else ""
+        best, loss = r.get("best_in_hindsight"), r.get("loss_to_best_points")
+        hindsight = f"`{best}` {r['best_in_hindsight_top1']:.3f}" if best else "–"
+        out.append(
+            f"| {r['dataset']} | {r['budget_min']:g} min | {r['seed']} | {r['test_top1']:.3f}{interval} | "
+            f"{r['hand_top1']:.3f} | {r['gain_points']:+.1f} | {wall} | `{r['chosen']}` | {hindsight} | "
+            f"{'–' if loss is None else f'{loss:.1f}'} |"
+        )
+    h = suite.get("headline") or {}
+    if h:
+        names = [k for k in h if k not in ("datasets", "runs")]
+        cells = ", ".join(f"{k} {'–' if h[k] is None else h[k]}" for k in names)
+        out += ["", f"Headline ({', '.join(h['datasets'])}): {cells}."]
+    commands = sorted({f"`{r['command']}`" for r in runs.values() if r.get("command")})
+    out += ["", "Commands: " + ", ".join(commands), ""]
+    return out
+
+
 def lpft_probe_section(lp: dict) -> list[str]:
     r = lp.get("cub100-timm-eval-gap")
     if not r:
@@ -621,7 +662,7 @@ def main() -> None:
     lines += accuracy_section(rep) + throughput_section(rep) + search_section(rep) + finetune_section(ft)
     lines += longtail_section(_load("longtail.json")) + cifar_lt_section(_load("longtail.json"))
     lines += evaluate_section(_load("evaluate.json"))
-    lines += fit_section(_load("fit.json")) + parity_section(_load("parity.json"))
+    lines += fit_section(_load("fit.json")) + suite_section(_load("suite.json")) + parity_section(_load("parity.json"))
     lines += lpft_probe_section(_load("lpft_probe.json"))
     lines += unlabeled_section(_load("unlabeled.json"))
     lines += speed_section(_load("speed.json"))
