@@ -250,6 +250,9 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
         near = near_ties(cross, oof, y_oof)
         if len(near) > 3:
             combos.append(tuple(near))
+        per_backbone = _best_per_backbone(cross)  # pre-trainings differ most: their errors do
+        if len(per_backbone) > 1 and per_backbone not in combos:
+            combos.append(per_backbone)
         if val_only:
             mixed = _leaders(val_only, 2)
             combos += list(_combos(_leaders(cross, 3) + mixed, need=mixed))
@@ -262,6 +265,15 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
             cand.estimate = combo[0].estimate
         out.append((cand, p))
     return out
+
+
+def _best_per_backbone(cands: list[Candidate]) -> tuple[Candidate, ...]:
+    """The best candidate of each backbone (frozen and semi-supervised heads, by their estimate), best first."""
+    best: dict[str, Candidate] = {}
+    for c in sorted(cands, key=lambda c: (-c.score[0], c.name)):
+        if not c.members and "backbone" in c.params:
+            best.setdefault(c.params["backbone"], c)
+    return tuple(best.values())
 
 
 NEAR_TIE_MAX = 6  # the most members of a near-tie ensemble (its test pass grows with the views it needs)

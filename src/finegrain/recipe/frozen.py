@@ -205,6 +205,7 @@ class FrozenStage:
         proba[ok] = class_proba(clf, norm.transform(Xva[ok]), len(self.data.classes))
         top1, mpc = val_scores(proba, y_val)
         params = {"view": view, "pooling": pooling, "head": head[0], "source": f"{view}/{pooling}"}
+        params["backbone"] = self.views[view]["backbone"]
         params["spi"] = self.spi.get(view, 0.0)
         cand = Candidate(name, "frozen", top1, mpc, time.perf_counter() - t0, params)
         oof = self._oof(cand, head, clf, Xall, folds, n_test) if folds is not None else None
