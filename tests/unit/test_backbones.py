@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from finegrain.backbones import Preprocess, create_backbone, list_backbones
-from finegrain.backbones.offline import OFFLINE_WEIGHTS, remap_efficientnet_pytorch, weights_file
+from finegrain.backbones.offline import OFFLINE_WEIGHTS, remap_offline_state, weights_file
 from finegrain.errors import FinegrainError
 
 
@@ -19,7 +19,7 @@ def test_offline_weights_remap_with_no_missing_or_unexpected_keys(name):
     except FinegrainError as e:
         pytest.skip(str(e))
     model = timm.create_model(OFFLINE_WEIGHTS[name].arch, pretrained=False)
-    state = remap_efficientnet_pytorch(torch.load(path, map_location="cpu", weights_only=True), model)
+    state = remap_offline_state(name, torch.load(path, map_location="cpu", weights_only=True), model)
     missing, unexpected = model.load_state_dict(state, strict=True), None
     assert not missing.missing_keys and not missing.unexpected_keys and unexpected is None
     for key, value in state.items():

