@@ -290,7 +290,8 @@ def test_backbones_parse_and_an_unknown_one_is_a_one_line_error(train_data, tmp_
     from finegrain.cli.main import main
     from finegrain.recipe.candidates import parse_backbones
 
-    assert parse_backbones("efficientnet_lite0, efficientnet_lite2", "x") == ["efficientnet_lite0", "efficientnet_lite2"]
+    both = ["efficientnet_lite0", "efficientnet_lite2"]
+    assert parse_backbones("efficientnet_lite0, efficientnet_lite2", "x") == both
     assert parse_backbones("", "efficientnet_lite0")[0] == "efficientnet_lite0"  # the default set starts with it
     code = main(["fit", train_data, "--out", str(tmp_path / "f"), "--backbones", "efficientnet_lite0,nonet_9"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -232,7 +232,7 @@ def _probe_solver(cfg: EvalConfig) -> str:
 
     store = FeatureStore.open(cfg.store)
     n_train = sum(e.split == cfg.train_split for e in store.index()) or len(store.index())
-    return choose_solver(cfg.solver, n_train, store.dim)
+    return choose_solver(cfg.solver, n_train, store.dim_of(cfg.pooling))
 
 
 def _run_stream_probe(cfg: EvalConfig) -> dict:
@@ -259,7 +259,8 @@ def _run_stream_probe(cfg: EvalConfig) -> dict:
             return {}
     test_data = SplitData(test[0], test[1], test[2])
     scores = scores_matrix(clf, test[0], len(store.classes))
-    norm = create_normalizer(cfg.norm).fit(np.zeros((1, store.dim), np.float32))  # row-wise: nothing learned
+    # row-wise: nothing learned
+    norm = create_normalizer(cfg.norm).fit(np.zeros((1, store.dim_of(pooling)), np.float32))
     name = f"probe-stream-{cfg.norm}-{pooling}"
     out = cfg.out or os.path.join(cfg.store, "eval", name)
     metrics = {**classification_metrics(scores, test[1]), "classifier": name, "test_split": test_name,
@@ -301,7 +302,7 @@ def _run_disk_knn(cfg: EvalConfig) -> dict:
     clf = create_classifier("knn", n_neighbors=cfg.k, metric=cfg.metric, weights=cfg.weights,
                             temperature=cfg.temperature)  # fmt: skip
     clf.classes_, clf.gallery_labels_ = np.unique(ytr, return_inverse=True)
-    clf.index_, clf.n_features_in_ = FaissIndex(cfg.metric, kind="ivfpq").add(Xtr), store.dim
+    clf.index_, clf.n_features_in_ = FaissIndex(cfg.metric, kind="ivfpq").add(Xtr), store.dim_of(pooling)
     scores = np.zeros((len(yte), len(store.classes)))
     for start in range(0, len(yte), 4096):
         scores[start : start + 4096, clf.classes_] = clf.predict_proba(Xte[start : start + 4096])
@@ -365,7 +366,7 @@ def _train_choices() -> dict[str, tuple[str, ...]]:
         "regime": ("auto", *("last:K" if k == "last" else k for k in REGIME_KINDS)),
         "loss": tuple(LOSSES.names()),
         "sampler": tuple(SAMPLERS.names()),
-        "pooling": (*POOLINGS.names(), "gem:P"),
+        "pooling": (*(n for n in POOLINGS.names() if not getattr(POOLINGS.get(n), "frozen_only", False)), "gem:P"),
         "optimizer": tuple(OPTIMIZERS.names()),
         "augment": tuple(AUGMENTATIONS.names()),
         "schedule": tuple(SCHEDULE_KINDS),

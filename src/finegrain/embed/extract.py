@@ -14,8 +14,16 @@ import torch
 from finegrain.backbones import Backbone
 from finegrain.data import ImageSet
 from finegrain.embed.store import FeatureStore, IndexEntry
-from finegrain.models.pooling import create_pooling
-from finegrain.runtime import ImageFiles, Runtime, choose_engine, collate_images, forward, image_loader
+from finegrain.models import apply_pooling, backbone_maps, create_pooling, pooled_dim, stage_maps_needed
+from finegrain.runtime import (
+    ImageFiles,
+    Runtime,
+    choose_engine,
+    collate_images,
+    forward,
+    image_loader,
+    machine_cache_dir,
+)
 
 
 def file_sha1(path: str) -> str | None:
@@ -30,8 +38,9 @@ def file_sha1(path: str) -> str | None:
 
 
 class Embedder(torch.nn.Module):
-    """Backbone trunk + several poolings at once: one forward, [B, D] per pooling.
+    """Backbone trunk + several poolings at once: one forward, [B, D] per pooling (`dims`: each pooling's D).
 
+    A stage pooling (`stages`) reads the last stages' maps, which come out of that same forward.
     `flip=True` also embeds the mirrored image and averages the two descriptors (test-time augmentation:
     twice the compute, a steadier descriptor for classes told apart by fine detail).
     """
@@ -41,13 +50,15 @@ class Embedder(torch.nn.Module):
         self.backbone = backbone
         self.names = list(poolings)
         self.pools = torch.nn.ModuleList([create_pooling(p) for p in poolings])
+        self.stage_maps = max((stage_maps_needed(p) for p in self.pools), default=0)
+        self.dims = {name: pooled_dim(backbone, pool) for name, pool in zip(self.names, self.pools)}
         self.flip = flip
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         n = x.shape[0]
-        fmap = self.backbone.forward_features(torch.cat([x, x.flip(3)]) if self.flip else x)
-        out = {name: pool(fmap).float() for name, pool in zip(self.names, self.pools)}
+        fmap, stages = backbone_maps(self.backbone, torch.cat([x, x.flip(3)]) if self.flip else x, self.stage_maps)
+        out = {name: apply_pooling(pool, fmap, stages).float() for name, pool in zip(self.names, self.pools)}
         return {k: (v[:n] + v[n:]) / 2 for k, v in out.items()} if self.flip else out
 
 
@@ -89,9 +100,12 @@ def extract_to_store(
     """
     rt = Runtime(str(device), precision, channels_last, num_workers)
     backbone = backbone.to(rt.torch_device).eval()
-    engine = _engine(Embedder(backbone, poolings, flip=flip), runtime, rt, out_dir, overwrite, len(image_set.samples))
+    embedder = Embedder(backbone, poolings, flip=flip)
+    dims = embedder.dims
+    engine = _engine(embedder, runtime, rt, out_dir, overwrite, len(image_set.samples))
     rt, embedder = engine.runtime, engine.module
-    meta = {**_store_meta(image_set, backbone, poolings, rt.resolved_precision, flip), "runtime": engine.name}
+    meta = _store_meta(image_set, backbone, poolings, rt.resolved_precision, flip, dims=dims)
+    meta["runtime"] = engine.name
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
 
@@ -137,7 +151,12 @@ def _engine(embedder: Embedder, runtime: str, rt: Runtime, out_dir: str, overwri
                 runtime = json.load(f).get("runtime", "torch")
         except (OSError, ValueError):
             pass
-    return choose_engine(embedder, runtime, preprocess=embedder.backbone.preprocess, runtime=rt, n_images=n_images)
+    # the pretrained trunk's conversion and race are kept for this machine: later extractions of the same view reuse
+    # them (runtime/engine.py machine_cache_dir)
+    cache = os.path.join(machine_cache_dir(), "onnx")
+    return choose_engine(
+        embedder, runtime, preprocess=embedder.backbone.preprocess, runtime=rt, n_images=n_images, cache_dir=cache
+    )
 
 
 def _extract_new(embedder, pre, todo_items, store, done, skipped, rt: Runtime, batch_size: int, progress: bool):
@@ -169,7 +188,10 @@ def _extract_new(embedder, pre, todo_items, store, done, skipped, rt: Runtime, b
     return n_done, bad_sha
 
 
-def _store_meta(image_set: ImageSet, backbone: Backbone, poolings: Sequence[str], precision: str, flip: bool) -> dict:
+def _store_meta(
+    image_set: ImageSet, backbone: Backbone, poolings: Sequence[str], precision: str, flip: bool, *, dims: dict
+) -> dict:
+    """dim: the backbone's width (every plain pooling's); dims: each pooling's, recorded where one differs."""
     import json
 
     key = {
@@ -187,6 +209,7 @@ def _store_meta(image_set: ImageSet, backbone: Backbone, poolings: Sequence[str]
         "flip": flip,
         "poolings": list(poolings),
         "dim": backbone.num_features,
+        **({"dims": dict(dims)} if any(d != backbone.num_features for d in dims.values()) else {}),
         "classes": list(image_set.classes),
         "data_root": image_set.root,
     }
@@ -214,7 +237,7 @@ def embed_images(
         skipped += [(paths[start + i], r) for i, r in failed]
         if batch is not None:
             feats.append(forward(embedder, batch, pre, rt).features[pooling].cpu().numpy())
-    return (np.concatenate(feats) if feats else np.zeros((0, backbone.num_features), np.float32)), skipped
+    return (np.concatenate(feats) if feats else np.zeros((0, embedder.dims[pooling]), np.float32)), skipped
 
 
 __all__ = ["ExtractResult", "Embedder", "embed_images", "extract_to_store", "file_sha1"]

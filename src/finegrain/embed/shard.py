@@ -156,8 +156,10 @@ def _open_shard(root: str) -> tuple[FeatureStore, dict[str, str]]:
         n = len(shard.journal())
         for pool in shard.poolings:
             size = os.path.getsize(shard._feature_path(pool))
-            if size != n * shard.dim * 4:
-                raise FinegrainError(f"features-{pool}.f32 holds {size} bytes, its journal {n} rows of {shard.dim}")
+            if size != n * shard.dim_of(pool) * 4:
+                raise FinegrainError(
+                    f"features-{pool}.f32 holds {size} bytes, its journal {n} rows of {shard.dim_of(pool)}"
+                )
     except FinegrainError as e:
         raise FinegrainError(f"shard {root} is damaged or unfinished ({_first_line(e)}); {hint}") from None
     except (OSError, KeyError, ValueError) as e:

@@ -1,8 +1,9 @@
 """On-disk feature store: memory-mapped float32 rows, an index of samples, resumable and content-addressed.
 
 Layout of a store folder:
-  meta.json            backbone, preprocessing, precision, poolings, dim, classes, fingerprint
-  features-<pool>.f32  raw float32 rows [R, D], append-only (one file per pooling)
+  meta.json            backbone, preprocessing, precision, poolings, dim (dims: a pooling's own D where it differs,
+                       e.g. `stages`), classes, fingerprint
+  features-<pool>.f32  raw float32 rows [R, D], append-only (one file per pooling, D = dim_of(pool))
   rows.csv             journal: row, sha1 of the image bytes; a line is written only after its rows are on disk
   index.csv            the current dataset: path, label, split, row, sha1 (rewritten atomically at the end)
   skipped.csv          files that could not be decoded, with the reason
@@ -40,6 +41,11 @@ class FeatureStore:
         self.meta = meta
         self.dim = int(meta["dim"])
         self.poolings: list[str] = list(meta["poolings"])
+        self.dims = {p: int((meta.get("dims") or {}).get(p, self.dim)) for p in self.poolings}
+
+    def dim_of(self, pooling: str | None = None) -> int:
+        """Width D of one pooling's rows (the first pooling's when None): `dim`, or its own for a stage pooling."""
+        return self.dims.get(pooling or (self.poolings[0] if self.poolings else ""), self.dim)
 
     # ---- creation / resume -------------------------------------------------------------------------------------
     @classmethod
@@ -73,7 +79,7 @@ class FeatureStore:
             if not os.path.exists(path):
                 open(path, "wb").close()
             size = os.path.getsize(path)
-            want = n * self.dim * 4
+            want = n * self.dim_of(pool) * 4
             if size < want:
                 raise FinegrainError(
                     f"{path} is shorter than its journal ({size} < {want} bytes): "
@@ -96,15 +102,16 @@ class FeatureStore:
         return out
 
     def num_rows(self) -> int:
-        return os.path.getsize(self._feature_path(self.poolings[0])) // (self.dim * 4)
+        return os.path.getsize(self._feature_path(self.poolings[0])) // (self.dim_of() * 4)
 
     def append(self, features: dict[str, np.ndarray], sha1s: list[str]) -> list[int]:
         """Append one batch: features[pool] is [B, D]; returns the new row numbers."""
         start = self.num_rows()
         for pool in self.poolings:
             arr = np.ascontiguousarray(features[pool], dtype=np.float32)
-            if arr.shape != (len(sha1s), self.dim):
-                raise ValueError(f"features[{pool}] has shape {arr.shape}, expected {(len(sha1s), self.dim)}")
+            want = (len(sha1s), self.dim_of(pool))
+            if arr.shape != want:
+                raise ValueError(f"features[{pool}] has shape {arr.shape}, expected {want}")
             with open(self._feature_path(pool), "ab") as f:
                 f.write(arr.tobytes())
                 f.flush()
@@ -150,8 +157,8 @@ class FeatureStore:
             )
         n = self.num_rows()
         if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.memmap(self._feature_path(pool), dtype=np.float32, mode="r", shape=(n, self.dim))
+            return np.zeros((0, self.dim_of(pool)), dtype=np.float32)
+        return np.memmap(self._feature_path(pool), dtype=np.float32, mode="r", shape=(n, self.dim_of(pool)))
 
     def split(self, name: str, pooling: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(X [N, D] float32 in memory, y [N], paths) for one split ("all" when the data had no splits)."""

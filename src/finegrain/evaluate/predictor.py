@@ -156,11 +156,14 @@ class SharedTrunk(torch.nn.Module):
         return self.backbone.preprocess
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from finegrain.models import apply_pooling, backbone_maps, stage_maps_needed
+
         n = x.shape[0]
-        fmap = self.backbone.forward_features(torch.cat([x, x.flip(3)]) if self.flip else x)
+        need = max(stage_maps_needed(h["pool"]) for h in self.heads)  # a stage pooling reads the last stages too
+        fmap, stages = backbone_maps(self.backbone, torch.cat([x, x.flip(3)]) if self.flip else x, need)
         proba, first = 0.0, None
         for w, h in zip(self.weights, self.heads):
-            pooled = h["pool"](fmap)
+            pooled = apply_pooling(h["pool"], fmap, stages)
             if self.flip:
                 pooled = (pooled[:n] + pooled[n:]) / 2
             with torch.autocast(x.device.type, enabled=False):
@@ -179,7 +182,7 @@ def _trunk_key(p: Predictor) -> tuple | None:
     if p.spec.kind != "frozen":
         return None
     return (p.spec.backbone, p.spec.source, json.dumps(p.spec.preprocess.to_dict(), sort_keys=True), p.spec.flip,
-            str(p.device), p.runtime, p.spec.pooling != "stages")  # fmt: skip
+            str(p.device), p.runtime)  # fmt: skip
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -31,13 +31,13 @@ def search_store(
     store = FeatureStore.open(store_dir)
     pooling = pooling or store.poolings[0]
     entries = store.index()
-    if dense_fits(len(entries), store.dim):
+    if dense_fits(len(entries), store.dim_of(pooling)):
         gallery = np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
         normalizer = create_normalizer(norm).fit(gallery)
         index = build_index(normalizer.transform(gallery), metric="cosine")
     else:  # larger than memory: IVF-PQ over the memory map, hits are store rows
         normalizer, index = (
-            create_normalizer("none").fit(np.zeros((1, store.dim), np.float32)),
+            create_normalizer("none").fit(np.zeros((1, store.dim_of(pooling)), np.float32)),
             disk_index(store, pooling, norm),
         )
         by_row = {e.row: e for e in entries}

@@ -19,7 +19,7 @@ from finegrain.errors import FinegrainError
 from finegrain.heads.knn import KNNClassifier
 from finegrain.heads.ncm import NearestClassMean
 from finegrain.heads.search import backbone_from_meta
-from finegrain.models import ImageClassifier, ModelSpec, build_model, save_model
+from finegrain.models import ImageClassifier, ModelSpec, build_model, create_pooling, pooled_dim, save_model
 
 ABSENT = -1e4  # the logit of a class the classifier never saw: probability ~0
 
@@ -74,7 +74,7 @@ def frozen_model(
     clf: a fitted LogisticProbe, NearestClassMean, KNNClassifier, or a decoupled long-tail head (cRT, LWS, τ-norm,
     logit-adjusted), trained with class ids 0..len(classes)-1 as labels. gallery: (raw training features [N, D],
     labels [N]) for k-NN (the normalizer is applied here). The backbone's preprocess must be the extraction's."""
-    norm_name, dim, buffers = _normalizer_spec(normalizer, backbone.num_features)
+    norm_name, dim, buffers = _normalizer_spec(normalizer, pooled_dim(backbone, create_pooling(pooling)))
     if isinstance(clf, NearestClassMean) and clf.metric == "cosine" and norm_name == "none":
         norm_name = "unit-l2"  # NCM normalizes its inputs itself: the same as an L2 layer before it
     spec = ModelSpec.of_backbone(backbone).replace(

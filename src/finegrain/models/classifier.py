@@ -1,7 +1,8 @@
 """THE model: backbone trunk -> pooling -> [feature norm] -> dropout -> head (linear, MSRA-initialised, or cosine).
 
 The trunk is seen as stem -> stages -> post, so a regime can freeze a prefix (`last:K` trains the last K stages)
-and the frozen prefix can be run once and cached.
+and the frozen prefix can be run once and cached. The same view feeds a stage pooling (`stages`): the last stages'
+outputs come out of the one pass that makes the final map (`forward_stages`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from finegrain.backbones import Backbone
 from finegrain.errors import FinegrainError
 from finegrain.models.layers import FeatureNorm, KNNHead, NormedLinear, build_normalizer, msra_init_
-from finegrain.models.pooling import create_pooling
+from finegrain.models.pooling import apply_pooling, create_pooling, stage_maps_needed
 
 HEADS = ("linear", "normed", "knn")
 
@@ -48,6 +49,53 @@ def stage_view(model: nn.Module) -> StageView:
     )
 
 
+def forward_stages(model: nn.Module, x: torch.Tensor, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Images [B, 3, S, S] -> (forward_features' final map [B, C, H, W], outputs of the last n stages), one pass
+    through `stage_view(model)`'s stem -> stages -> post."""
+    try:
+        view = stage_view(model)
+    except FinegrainError:
+        raise FinegrainError(
+            f"{type(model).__name__} has no known stage layout: the stages pooling works with EfficientNet, "
+            "MobileNet, ResNet and ConvNeXt-style backbones; use gap or gem"
+        ) from None
+    if n > len(view.stages):
+        raise FinegrainError(f"{type(model).__name__} has {len(view.stages)} stages; the pooling asks for {n}")
+    for m in view.stem:
+        x = m(x)
+    maps = []
+    for i, m in enumerate(view.stages):
+        x = m(x)
+        if i >= len(view.stages) - n:
+            maps.append(x)
+    for m in view.post:
+        x = m(x)
+    return x, maps
+
+
+def backbone_maps(backbone: Backbone, x: torch.Tensor, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(final feature map, last n stage maps); with n = 0 just `backbone.forward_features(x)` and no stage maps."""
+    return forward_stages(backbone.model, x, n) if n else (backbone.forward_features(x), [])
+
+
+@torch.no_grad()
+def pooled_dim(backbone: Backbone, pool: nn.Module) -> int:
+    """Width D of what `pool` makes of the backbone's maps: num_features for a plain pooling; for a stage pooling
+    the sum of the stage widths, read from one small dummy image (eval mode; the backbone's mode is restored)."""
+    n = stage_maps_needed(pool)
+    if not n:
+        return backbone.num_features
+    size = min(backbone.preprocess.input_size, 64)
+    param = next(backbone.parameters(), None)
+    x = torch.zeros(1, 3, size, size, device=None if param is None else param.device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        return int(apply_pooling(pool, *backbone_maps(backbone, x, n)).shape[1])
+    finally:
+        backbone.train(was_training)
+
+
 class ImageClassifier(nn.Module):
     """backbone.forward_features -> pooling -> [normalizer] -> dropout -> head [B, num_classes].
 
@@ -77,9 +125,11 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.pooling_name = pooling
         self.pool = create_pooling(pooling, channels=backbone.num_features)
+        self.stage_maps = stage_maps_needed(self.pool)  # > 0: the pooling reads the last stages' maps too
+        self.pool_dim = pooled_dim(backbone, self.pool)  # what the normalizer takes: num_features but for stages
         self.normalizer_name = normalizer or ("l2" if feature_norm else "none")
-        dim = embed_dim or backbone.num_features
-        self.norm = build_normalizer(self.normalizer_name, backbone.num_features, dim)
+        dim = embed_dim or self.pool_dim
+        self.norm = build_normalizer(self.normalizer_name, self.pool_dim, dim)
         self.flip = flip
         self.dropout = nn.Dropout(drop_rate)
         if head == "knn":
@@ -109,7 +159,8 @@ class ImageClassifier(nn.Module):
         """Images [B, 3, S, S] -> (the vector the head sees [B, D], logits [B, C]) in one pass (the inference path:
         the normalizer and head run in float32 even under autocast, as the frozen heads were fitted)."""
         n = x.shape[0]
-        pooled = self.pool(self.forward_features(torch.cat([x, x.flip(3)]) if self.flip else x))
+        both = torch.cat([x, x.flip(3)]) if self.flip else x
+        pooled = apply_pooling(self.pool, *backbone_maps(self.backbone, both, self.stage_maps))
         if self.flip:
             pooled = (pooled[:n] + pooled[n:]) / 2
         with torch.autocast(x.device.type, enabled=False):
@@ -118,13 +169,18 @@ class ImageClassifier(nn.Module):
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         """Feature map -> the vector the head sees (pooled, then normalized)."""
+        if self.stage_maps:
+            raise FinegrainError(
+                f"pooling {self.pooling_name!r} reads the backbone's stage maps, not the final map alone: "
+                "it serves frozen models (extract, probe, fit), not fine-tuning"
+            )
         return self.norm(self.pool(fmap))
 
     def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(fmap).to(self.head.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flip or not isinstance(self.head, nn.Linear | NormedLinear):
+        if self.flip or self.stage_maps or not isinstance(self.head, nn.Linear | NormedLinear):
             return self.forward_all(x)[1]
         return self.forward_head(self.forward_features(x))
 

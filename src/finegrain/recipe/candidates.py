@@ -28,7 +28,7 @@ DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_l
 SHORT_NAMES = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2",
                "mobilenetv2_100": "mobilenetv2"}  # fmt: skip
 LOW_RES_BELOW = 160  # median short side (px) under which a view at a resolution derived from the images' is added
-POOLINGS = ("gem", "gap")
+POOLINGS = ("gem", "gap", "stages")  # stages: the last 3 stages, GAP and L2 each (models/pooling.py)
 # Ties on validation go to the candidate expected to be better: its cub100 test top-1 in BENCHMARKS.md
 # (representation table; the fine-tune is last:1 at 30 minutes). Small validation splits tie often.
 PRIOR = {

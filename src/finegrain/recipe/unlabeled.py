@@ -77,7 +77,7 @@ def unlabeled_store(frozen, view: str, paths: list[str]) -> FeatureStore:
 def _unlabeled_X(store: FeatureStore, pooling: str) -> np.ndarray:
     entries = store.index()
     if not entries:
-        return np.zeros((0, store.dim), np.float32)
+        return np.zeros((0, store.dim_of(pooling)), np.float32)
     return np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
 
 

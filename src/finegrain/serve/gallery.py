@@ -36,7 +36,7 @@ def _match_rows(model, store: FeatureStore, pooling: str) -> np.ndarray | None:
     """Store row of each gallery row, or None when some gallery row is in no row of this store."""
     gallery = model.head.gallery.float()
     feats = torch.from_numpy(np.array(store.features(pooling), dtype=np.float32))
-    if feats.shape[1] != model.backbone.num_features or len(feats) == 0:
+    if feats.shape[1] != model.pool_dim or len(feats) == 0:
         return None
     normed = torch.cat([model.norm(feats[i : i + 4096]).float() for i in range(0, len(feats), 4096)])
     if normed.shape[1] != gallery.shape[1]:
