@@ -101,11 +101,9 @@ def extract_to_store(
     rt = Runtime(str(device), precision, channels_last, num_workers)
     backbone = backbone.to(rt.torch_device).eval()
     embedder = Embedder(backbone, poolings, flip=flip)
-    dims = embedder.dims
     engine = _engine(embedder, runtime, rt, out_dir, overwrite, len(image_set.samples))
-    rt, embedder = engine.runtime, engine.module
-    meta = _store_meta(image_set, backbone, poolings, rt.resolved_precision, flip, dims=dims)
-    meta["runtime"] = engine.name
+    meta = _store_meta(image_set, backbone, poolings, engine.runtime.resolved_precision, flip, dims=embedder.dims)
+    rt, embedder, meta["runtime"] = engine.runtime, engine.module, engine.name
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
 
@@ -119,9 +117,8 @@ def extract_to_store(
         if h is not None and h not in done and h not in todo:
             todo[h] = p
     todo_items = list(todo.items())
-    n_done, bad_sha = _extract_new(
-        embedder, backbone.preprocess, todo_items, store, done, skipped, rt, batch_size, progress
-    )
+    n_done, bad_sha = _extract_new(embedder, backbone.preprocess, todo_items, store, done, skipped, rt, batch_size,
+                                   progress)  # fmt: skip
     seconds = time.perf_counter() - t0
 
     entries = [
