@@ -138,3 +138,4 @@ def test_auto_reads_this_machines_race_and_converts_only_where_it_pays(tiny_back
         json.dump({"choice": "onnx", "timing": "", "torch_spi": 0.002, "onnx_spi": 0.001, "convert_s": 9.0}, f)
     e = choose_engine(embedder, "auto", preprocess=pre, runtime=rt, n_images=300, cache_dir=onnx_dir)
     assert e.name == "torch" and "would save" in e.reason and not os.path.exists(onnx_dir)
+    assert engine_mod.recorded_conversion_seconds(embedder, pre, rt) == 9.0  # what fit prices a test pass's set-up by

@@ -240,6 +240,14 @@ def _race_path(model: torch.nn.Module, preprocess, runtime: Runtime) -> str:
     return os.path.join(machine_cache_dir(), f"race-{key}-{machine_key(runtime)}.json")
 
 
+def recorded_conversion_seconds(model: torch.nn.Module, preprocess, runtime: Runtime) -> float:
+    """Seconds this machine's last ONNX conversion of this architecture and view took (0.0 if it never converted
+    one): what converting a new model of the same shape costs, even when a cached conversion made this one quick."""
+    if not onnxruntime_available():
+        return 0.0
+    return float(_read_json(_race_path(model, preprocess, runtime)).get("convert_s", 0.0))
+
+
 def _not_worth_converting(model, preprocess, runtime: Runtime, n_images: int | None, cache_dir) -> str | None:
     """Why `auto` should not convert (None: convert and race): this machine already raced this architecture and
     view, and torch won, or ONNX Runtime's measured saving on `n_images` images is under the measured cost of a
