@@ -313,3 +313,20 @@ def test_small_images_get_a_view_at_their_own_scale_on_the_leaderboard(tmp_path)
     assert summary["native_short_side"] == 32 and summary["views"]["low112-flip"]["image_size"] == 112
     low = [c for c in result.leaderboard if c.params.get("view") == "low112-flip"]
     assert low and all(c.estimate == "oof-5" for c in low)
+
+
+def test_the_reason_states_the_validation_only_candidates_margin_with_its_sign():
+    from types import SimpleNamespace
+
+    from finegrain.recipe.candidates import Candidate
+    from finegrain.recipe.fit import _margin
+
+    y = np.arange(10) % 2
+    eye = np.eye(2)
+    oof = Candidate("a", "frozen", 0.9, 0.9, 1.0, oof_top1=0.9, oof_mean_per_class=0.9, estimate="oof-5")
+    ft = Candidate("ft", "finetune", 0.7, 0.7, 1.0)
+    state = SimpleNamespace(
+        probas={"a": eye[np.where(np.arange(10) < 9, y, 1 - y)], "ft": eye[np.where(np.arange(10) < 7, y, 1 - y)]}
+    )
+    assert _margin(oof, ft, state, y).startswith("validation-only minus out-of-fold candidate: -20.0 points")
+    assert _margin(ft, oof, state, y).startswith("validation-only minus out-of-fold candidate: -20.0 points")

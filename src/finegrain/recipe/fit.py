@@ -315,7 +315,7 @@ def _margin(chosen: Candidate, challenger: Candidate | None, state: FitState, y_
     standard error, in words ('' without a challenger)."""
     if challenger is None or chosen.name not in state.probas or challenger.name not in state.probas:
         return ""
-    ranked = sorted((chosen, challenger), key=lambda c: c.estimate != "val")  # the out-of-fold one first
+    ranked = sorted((chosen, challenger), key=lambda c: c.estimate == "val")  # the out-of-fold one first
     diff, se = paired_difference(state.probas[ranked[1].name], state.probas[ranked[0].name], y_val,
                                  rank_by=chosen.rank_by)  # fmt: skip
     return f"validation-only minus out-of-fold candidate: {100 * diff:+.1f} points, standard error {100 * se:.1f}"
