@@ -41,7 +41,8 @@ from finegrain.recipe.oof import Folds, make_folds
 from finegrain.recipe.unlabeled import final_semi_model, run_semi, unlabeled_paths
 from finegrain.train.data import make_splits
 
-FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start
+FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start (cub100's size)
+FINETUNE_FLOOR_SECONDS = 45  # a small set's floor: the trunk cache, its LP start and a few epochs of the last stage
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,10 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
         return
     val_paths = [s.path for s in splits.val]
     available = clock.remaining() - reserve - 2.0 * len(val_paths) * state_spi(state)  # + val prediction
-    if available < FINETUNE_MIN_SECONDS:
+    # two training passes (a training step ~3 forward passes of the eval view), within the floor and the cap: a
+    # small set can fine-tune in the minute or two a larger one cannot use (rsscn7 at 5 min ended at 161 s without)
+    least = min(FINETUNE_MIN_SECONDS, max(FINETUNE_FLOOR_SECONDS, 6 * len(splits.train) * frozen._estimate_spi("eval")))
+    if available < least:
         print(f"fit: no fine-tuning: {max(available, 0):.0f} s left after the frozen candidates", flush=True)
         return
     run = os.path.join(cfg.out, "candidates", name)
