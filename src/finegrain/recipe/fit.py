@@ -218,8 +218,9 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
         leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))
         reserve = max(frozen.test_cost("eval", len(splits.test)), leader) + 20.0
         _finetune(cfg, data, splits, state, clock, frozen, reserve=reserve, progress=progress)
-    if frozen.untried(len(splits.test)):  # time the fine-tune left (or did not need): the views skipped before it
-        print(f"fit: time left: trying the views skipped before ({', '.join(frozen.untried(len(splits.test)))})")
+    untried = frozen.untried(len(splits.test))  # time the fine-tune left (or did not need): views skipped before it
+    if untried:
+        print(f"fit: time left: trying the views skipped before ({', '.join(untried)})")
         frozen.run(y_val, n_test=len(splits.test), folds=folds)
         if balanced:
             from finegrain.recipe.longtail import add_logit_adjusted

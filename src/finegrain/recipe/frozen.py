@@ -117,19 +117,20 @@ class FrozenStage:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
         trainval = ImageSet(self.data.root, self.data.classes, samples)
         t0 = time.perf_counter()
+        backbone = self.backbone(view)
         result = extract_to_store(
-            trainval, self.backbone(view), os.path.join(self.cfg.out, "features", view), poolings=POOLINGS,
+            trainval, backbone, os.path.join(self.cfg.out, "features", view), poolings=POOLINGS,
             flip=self.views[view]["flip"], batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
             precision=self.cfg.precision, device=self.cfg.device, progress=self.progress, runtime=self.cfg.runtime,
         )  # fmt: skip
         if result.n_extracted:
-            self.setup[view] = max(time.perf_counter() - t0 - result.seconds, self._conversion_seconds(view))
+            self.setup[view] = max(time.perf_counter() - t0 - result.seconds, self._conversion_seconds(view, backbone))
             self.spi[view] = result.seconds / result.n_extracted
         else:
             self.spi.setdefault(view, self._estimate_spi(view))
         return result.store
 
-    def _conversion_seconds(self, view: str) -> float:
+    def _conversion_seconds(self, view: str, backbone: Backbone) -> float:
         """With `--runtime auto`, what converting a model on this view to ONNX took here (the saved model's test pass
         converts anew; the extraction may have reused a cached conversion and set up in no time)."""
         if self.cfg.runtime != "auto":
@@ -137,7 +138,6 @@ class FrozenStage:
         from finegrain.embed.extract import Embedder
         from finegrain.runtime.engine import recorded_conversion_seconds
 
-        backbone = self.backbone(view)
         embedder = Embedder(backbone, POOLINGS, flip=self.views[view]["flip"])
         rt = Runtime(str(self.cfg.device), self.cfg.precision, True, self.cfg.workers)
         return recorded_conversion_seconds(embedder, backbone.preprocess, rt)
