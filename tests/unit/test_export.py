@@ -54,6 +54,8 @@ def _normalized(paths, preprocess) -> torch.Tensor:
 def _finegrain_meta(path: str) -> dict:
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert json.loads(props["classes"]) and json.loads(props["preprocess"])["input_size"] > 0
+    pre = json.loads(props["preprocess"])  # what README says the graph expects: resize to resize_size, crop to S
+    assert pre["resize_size"] >= pre["input_size"] and 0 < pre["crop_pct"] <= 1
     return json.loads(props["finegrain"])
 
 

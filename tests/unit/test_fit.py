@@ -315,6 +315,28 @@ def test_small_images_get_a_view_at_their_own_scale_on_the_leaderboard(tmp_path)
     assert low and all(c.estimate == "oof-5" for c in low)
 
 
+def test_late_higher_resolution_views_come_after_the_others_best_backbone_first():
+    """Time a run would leave unspent goes to a 1.25x view of each backbone, tried only in the late pass (after the
+    fine-tune), the backbone whose frozen candidates score best first; small images get none (no upsampling)."""
+    from types import SimpleNamespace
+
+    from finegrain.recipe.candidates import Candidate, views_for
+    from finegrain.recipe.frozen import FrozenStage
+
+    names = ["efficientnet_lite0", "mobilenetv2_100"]
+    views = views_for(names, 400)
+    late = [v for v in views if views[v].get("late")]
+    assert late == ["full320-flip", "mobilenetv2-full288-flip"] and views["full320-flip"]["image_size"] == 320
+    assert not any(v.get("late") for v in views_for(names, 32).values())
+    stage = FrozenStage.__new__(FrozenStage)
+    stage.views = views
+    mnv2 = Candidate("mobilenetv2-full224-flip/gem/probe-l2", "frozen", 0.9, 0.9, 1.0, {"backbone": names[1]})
+    lite0 = Candidate("eval/gem/probe-l2", "frozen", 0.8, 0.8, 1.0, {"backbone": names[0]})
+    stage.state = SimpleNamespace(candidates={c.name: c for c in (mnv2, lite0)})
+    assert not set(late) & set(stage._order(late=False))
+    assert stage._order(late=True)[-2:] == ["mobilenetv2-full288-flip", "full320-flip"]
+
+
 def test_the_reason_states_the_validation_only_candidates_margin_with_its_sign():
     from types import SimpleNamespace
 

@@ -173,6 +173,9 @@ def test_bad_uploads_get_a_4xx_with_the_reason_and_the_service_keeps_serving(cli
 
     r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=XX"})
     assert r.status_code == 413 and "20 MB limit" in r.json()["error"]
+    for size_mb in (25, 60):  # refused from its Content-Length, then drained: the client reads the 413, no reset
+        r = client.post("/predict", content=bytes(size_mb * 1024 * 1024), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 413 and f"upload of {size_mb} MB" in r.json()["error"]
     for kwargs, status in [
         ({"data": {"k": "1"}}, 415),  # a form without a file: urlencoded
         ({"files": {"other": ("x.txt", b"1", "text/plain")}, "params": {"k": "0"}}, 422),

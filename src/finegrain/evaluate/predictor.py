@@ -227,6 +227,8 @@ def load(path: str, *, device: str = "cpu", runtime: str = "torch") -> Predictor
     with that checkpoint's weights). runtime: torch | onnx | auto (the engine predictions run on; an ensemble's
     members each get theirs)."""
     check_runtime(runtime)
+    if not os.path.isfile(os.path.join(path, "model.json")) and os.path.isfile(os.path.join(path, "model", "model.json")):
+        path = os.path.join(path, "model")  # a `fit` (or training) output folder: its model/
     meta_path = os.path.join(path, "model.json")
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:

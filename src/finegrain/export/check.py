@@ -66,7 +66,7 @@ def metadata(spec, key: str, check: Check, extra: dict | None = None) -> dict[st
     return {
         "finegrain": json.dumps(info),
         "classes": json.dumps(info["classes"]),
-        "preprocess": json.dumps(pre.to_dict()),
+        "preprocess": json.dumps(info["preprocess"]),  # input_size, crop_pct, mean, std, interpolation, resize_size
     }
 
 

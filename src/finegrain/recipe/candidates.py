@@ -27,6 +27,8 @@ VIEWS = {
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite1", "mobilenetv2_100")
 SHORT_NAMES = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2",
                "mobilenetv2_100": "mobilenetv2"}  # fmt: skip
+# Time left after the fine-tune goes to views at LATE_SCALE x a backbone's largest input (`late_views`).
+LATE_SCALE = 1.25
 LOW_RES_BELOW = 160  # median short side (px) under which a view at a resolution derived from the images' is added
 POOLINGS = ("gem", "gap", "stages")  # stages: the last 3 stages, GAP and L2 each (models/pooling.py)
 # Ties on validation go to the candidate expected to be better: its cub100 test top-1 in BENCHMARKS.md
@@ -157,6 +159,23 @@ def views_for(backbones: list[str], native: float | None = None) -> dict[str, di
             size = min(size, 2 * low)
         short = SHORT_NAMES.get(name, name.replace("/", "-").replace(":", "-"))
         out[f"{short}-full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True}
+    return out | late_views(out, native)
+
+
+def late_views(views: dict[str, dict], native: float | None) -> dict[str, dict]:
+    """A higher-resolution view of each backbone (LATE_SCALE x its largest view, on a multiple of 32; "test at a
+    higher resolution than the weights were trained at", FixRes), tried only with the time a run would otherwise
+    leave unspent (marked "late": after the fine-tune), and only where the images hold that many pixels."""
+    out = {}
+    for name in dict.fromkeys(v["backbone"] for v in views.values()):
+        sizes = [v["image_size"] or 224 for v in views.values() if v["backbone"] == name]
+        size = int(32 * round(LATE_SCALE * max(sizes) / 32))
+        if native is not None and native < size:
+            continue  # upsampling small images buys nothing a smaller view does not
+        short = SHORT_NAMES.get(name, name.replace("/", "-").replace(":", "-"))
+        prefix = "" if name == next(iter(views.values()))["backbone"] else f"{short}-"
+        out[f"{prefix}full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True,
+                                           "late": True}  # fmt: skip
     return out
 
 

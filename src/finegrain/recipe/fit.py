@@ -143,11 +143,18 @@ class FitState:
 def _check_data(image_set: ImageSet, splits) -> list[str]:
     """One-line errors for data no classifier can be chosen on; warnings (returned) for what `fit` works around."""
     counts = np.bincount([s.label for s in splits.train], minlength=len(image_set.classes))
+    labelled = splits.train + splits.val
+    missing = [s.path for s in labelled if not os.path.isfile(s.path)]
+    if labelled and len(missing) == len(labelled):
+        raise FinegrainError(f"none of the {len(labelled)} training images of {image_set.root} exists (e.g. "
+                             f"{missing[0]}): check the paths in the manifest or the folder")  # fmt: skip
     if (counts > 0).sum() < 2:
         raise FinegrainError(
             f"{image_set.root}: fit needs at least 2 classes with training images; found {(counts > 0).sum()}"
         )
     notes = list(image_set.warnings)
+    if missing:
+        notes.append(f"{len(missing)} of {len(labelled)} training images do not exist (e.g. {missing[0]}): skipped")
     val_classes = {s.label for s in splits.val}
     lonely = [image_set.classes[c] for c in range(len(counts)) if counts[c] > 0 and c not in val_classes]
     if not splits.val:
@@ -164,6 +171,18 @@ def _check_data(image_set: ImageSet, splits) -> list[str]:
     return notes
 
 
+def _check_out(out: str) -> None:
+    """A one-line error, before any work, when `out` cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".finegrain-write-check")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise FinegrainError(f"cannot write to {out} ({e.strerror or e}): give --out a folder you can write") from None
+
+
 def _relabelled(image_set: ImageSet, splits) -> ImageSet:
     """The image set with each sample's split set to fit's own train / val / test."""
     samples = [Sample(s.path, s.label, name) for name in ("train", "val", "test") for s in getattr(splits, name)]
@@ -177,6 +196,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     if not cfg.out:
         raise FinegrainError("fit needs an output folder: --out DIR")
     parse_backbones(cfg.backbones, cfg.backbone)  # an unknown name is a one-line error before any work
+    _check_out(cfg.out)
     clock = Clock(cfg.budget_min)
     image_set = load_image_set(cfg.data)
     splits = make_splits(image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -221,7 +241,7 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
     untried = frozen.untried(len(splits.test))  # time the fine-tune left (or did not need): views skipped before it
     if untried:
         print(f"fit: time left: trying the views skipped before ({', '.join(untried)})")
-        frozen.run(y_val, n_test=len(splits.test), folds=folds)
+        frozen.run(y_val, n_test=len(splits.test), folds=folds, late=True)
         if balanced:
             from finegrain.recipe.longtail import add_logit_adjusted
 

@@ -143,11 +143,12 @@ class FrozenStage:
         return recorded_conversion_seconds(embedder, backbone.preprocess, rt)
 
     # ---- candidates ---------------------------------------------------------------------------------------------
-    def run(self, y_val: np.ndarray, *, n_test: int, folds: Folds | None = None) -> None:
+    def run(self, y_val: np.ndarray, *, n_test: int, folds: Folds | None = None, late: bool = False) -> None:
         """Every view x pooling x head that fits the budget, in the views' order; the first view always runs. With
-        `folds`, each head is also scored out-of-fold over every training image. Called again later (time left after
-        a fine-tune), it tries the views it skipped; what was scored is kept."""
-        for i, view in enumerate(self.views):
+        `folds`, each head is also scored out-of-fold over every training image. Called again later with `late`
+        (time left after a fine-tune), it tries the views it skipped, then the late ones (`late_views`); what was
+        scored is kept."""
+        for i, view in enumerate(self._order(late)):
             if view in self.head_seconds:
                 continue  # done in an earlier call
             self.skipped = [s for s in self.skipped if s.get("view") != view]
@@ -163,6 +164,20 @@ class FrozenStage:
                 continue
             self._run_view(view, y_val, n_test, folds)
 
+    def _order(self, late: bool) -> list[str]:
+        """The views to try: those not late in their order, then (with `late`) the late ones, the backbone whose
+        frozen candidates score best first."""
+        views = [v for v in self.views if not self.views[v].get("late")]
+        if not late:
+            return views
+        best: dict[str, float] = {}
+        for c in self.state.candidates.values():
+            if c.kind == "frozen":
+                b = c.params.get("backbone", "")
+                best[b] = max(best.get(b, -1.0), c.score[0])
+        extra = [v for v in self.views if self.views[v].get("late")]
+        return views + sorted(extra, key=lambda v: -best.get(self.views[v]["backbone"], -1.0))
+
     def view_cost(self, view: str, n_test: int) -> float:
         """Seconds a view's candidates take: its extraction (engine set-up included), a test pass on it, and
         scoring the heads (as long as the last view's did); another backbone's also counts a partner's test pass
@@ -174,10 +189,10 @@ class FrozenStage:
         return cost
 
     def untried(self, n_test: int) -> list[str]:
-        """Views not run yet whose cost fits in what is left of the budget."""
+        """Views not run yet (late ones included) whose cost fits in what is left of the budget."""
         left = self.clock.remaining() - 20.0
         out = []
-        for view in self.views:
+        for view in self._order(late=True):
             if view not in self.head_seconds:
                 try:
                     if self.view_cost(view, n_test) <= left:

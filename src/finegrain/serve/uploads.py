@@ -21,6 +21,7 @@ MAX_PIXELS = 50_000_000
 # The eval view resizes the short side to ~256 px: a 1 x 20,000 strip would become 256 x 5,120,000 pixels (4 GB).
 MAX_ASPECT = 50
 FORM_SLACK_BYTES = 64 * 1024  # multipart boundaries, headers and the small fields beside the file
+DRAIN_FACTOR = 5  # a refused body is read (and dropped) up to 5x the limit so its 413 reaches the client
 
 
 class UploadError(Exception):
@@ -36,15 +37,26 @@ class _CountingReceive:
     its Content-Length)."""
 
     def __init__(self, receive, limit: int, shown_limit: int) -> None:
-        self.receive, self.limit, self.shown_limit, self.seen = receive, limit, shown_limit, 0
+        self.receive, self.limit, self.shown_limit, self.seen, self.done = receive, limit, shown_limit, 0, False
 
     async def __call__(self):
         message = await self.receive()
         if message.get("type") == "http.request":
             self.seen += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
             if self.seen > self.limit:
                 raise UploadError(413, f"upload larger than the {_mb(self.shown_limit)} limit")
+        else:
+            self.done = True  # http.disconnect
         return message
+
+    async def drain(self, cap: int) -> None:
+        """Read and drop the rest of a refused body, up to `cap` bytes in all: a client still sending when the
+        server answers and closes gets a connection reset instead of the answer (a 413 must reach it)."""
+        while not self.done and self.seen <= cap:
+            message = await self.receive()
+            self.seen += len(message.get("body", b""))
+            self.done = message.get("type") != "http.request" or not message.get("more_body", False)
 
 
 def _mb(n: int) -> str:
@@ -63,9 +75,18 @@ async def read_upload(request, max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[bytes
     (any name; `image` by convention) or a raw body with an image/* or application/octet-stream content type."""
     from starlette.requests import Request
 
-    check_declared_size(request.headers, max_bytes)
-    limited = Request(request.scope, _CountingReceive(request.receive, max_bytes + FORM_SLACK_BYTES, max_bytes))
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    counting = _CountingReceive(request.receive, max_bytes + FORM_SLACK_BYTES, max_bytes)
+    try:
+        return await _read(Request(request.scope, counting), max_bytes)
+    except UploadError as e:
+        if e.status == 413:
+            await counting.drain(DRAIN_FACTOR * max_bytes)
+        raise
+
+
+async def _read(limited, max_bytes: int) -> tuple[bytes, dict[str, str]]:
+    check_declared_size(limited.headers, max_bytes)
+    ctype = limited.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         data = await limited.body()
         fields: dict[str, str] = {}
