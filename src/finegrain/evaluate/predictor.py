@@ -227,8 +227,9 @@ def load(path: str, *, device: str = "cpu", runtime: str = "torch") -> Predictor
     with that checkpoint's weights). runtime: torch | onnx | auto (the engine predictions run on; an ensemble's
     members each get theirs)."""
     check_runtime(runtime)
-    if not os.path.isfile(os.path.join(path, "model.json")) and os.path.isfile(os.path.join(path, "model", "model.json")):
-        path = os.path.join(path, "model")  # a `fit` (or training) output folder: its model/
+    inner = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(path, "model.json")) and os.path.isfile(os.path.join(inner, "model.json")):
+        path = inner  # a `fit` output folder: its model/ (an ensemble's model.json is there)
     meta_path = os.path.join(path, "model.json")
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
