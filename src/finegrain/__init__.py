@@ -1,25 +1,32 @@
 """finegrain: fine-grained image recognition from small, imbalanced sets of labelled photos."""
 
-import os
-
 __version__ = "0.1.0"
 
 
-def load(path: str, *, device: str = "cpu", runtime: str = "torch"):
-    """Load a trained model folder; returns a Predictor (`predict(paths)`, `predict_proba(paths)`).
+def load(path: str, *, device: str = "auto", runtime: str = "auto"):
+    """Load a saved model: a model folder, a training run or a `fit` output folder. Returns a Predictor (or an
+    Ensemble) with `predict(paths, k=...)`, `predict_proba(paths)` and `classes`.
 
-    runtime: torch | onnx | auto (ONNX Runtime where it converts with parity and measures faster)."""
+    device: auto (cuda when available, else cpu), cpu, cuda or cuda:N. runtime: auto (ONNX Runtime where it converts
+    with parity and measures faster here; the CLI's and fit's default), torch or onnx."""
     from finegrain.evaluate.predictor import load as _load
 
     return _load(path, device=device, runtime=runtime)
 
 
 def fit(data: str, *, out: str, budget_min: float = 10.0, progress: bool = True, **options):
-    """The best model finegrain can make from a labelled folder in `budget_min` minutes (chosen on validation,
-    written to `out` with leaderboard.csv and fit.json); returns it loaded, ready to predict."""
-    from finegrain.evaluate.predictor import load as _load
+    """The best model finegrain can make from a labelled folder in `budget_min` minutes (chosen without the test
+    split), written to `out` (model/, leaderboard.csv, fit.json). Returns a `FitResult`: `.leaderboard`, `.chosen`,
+    `.test` / `.test_top1` (scored once, at the end), and the loaded model (`.model`, `.predict(paths, k=...)`,
+    `.predict_proba(paths)`). `options`: the fields of `finegrain.recipe.FitConfig` (`finegrain fit --help`)."""
+    import dataclasses
+
+    from finegrain.errors import FinegrainError
     from finegrain.recipe import FitConfig
     from finegrain.recipe import fit as _fit
 
-    result = _fit(FitConfig(data=data, out=out, budget_min=budget_min, **options), progress=progress)
-    return _load(os.path.join(result.out, "model"))
+    valid = {f.name for f in dataclasses.fields(FitConfig)} - {"data", "out", "budget_min"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise FinegrainError(f"unknown option(s) {', '.join(unknown)} for fit; valid: {', '.join(sorted(valid))}")
+    return _fit(FitConfig(data=data, out=out, budget_min=budget_min, **options), progress=progress)

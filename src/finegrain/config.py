@@ -268,7 +268,7 @@ class ExtractConfig:
     workers: int | None = None
     precision: str = "auto"
     channels_last: bool = True
-    device: str = "cpu"  # the CLI passes auto: cuda when available, else cpu
+    device: str = "auto"  # cuda when available, else cpu
     overwrite: bool = False
 
 
@@ -337,7 +337,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU training
     channels_last: bool = True
     workers: int | None = None
-    device: str = "cpu"  # the CLI passes auto: cuda when available, else cpu
+    device: str = "auto"  # cuda when available, else cpu (resolved by the Trainer)
     seed: int = 0
     resume: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (tests, budgets); the schedule is unchanged

@@ -338,3 +338,27 @@ def test_every_command_takes_a_config_file_checked_like_the_command_line(built, 
         argv = [command, built["run"], built["image"], "--config", str(bad)]
         code, _, line = _run(argv, capsys)
         assert code == 2 and line.startswith(E + first.format(bad)), line
+
+
+def test_fit_with_no_image_on_disk_or_nowhere_to_write_is_one_line(fx, tmp_path, capsys):
+    """Defects a new user hit (issue 24): a manifest whose files are all missing (was a numpy traceback) and an
+    --out that cannot be written (was FileNotFoundError) are one-line errors, exit 2, before any work."""
+    manifest = tmp_path / "gone.csv"
+    rows = [f"{tmp_path}/gone/{c}/{i}.jpg,{c},train" for c in ("a", "b") for i in range(4)]
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    code, _, first = _run(["fit", str(manifest), "--out", str(tmp_path / "f"), "--no-progress"], capsys)
+    assert code == 2 and first.startswith(E + "none of the 8 training images") and "manifest" in first
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, first = _run(["fit", fx["data"], "--out", str(blocker / "out"), "--no-progress"], capsys)
+    assert code == 2 and first.startswith(E + f"cannot write to {blocker / 'out'}")
+
+
+def test_predict_takes_a_fit_folder_holding_an_ensemble(built, tmp_path, capsys):
+    """`finegrain predict RUNS/FIT` (the fit folder, not its model/): an ensemble was a KeyError traceback."""
+    from finegrain.evaluate.predictor import Ensemble, load
+
+    one = load(built["run"])
+    Ensemble([one, one], [0.5, 0.5]).save(str(tmp_path / "fit" / "model"))
+    code, out, _ = _run(["predict", str(tmp_path / "fit"), built["image"], "--json"], capsys)
+    assert code == 0 and json.loads(out)

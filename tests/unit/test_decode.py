@@ -270,3 +270,28 @@ def test_int32_tiff_in_16_bit_range_keeps_the_absolute_scale(tmp_path):
     row = np.asarray(img).astype(int)[0, :, 0]
     assert np.abs(row - np.rint(ramp / 65535 * 255)).max() <= 1, row
     assert row.max() <= 128
+
+
+def test_malformed_exif_decodes_without_a_warning_that_says_nothing_to_the_user(tmp_path):
+    """EXIF whose tag points past its block: Pillow warns "Tag data larger than file" on stderr; the pixels are fine."""
+    import io
+    import struct
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    from finegrain.data.decode import load_image
+
+    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x010E, 2, 5000, 100)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, "JPEG", exif=b"Exif\x00\x00" + ifd + struct.pack("<I", 0))
+    path = tmp_path / "exif.jpg"
+    path.write_bytes(buf.getvalue())
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        ImageOps.exif_transpose(Image.open(path))
+    assert any("Tag data larger than file" in str(w.message) for w in raw)  # Pillow does warn on this file
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        img = load_image(str(path))
+    assert img.size == (64, 48) and not ours

@@ -29,7 +29,8 @@ def _fit_cfg(data, out, **kw):
 
 
 def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_data, tmp_path):
-    result = fit(_fit_cfg(train_data, tmp_path / "fit"), progress=False)
+    options = {k: v for k, v in vars(_fit_cfg(train_data, tmp_path / "fit")).items() if k not in ("data", "out")}
+    result = finegrain.fit(train_data, out=str(tmp_path / "fit"), progress=False, **options)  # the public API
     out = tmp_path / "fit"
     summary = json.loads((out / "fit.json").read_text())
     assert summary["chosen"] == result.chosen.name and "5-fold out-of-fold top-1 over all 36" in summary["reason"]
@@ -50,6 +51,22 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     proba = model.predict_proba(sorted(paths))
     assert proba.shape == (12, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
     assert np.mean(proba.argmax(1) == np.repeat([0, 1, 2], 4)) >= 0.5  # classes blue, green, red; colours differ
+    # the result holds the loaded model (on fit's engine), the leaderboard and the test score
+    assert result.test_top1 == summary["test"]["metrics"]["top1"] and result.classes == model.classes
+    assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
+    # the report of a fit folder leads with its choice and leaderboard, and scores the model as fit did
+    from finegrain.report.run_report import build_run_report
+
+    html = open(build_run_report(str(out), progress=False, gallery=2, bootstrap=20)).read()
+    assert html.index('id="fit"') < html.index('id="data"') and result.chosen.name in html and "regime ?" not in html
+    reported = json.loads((out / "report-metrics.json").read_text())["metrics"]["top1"]
+    assert reported == pytest.approx(result.test_top1)
+
+
+def test_fit_in_python_refuses_an_unknown_option_in_one_line(tmp_path):
+    with pytest.raises(FinegrainError, match="unknown option.s. epochz for fit; valid: .*backbone"):
+        finegrain.fit(str(tmp_path), out=str(tmp_path / "f"), epochz=3)
+    assert not (tmp_path / "f").exists()
 
 
 def test_a_killed_fit_resumes_and_ends_with_the_same_choice(train_data, tmp_path):
@@ -72,6 +89,8 @@ def test_a_killed_fit_resumes_and_ends_with_the_same_choice(train_data, tmp_path
     again = subprocess.run([*cmd, "--out", str(killed)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     first, second = (json.loads((p / "fit.json").read_text()) for p in (tmp_path / "whole", killed))
+    assert "resuming the fit" in again.stdout and len(second["resumed"]["candidates"]) >= done_before  # and says so
+    assert first["resumed"] == {"candidates": [], "views": []}
     assert second["chosen"] == first["chosen"] and second["val_top1"] == first["val_top1"]
     assert second["estimate"] == "oof-5" and second["oof_top1"] == first["oof_top1"]  # OOF probabilities resumed
     assert second["test"]["metrics"]["top1"] == pytest.approx(first["test"]["metrics"]["top1"])

@@ -13,6 +13,7 @@ import sys
 
 from finegrain.config import EvalConfig, ExtractConfig, build_config, config_dict, save_config
 from finegrain.errors import FinegrainError
+from finegrain.runtime.settings import resolve_device  # noqa: F401 - serve_cmd and suggest_cmd import it here
 
 CLI_DEFAULTS = {"device": "auto"}  # under the YAML file and the command line, over the dataclass defaults
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -32,27 +33,6 @@ def _overrides(args: argparse.Namespace, cls) -> dict:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> str:
-    """`auto` -> cuda when available, else cpu; a device this machine does not have -> FinegrainError."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise FinegrainError(f"device {name} is not available: no CUDA GPU on this machine (use auto or cpu)")
-        if device.index is not None and device.index >= count:
-            raise FinegrainError(f"device {name} is not available: this machine has {count} CUDA GPU(s)")
-    elif device.type != "cpu":
-        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return name
 
 
 def _with_device(cfg):

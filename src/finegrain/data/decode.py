@@ -59,6 +59,9 @@ def load_image(
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # malformed EXIF metadata ("Tag data larger than file", "Corrupt EXIF data"): the pixels are fine and
+            # the warning tells a user nothing they can act on
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.(TiffImagePlugin|JpegImagePlugin)")
             # `with` closes the file on every path: Pillow keeps it open after load() for GIF/TIFF and on errors.
             with Image.open(path) as src:
                 if src.width * src.height > max_pixels:

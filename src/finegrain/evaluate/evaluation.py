@@ -38,7 +38,7 @@ class EvaluateConfig:
     batch_size: int = 32
     workers: int | None = None
     precision: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu
     runtime: str = "torch"  # torch | onnx | auto (runtime/engine.py)
     bootstrap: int = 1000
     seed: int = 0

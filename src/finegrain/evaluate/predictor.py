@@ -14,7 +14,7 @@ from finegrain.data import load_image
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.tta import TTA, TTAViews
 from finegrain.models import FORMAT, ImageClassifier, ModelSpec, find_model_folder, load_model, save_model
-from finegrain.runtime import Engine, Runtime, check_runtime, choose_engine, forward
+from finegrain.runtime import Engine, Runtime, check_runtime, choose_engine, forward, resolve_device
 
 ONNX_CACHE = "onnx-cache"  # beside model.json: the in-process ONNX conversion and the measured choice of `auto`
 INT8_GRAPH = "model.int8.onnx"  # `finegrain export --quantize int8`'s default output: `auto` may race it
@@ -28,8 +28,9 @@ class Predictor:
     module (CAM, FixRes and training read it)."""
 
     def __init__(
-        self, model: ImageClassifier, spec: ModelSpec, device: str = "cpu", *, runtime: str = "torch", folder=None
+        self, model: ImageClassifier, spec: ModelSpec, device: str = "auto", *, runtime: str = "torch", folder=None
     ) -> None:
+        device = resolve_device(device)
         self.model = model.eval().to(device)
         self.spec = spec
         self.device = torch.device(device)
@@ -221,7 +222,7 @@ def _top_k(proba: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str
     return [[(classes[j], float(p[j])) for j in row] for p, row in zip(proba, top)]
 
 
-def load(path: str, *, device: str = "cpu", runtime: str = "torch") -> Predictor | Ensemble:
+def load(path: str, *, device: str = "auto", runtime: str = "torch") -> Predictor | Ensemble:
     """Load a model saved by finegrain: a model folder (fine-tuned, frozen probe / NCM / k-NN, ensemble), a training
     run folder, or one of the run's weight files (`best.safetensors`, `checkpoint-last.pt`: the same architecture
     with that checkpoint's weights). runtime: torch | onnx | auto (the engine predictions run on; an ensemble's

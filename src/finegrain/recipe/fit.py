@@ -13,13 +13,14 @@ and scored candidates are reused, a fine-tune continues from its checkpoint.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from finegrain.recipe.frozen import FrozenStage
 from finegrain.recipe.no_validation import NO_VAL_SELECTION, choose_without_validation
 from finegrain.recipe.oof import Folds, make_folds
 from finegrain.recipe.unlabeled import final_semi_model, run_semi, unlabeled_paths
+from finegrain.runtime.settings import resolve_device
 from finegrain.train.data import make_splits
 
 FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start (cub100's size)
@@ -62,7 +64,7 @@ class FitConfig:
     workers: int | None = None
     precision: str = "auto"
     runtime: str = "auto"  # torch | onnx | auto: the engine extraction and the test pass run on (runtime/engine.py)
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu
     bootstrap: int = 1000
     unlabeled: str = ""  # a folder of images without labels: semi-supervised candidates too (recipe/unlabeled.py)
     # the test split's images join the unlabeled pool (their labels are never read); the test score is then
@@ -72,11 +74,40 @@ class FitConfig:
 
 @dataclass
 class FitResult:
+    """What `fit` made: the output folder, the chosen candidate and the leaderboard (best first), the test summary
+    (None without a test split) and the seconds it took. `model` loads the saved model (on the engine and device
+    fit's test pass used) the first time it is read; `predict` / `predict_proba` / `classes` are the model's."""
+
     out: str
     chosen: Candidate
     leaderboard: list[Candidate]
     test: dict | None
     seconds: float
+    runtime: str = "auto"
+    device: str = "cpu"
+    _model: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from finegrain.evaluate.predictor import load
+
+            self._model = load(os.path.join(self.out, "model"), device=self.device, runtime=self.runtime)
+        return self._model
+
+    @property
+    def test_top1(self) -> float | None:
+        return self.test["metrics"]["top1"] if self.test else None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    def predict(self, images, *, k: int = 1, tta=None):
+        return self.model.predict(images, k=k, tta=tta)
+
+    def predict_proba(self, images, **kwargs):
+        return self.model.predict_proba(images, **kwargs)
 
 
 class Clock:
@@ -106,6 +137,7 @@ class FitState:
         self.candidates: dict[str, Candidate] = {}
         self.probas: dict[str, np.ndarray] = {}
         self.oof: dict[str, np.ndarray] = {}
+        self.reused: dict[str, list[str]] = {"candidates": [], "views": []}  # what a resumed run found done
         path = os.path.join(self.dir, "candidates.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -117,6 +149,7 @@ class FitState:
                 self.probas[c["name"]] = np.load(self._proba_path(c["name"]))
                 if self.candidates[c["name"]].estimate.startswith("oof"):
                     self.oof[c["name"]] = np.load(self._proba_path(c["name"], "oof"))
+            self.reused["candidates"] = list(self.candidates)
 
     def _proba_path(self, name: str, kind: str = "val") -> str:
         key = hashlib.sha1(name.encode()).hexdigest()[:16]
@@ -196,6 +229,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     if not cfg.out:
         raise FinegrainError("fit needs an output folder: --out DIR")
     parse_backbones(cfg.backbones, cfg.backbone)  # an unknown name is a one-line error before any work
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     _check_out(cfg.out)
     clock = Clock(cfg.budget_min)
     image_set = load_image_set(cfg.data)
@@ -206,6 +240,9 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
         print(f"fit: warning: {note}", flush=True)
     data = _relabelled(image_set, splits)
     state = FitState(cfg.out, cfg)
+    if state.reused["candidates"]:
+        print(f"fit: resuming the fit in {cfg.out}: {len(state.reused['candidates'])} scored candidates reused "
+              "(extracted features and a fine-tune's checkpoint are reused as they are found)", flush=True)  # fmt: skip
     save_config(cfg, cfg.out, extra={"splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")}})
     # the final model learns from train + val (refit): evaluate and report score only the test images
     learned, tested = [s.path for s in splits.train + splits.val], [s.path for s in splits.test]
@@ -222,7 +259,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
     _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen, folds)
-    return FitResult(cfg.out, chosen, board, test, clock.elapsed())
+    return FitResult(cfg.out, chosen, board, test, clock.elapsed(), runtime=cfg.runtime, device=cfg.device)
 
 
 def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: FrozenStage, clock: Clock, upaths, *,
@@ -526,6 +563,7 @@ def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, froze
         "transductive": cfg.transductive,
         "budget_min": cfg.budget_min,
         "seconds": round(clock.elapsed(), 1),
+        "resumed": frozen.state.reused,  # a rerun of a killed fit: the candidates and feature stores it reused
         "splits": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
         "splits_note": splits.note,
         "warnings": notes,

@@ -128,6 +128,8 @@ class FrozenStage:
             self.spi[view] = result.seconds / result.n_extracted
         else:
             self.spi.setdefault(view, self._estimate_spi(view))
+            self.state.reused["views"].append(view)
+            print(f"fit: reused the {view} features already extracted in {self.cfg.out}", flush=True)
         return result.store
 
     def _conversion_seconds(self, view: str, backbone: Backbone) -> float:

@@ -41,20 +41,17 @@ from finegrain.report.html import (
 
 
 def features_and_proba(predictor, paths, *, batch_size=32, workers=None, progress=False, desc="report"):
-    """One plain pass: pooled features [N, D], probabilities [N, C], kept positions [N], skipped [(path, why)]."""
-
-    p = predict_paths(
-        predictor,
-        paths,
-        batch_size=batch_size,
-        workers=workers,
-        channels_last=False,
-        progress=progress,
-        desc=desc,
-        features=True,
-    )
+    """One plain pass: pooled features [N, D], probabilities [N, C], kept positions [N], skipped [(path, why)]. An
+    ensemble of several trunks has no single feature space: its probabilities, and the features of its first member
+    (for the map and the nearest training images)."""
+    kw = dict(batch_size=batch_size, workers=workers, channels_last=False, progress=progress, desc=desc)
+    several = len(getattr(predictor, "runners", ())) > 1
+    p = predict_paths(predictor.members[0] if several else predictor, paths, features=True, **kw)
     if not len(p.index):
         raise FinegrainError("no image of the split could be read")
+    if several:
+        whole = predict_paths(predictor, [paths[i] for i in p.index], **kw)  # decodes the same files
+        return p.features[whole.index], whole.proba, p.index[whole.index], p.skipped + whole.skipped
     return p.features, p.proba, p.index, p.skipped
 
 
@@ -102,8 +99,43 @@ def _config_section(run) -> Section:
     return Section("config", "Resolved config", f"<pre>{escape(text)}</pre>")
 
 
+def _fit_section(fit: dict, run: str) -> Section:
+    """A `fit` folder's choice first: what was chosen and why, its estimate and test score, the time, the
+    leaderboard (best 20 rows) and what was skipped."""
+    test = (fit.get("test") or {}).get("metrics") or {}
+    rows = [
+        ["chosen", fit["chosen"]],
+        ["selected by", f"{fit.get('estimate')} top-1 {fit.get('score_top1', float('nan')):.4f}"],
+        ["reason", fit.get("reason", "")],
+        ["test top-1 (scored once, at the end)", test.get("top1")],
+        ["time", f"{fit.get('seconds', 0) / 60:.1f} of {fit.get('budget_min')} min"],
+    ]
+    html = table(["", ""], rows)
+    path = os.path.join(run, "leaderboard.csv")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", newline="") as f:
+            board = list(csv.DictReader(f))
+        cols = ["name", "kind", "estimate", "score_top1", "val_top1", "oof_top1", "seconds"]
+        html += f"<h3>Leaderboard ({len(board)} candidates, best 20)</h3>"
+        html += table(cols, [[_number(r.get(c)) for c in cols] for r in board[:20]])
+    skipped = fit.get("skipped_candidates") or []
+    if skipped:
+        html += f"<h3>Skipped ({len(skipped)})</h3>"
+        html += table(["candidate or view", "why"], [[s.get("candidate") or s.get("view"), s["why"]] for s in skipped])
+    return Section("fit", "fit: the choice and its leaderboard", html)
+
+
+def _number(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
 def _curves_section(run) -> Section:
     path = os.path.join(run, "metrics.csv")
+    tuned = os.path.join(run, "candidates", "finetune", "metrics.csv")  # a fit folder: its fine-tune's curves
+    path = tuned if not os.path.exists(path) and os.path.exists(tuned) else path
     if not os.path.exists(path):
         return Section("curves", "Learning curves", "<p>No metrics.csv in the run folder.</p>")
     rows = list(csv.DictReader(open(path, encoding="utf-8")))
@@ -313,6 +345,17 @@ def _train_pass(predictor, data, max_train, seed, progress):
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
+def _fit_summary(run: str) -> dict | None:
+    """fit.json of a `fit` output folder (None for a training run)."""
+    path = os.path.join(run, "fit.json")
+    if not os.path.exists(path):
+        return None
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def build_run_report(
     run: str,
     *,
@@ -328,9 +371,11 @@ def build_run_report(
     progress: bool = True,
     allow_train_images: bool = False,
 ) -> str:
-    predictor = load(run)
     cfg_path = os.path.join(run, "config.yaml")
     run_cfg = yaml.safe_load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+    fit = _fit_summary(run)
+    # a fit folder's model is scored on the engine fit's test pass used: one model, one score
+    predictor = load(run, runtime=run_cfg.get("runtime", "torch") if fit else "torch")
     data = data or run_cfg.get("data")
     if not data:
         raise FinegrainError(f"{run} has no config.yaml naming its data: pass --data FOLDER")
@@ -349,7 +394,8 @@ def build_run_report(
     for p, c in zip(train_paths, train_y):
         train_by_class.setdefault(int(c), []).append(p)
 
-    sections = [
+    sections = [_fit_section(fit, run)] if fit else []
+    sections += [
         _data_section(classes, train_counts, len(y), skipped),
         _config_section(run),
         _curves_section(run),
@@ -365,10 +411,11 @@ def build_run_report(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_json(os.path.splitext(out)[0] + "-metrics.json", summary)
     m = summary["metrics"]
-    subtitle = (
-        f"{predictor.meta.get('backbone')} · regime {predictor.meta.get('regime', '?')} · {split} split, "
-        f"{len(y)} images · top-1 {m['top1']:.3f} · mean per-class {m['mean_per_class']:.3f}"
-    )
+    what = f"fit chose {fit['chosen']}" if fit else (
+        f"{predictor.meta.get('backbone')} · regime {predictor.meta.get('regime', '?')}"
+    )  # fmt: skip
+    scores = f"top-1 {m['top1']:.3f} · mean per-class {m['mean_per_class']:.3f}"
+    subtitle = f"{what} · {split} split, {len(y)} images · {scores}"
     return render_report(
         f"finegrain report: {os.path.basename(os.path.abspath(run))}", sections, out, subtitle=subtitle
     )

@@ -4,7 +4,14 @@ the engine (torch or ONNX Runtime) chosen by a measured check."""
 from finegrain.runtime.data import Batch, ImageFiles, collate_images, image_loader
 from finegrain.runtime.engine import RUNTIMES, Engine, check_runtime, choose_engine, machine_cache_dir
 from finegrain.runtime.forward import Output, forward
-from finegrain.runtime.settings import PRECISIONS, Runtime, default_num_workers, native_bf16, resolve_precision
+from finegrain.runtime.settings import (
+    PRECISIONS,
+    Runtime,
+    default_num_workers,
+    native_bf16,
+    resolve_device,
+    resolve_precision,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -22,5 +29,6 @@ __all__ = [
     "forward",
     "image_loader",
     "native_bf16",
+    "resolve_device",
     "resolve_precision",
 ]

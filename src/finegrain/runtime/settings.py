@@ -30,6 +30,25 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu; a device this machine does not have -> FinegrainError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FinegrainError(f"device {name} is not available: no CUDA GPU on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise FinegrainError(f"device {name} is not available: this machine has {count} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise FinegrainError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls/convs run natively (fast) on `device`.
 
@@ -64,12 +83,14 @@ class Runtime:
     """How to run a model. precision: auto | fp32 | bf16 | amp (CUDA: fp16 where bf16 is not supported);
     workers: DataLoader decoding processes (None: one per two cores)."""
 
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu
     precision: str = "auto"
     channels_last: bool = True
     workers: int | None = None
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if self.precision not in PRECISIONS:
             raise FinegrainError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 

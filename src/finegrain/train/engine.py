@@ -12,6 +12,7 @@ around the epochs (checkpoint, best model, time budget, early stopping, logs). T
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.longtail import shot_accuracy
 from finegrain.losses import create_loss
 from finegrain.models import ModelSpec, load_checkpoint, save_model
-from finegrain.runtime import Runtime
+from finegrain.runtime import Runtime, resolve_device
 from finegrain.train.callbacks import (
     CHECKPOINT,
     BestModel,
@@ -85,6 +86,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, progress: bool = True, image_set=None) -> None:
         """`image_set`: an ImageSet to train on instead of loading `cfg.data` (Python API, benchmarks)."""
         check_train_options(cfg)
+        cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
         self.cfg, self.progress, self.image_set = cfg, progress, image_set
         self.dist: DistContext | None = None
         self.probe_info: dict | None = None  # the LP-FT probe's L2 and val scores, once fitted
