@@ -144,7 +144,7 @@ def _test_paths(data):
 def test_predict_paths_tta_ensemble_and_bad_files(trained_run, train_data, tmp_path):
     from finegrain.evaluate.inference import predict_paths
 
-    predictor = finegrain.load(trained_run)
+    predictor = finegrain.load(trained_run, runtime="torch")
     paths = _test_paths(train_data)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(open(paths[0], "rb").read()[:200])
@@ -156,7 +156,7 @@ def test_predict_paths_tta_ensemble_and_bad_files(trained_run, train_data, tmp_p
     assert not np.allclose(flip.proba, plain.proba)  # the mirrored view changes something
     # the API's TTA path and the dataset path agree
     np.testing.assert_allclose(flip.proba, predictor.predict_proba(paths, tta="flip"), atol=1e-5)
-    twice = predict_paths([predictor, finegrain.load(trained_run)], paths, workers=0, precision="fp32")
+    twice = predict_paths([predictor, finegrain.load(trained_run, runtime="torch")], paths, workers=0, precision="fp32")
     np.testing.assert_allclose(twice.proba, plain.proba, atol=1e-5)
     assert twice.models == 2
 
@@ -164,8 +164,8 @@ def test_predict_paths_tta_ensemble_and_bad_files(trained_run, train_data, tmp_p
 def test_ensemble_members_must_share_classes(trained_run, train_data, tmp_path):
     from finegrain.evaluate.inference import predict_paths
 
-    a = finegrain.load(trained_run)
-    b = finegrain.load(trained_run)
+    a = finegrain.load(trained_run, runtime="torch")
+    b = finegrain.load(trained_run, runtime="torch")
     b.spec = b.spec.replace(classes=tuple(reversed(b.classes)))
     with pytest.raises(FinegrainError, match="same classes"):
         predict_paths([a, b], _test_paths(train_data)[:2], workers=0)
@@ -202,7 +202,7 @@ def test_fixres_adapts_batchnorm_and_head_and_saves(trained_run, train_data, tmp
     from finegrain.evaluate.evaluation import samples_for_model
     from finegrain.evaluate.fixres import fix_resolution, save_predictor
 
-    predictor = finegrain.load(trained_run)
+    predictor = finegrain.load(trained_run, runtime="torch")
     paths, labels, _ = samples_for_model(train_data, "train", predictor.classes)
     bn_only = fix_resolution(predictor, paths, labels, 96, head_epochs=0, workers=0)
     both = fix_resolution(predictor, paths, labels, 96, head_epochs=2, workers=0)
@@ -217,7 +217,7 @@ def test_fixres_adapts_batchnorm_and_head_and_saves(trained_run, train_data, tmp
     assert not torch.equal(both.model.head.weight, predictor.model.head.weight)
     assert bn_only.preprocess.input_size == 96 and predictor.preprocess.input_size == 64  # the original is intact
     save_predictor(both, str(tmp_path / "fixed"))
-    again = finegrain.load(str(tmp_path / "fixed"))
+    again = finegrain.load(str(tmp_path / "fixed"), runtime="torch")
     assert again.preprocess.input_size == 96 and again.meta["fixres"]["size"] == 96
     test = _test_paths(train_data)
     np.testing.assert_allclose(again.predict_proba(test), both.predict_proba(test), atol=1e-5)
@@ -225,23 +225,23 @@ def test_fixres_adapts_batchnorm_and_head_and_saves(trained_run, train_data, tmp
 
 def test_cli_fixres(trained_run, train_data, tmp_path, capsys):
     rc = main(["fixres", trained_run, train_data, "--size", "80", "--out", str(tmp_path / "f"), "--head-epochs", "1"])
-    assert rc == 0 and finegrain.load(str(tmp_path / "f")).preprocess.input_size == 80
+    assert rc == 0 and finegrain.load(str(tmp_path / "f"), runtime="torch").preprocess.input_size == 80
 
 
 def test_checkpoints_of_a_run_load_and_ensemble(trained_run, train_data):
     from finegrain.evaluate.inference import predict_paths
 
     paths = _test_paths(train_data)
-    final = finegrain.load(trained_run)
-    last = finegrain.load(os.path.join(trained_run, "checkpoint-last.pt"))
-    best = finegrain.load(os.path.join(trained_run, "best.safetensors"))
+    final = finegrain.load(trained_run, runtime="torch")
+    last = finegrain.load(os.path.join(trained_run, "checkpoint-last.pt"), runtime="torch")
+    best = finegrain.load(os.path.join(trained_run, "best.safetensors"), runtime="torch")
     assert last.meta["weights"] == "checkpoint-last.pt" and last.classes == final.classes
     # without a validation split the last epoch is the model: all three hold the same weights here
     np.testing.assert_allclose(last.predict_proba(paths), final.predict_proba(paths), atol=1e-5)
     ens = predict_paths([final, last, best], paths, workers=0, precision="fp32")
     assert ens.models == 3 and np.allclose(ens.proba, final.predict_proba(paths), atol=1e-5)
     with pytest.raises(FinegrainError):
-        finegrain.load(os.path.join(trained_run, "config.yaml"))
+        finegrain.load(os.path.join(trained_run, "config.yaml"), runtime="torch")
 
 
 def test_cli_resolution_sweep(trained_run, train_data, tmp_path, capsys):

@@ -53,6 +53,7 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     assert np.mean(proba.argmax(1) == np.repeat([0, 1, 2], 4)) >= 0.5  # classes blue, green, red; colours differ
     # the result holds the loaded model (on fit's engine), the leaderboard and the test score
     assert result.test_top1 == summary["test"]["metrics"]["top1"] and result.classes == model.classes
+    assert getattr(model, "members", [model])[0].runtime == "auto"  # finegrain.load's default, as on the CLI
     assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
     # the report of a fit folder leads with its choice and leaderboard, and scores the model as fit did
     from finegrain.report.run_report import build_run_report

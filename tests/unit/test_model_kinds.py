@@ -72,7 +72,7 @@ def test_every_frozen_kind_saves_loads_and_predicts_like_the_store_path(store_fe
             train_counts=np.bincount(ytr),
         )  # fmt: skip
         folder = save_model(model, str(tmp_path / f"{name}-{norm_name}"), spec)
-        loaded = finegrain.load(folder)
+        loaded = finegrain.load(folder, runtime="torch")
         assert loaded.spec.kind == "frozen" and loaded.classes == list(classes)
         got = predict_paths(loaded, test_paths, precision="fp32", workers=0).proba
         np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=f"{name} on {norm_name} features")
@@ -96,9 +96,9 @@ def test_an_ensemble_saves_loads_and_averages_with_its_weights(store_features, t
         clf = create_classifier(name).fit(norm.transform(Xtr), ytr)
         model, spec = frozen_model(backbone, clf, norm, classes=classes, pooling="gem", flip=True)
         folders.append(save_model(model, str(tmp_path / name), spec))
-    members = [finegrain.load(f) for f in folders]
+    members = [finegrain.load(f, runtime="torch") for f in folders]
     Ensemble(members, [3, 1]).save(str(tmp_path / "ens"))
-    ens = finegrain.load(str(tmp_path / "ens"))
+    ens = finegrain.load(str(tmp_path / "ens"), runtime="torch")
     assert isinstance(ens, Ensemble) and ens.weights == [0.75, 0.25]
     probas = [predict_paths(m, test_paths, precision="fp32", workers=0).proba for m in members]
     got = predict_paths(ens, test_paths, precision="fp32", workers=0).proba
@@ -120,10 +120,10 @@ def test_an_ensemble_of_heads_on_one_view_runs_its_trunk_once(store_features, tm
         clf = create_classifier(name).fit(norm.transform(Xtr), ytr)
         model, spec = frozen_model(backbone, clf, norm, classes=classes, pooling="gem", flip=True)
         folders.append(save_model(model, str(tmp_path / name), spec))
-    members = [finegrain.load(f) for f in folders]
+    members = [finegrain.load(f, runtime="torch") for f in folders]
     apart = [predict_paths(m, test_paths, precision="fp32", workers=0, batch_size=64).proba for m in members]
     Ensemble(members).save(str(tmp_path / "ens"))
-    ens = finegrain.load(str(tmp_path / "ens"))
+    ens = finegrain.load(str(tmp_path / "ens"), runtime="torch")
     assert len(ens.members) == 2 and len(ens.runners) == 1  # saved as two members, run as one trunk
     calls = []
     trunk = ens.runners[0][0].model.backbone

@@ -65,7 +65,7 @@ def test_last1_trains_only_the_last_stage_and_learns(data, tmp_path):
     result = train(_cfg(data, tmp_path / "run", epochs=3), progress=False)
     import finegrain
 
-    predictor = finegrain.load(str(tmp_path / "run"))
+    predictor = finegrain.load(str(tmp_path / "run"), runtime="torch")
     after = predictor.model.backbone.model.state_dict()
     assert torch.equal(after["conv_stem.weight"], before["conv_stem.weight"])
     assert torch.equal(after["blocks.5.0.conv_pw.weight"], before["blocks.5.0.conv_pw.weight"])
@@ -86,7 +86,7 @@ def test_head_regime_leaves_backbone_untouched(data, tmp_path):
     train(_cfg(data, tmp_path / "run", regime="head", epochs=1), progress=False)
     import finegrain
 
-    after = finegrain.load(str(tmp_path / "run")).model.backbone.model.state_dict()
+    after = finegrain.load(str(tmp_path / "run"), runtime="torch").model.backbone.model.state_dict()
     for k, v in before.items():
         if not k.startswith("classifier"):
             assert torch.equal(after[k], v), k  # BatchNorm statistics included
@@ -203,7 +203,9 @@ def test_long_tail_losses_and_samplers_plug_into_the_engine(data, tmp_path):
     assert set(r.test_metrics) >= {"many_shot", "medium_shot", "few_shot", "per_class_top1"}
     import finegrain
 
-    assert finegrain.load(str(tmp_path / "ldam")).predict([os.path.join(data, "test", "red", "000.jpg")])[0]
+    assert finegrain.load(str(tmp_path / "ldam"), runtime="torch").predict(
+        [os.path.join(data, "test", "red", "000.jpg")]
+    )[0]
     from finegrain.models import NormedLinear
     from finegrain.train.engine import Trainer
 
@@ -310,7 +312,7 @@ def test_probe_protocol_options_are_trained_saved_and_loaded(data, tmp_path):
     assert trainer.evaluate(trainer.splits.val)["top1"] == pytest.approx(info["val_top1"], abs=0.09)
     assert info["val_top1"] >= 0.9
     trainer.fit()
-    pred = finegrain.load(str(tmp_path / "pp"))
+    pred = finegrain.load(str(tmp_path / "pp"), runtime="torch")
     assert pred.model.feature_norm and pred.preprocess.crop_pct == 1.0
     images = sorted(glob.glob(os.path.join(data, "test", "*", "*")))[:4]
     model.eval()

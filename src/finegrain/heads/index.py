@@ -10,16 +10,16 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from typing import Protocol
 
 import numpy as np
 
+from finegrain.runtime.faiss_env import import_faiss  # noqa: F401 - re-exported: callers import it from here
+
 METRICS = ("cosine", "l2")
 BACKENDS = ("auto", "numpy", "faiss")
 FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
-AUTO_FAISS_MIN_N = 4096  # below this a numpy matmul is as fast as faiss and needs no extra library
 AUTO_PROBE_ROWS = 1 << 15  # auto: both exact backends timed on at most this many gallery rows
 # ivfpq defaults, measured on 200k and 1M synthetic vectors of 1280 dims (bench/scale.py) and on cub100: a 4-bit
 # code a PCA dimension re-ranks as well as twice the bytes (PCA 128, 128 codes) and far better than 2 dimensions a
@@ -145,35 +145,6 @@ class NumpyIndex:
         top_sims = np.take_along_axis(sims, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
-
-
-def import_faiss():
-    """faiss, with OpenBLAS told this CPU's kernels first.
-
-    faiss-cpu's bundled OpenBLAS (0.3.15) does not recognise recent CPUs (AMD Zen 4 here) and falls back to its
-    Prescott kernels, 2.7x slower than numpy at exact search (BENCHMARKS.md). OPENBLAS_CORETYPE is read when the
-    library loads, so it is set, unless the user set it, before the first import: SkylakeX with AVX-512, else
-    Haswell with AVX2. faiss's OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE for its import, unless set).
-    """
-    if "faiss" not in sys.modules and "OPENBLAS_CORETYPE" not in os.environ:
-        from finegrain.runtime.settings import _cpu_flags  # one reader of /proc/cpuinfo
-
-        flags = _cpu_flags() or set()
-        core = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
-        if core:
-            os.environ["OPENBLAS_CORETYPE"] = core
-    if "faiss" in sys.modules:
-        return sys.modules["faiss"]
-    # faiss's bundled libgomp spins idle threads: on a busy machine training fast-scan PQ (thousands of tiny k-means)
-    # took 41 s instead of 0.3 s. Its libgomp reads the policy once, when loaded; torch's own copy never sees it.
-    ours = "OMP_WAIT_POLICY" not in os.environ
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import faiss
-    finally:
-        if ours:
-            del os.environ["OMP_WAIT_POLICY"]
-    return faiss
 
 
 def _on_disk(X) -> bool:
@@ -400,22 +371,19 @@ def build_index(
 ) -> NumpyIndex | FaissIndex:
     """Index the [N, D] gallery X.
 
-    backend "auto": numpy or faiss flat for exact search, whichever answered a short timed query on this gallery
-    faster (`choose_exact_backend`, cached), faiss for kind ivf / ivfpq / hnsw. kind="ivfpq" on a memory map keeps
-    the vectors on disk (RAM: the m / 2 code bytes, the 8-byte id and a share of the centroids) and re-ranks from it.
+    backend "auto": numpy for exact search (kind flat), faiss for kind ivf / ivfpq / hnsw. Measured (`python -m
+    bench.scale`, BENCHMARKS.md): numpy's exact search beat faiss flat at 10k, 100k and 1M gallery rows here, so
+    the default no longer races them on the user's machine (`choose_exact_backend` still measures, on request).
+    kind="ivfpq" on a memory map keeps the vectors on disk (RAM: the m / 2 code bytes, the 8-byte id and a share of
+    the centroids) and re-ranks from it.
     """
     check_metric(metric)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if kind not in FAISS_KINDS:
         raise ValueError(f"kind must be one of {', '.join(FAISS_KINDS)}; got {kind!r}")
-    if backend == "auto":
-        if kind != "flat":
-            backend = "faiss"
-        elif len(X) <= AUTO_FAISS_MIN_N or not faiss_available():
-            backend = "numpy"
-        else:
-            backend = choose_exact_backend(X, metric=metric)
+    if backend == "auto":  # a rule, the same on every machine (no race decides a head's results)
+        backend = "numpy" if kind == "flat" else "faiss"
     if backend == "numpy":
         if kind != "flat":
             raise ValueError(f"kind={kind!r} needs backend='faiss' (numpy search is exact, kind='flat')")
