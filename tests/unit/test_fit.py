@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -70,23 +69,33 @@ def test_fit_in_python_refuses_an_unknown_option_in_one_line(tmp_path):
     assert not (tmp_path / "f").exists()
 
 
+def test_the_budget_is_driven_by_the_injected_clock_not_the_wall_clock(train_data, tmp_path):
+    """A clock on which every reading is 40 s after the last (no wall clock): the budget is spent at once, yet the
+    first view's first head is scored, the model saved and tested, and every other view is reported as skipped."""
+    from finegrain.recipe.fit import Clock
+
+    ticks = iter(range(0, 10**6, 40))
+    result = fit(_fit_cfg(train_data, tmp_path / "fit"), progress=False, clock=Clock(1.0, now=lambda: next(ticks)))
+    summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    first = next(iter(summary["views"]))
+    assert {c.params.get("view") for c in result.leaderboard if c.kind == "frozen"} == {first}
+    skipped = {s["view"] for s in summary["skipped_candidates"] if "view" in s}
+    assert skipped == set(summary["views"]) - {first} - {v for v, g in summary["views"].items() if g.get("late")}
+    assert result.test["n"] == 12 and (tmp_path / "fit" / "model").is_dir()
+
+
 def test_a_killed_fit_resumes_and_ends_with_the_same_choice(train_data, tmp_path):
     cmd = [sys.executable, "-m", "finegrain", "fit", train_data, "--budget-min", "2", "--no-finetune",
            "--workers", "0", "--no-progress"]  # fmt: skip
     whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed at a known point: right after the 3rd scored candidate is saved (finegrain/faults.py)
+    env = {**os.environ, "FINEGRAIN_KILL_AT": "candidate:3"}
+    proc = subprocess.run([*cmd, "--out", str(killed)], env=env, capture_output=True, timeout=300)
     state = killed / "fit-state" / "candidates.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and len(json.loads(state.read_text())["candidates"]) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done_before = len(json.loads(state.read_text())["candidates"])
-    assert not (killed / "fit.json").exists() and done_before >= 3
+    assert proc.returncode == -signal.SIGKILL and not (killed / "fit.json").exists() and done_before == 3
     again = subprocess.run([*cmd, "--out", str(killed)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     first, second = (json.loads((p / "fit.json").read_text()) for p in (tmp_path / "whole", killed))

@@ -28,6 +28,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.config import TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
+from finegrain.faults import kill_point
 from finegrain.recipe.candidates import (
     Candidate,
     ensembles,
@@ -111,13 +112,15 @@ class FitResult:
 
 
 class Clock:
-    """The budget of the whole command, in seconds."""
+    """The budget of the whole command, in seconds. `now`: the time source (seconds; `time.perf_counter`), which
+    tests replace to drive the budget without the wall clock: `fit(cfg, clock=Clock(1.0, now=...))`."""
 
-    def __init__(self, budget_min: float) -> None:
-        self.t0, self.budget = time.perf_counter(), 60.0 * budget_min
+    def __init__(self, budget_min: float, now=time.perf_counter) -> None:
+        self.now = now
+        self.t0, self.budget = now(), 60.0 * budget_min
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        return self.now() - self.t0
 
     def remaining(self) -> float:
         return self.budget - self.elapsed()
@@ -171,6 +174,7 @@ class FitState:
         self.candidates[cand.name], self.probas[cand.name] = cand, proba
         rows = [asdict(c) for c in self.candidates.values()]
         atomic_write_json(os.path.join(self.dir, "candidates.json"), {"key": self.key, "candidates": rows})
+        kill_point("candidate", len(self.candidates))  # tests of resume (finegrain/faults.py)
 
 
 def _check_data(image_set: ImageSet, splits) -> list[str]:
@@ -222,8 +226,9 @@ def _relabelled(image_set: ImageSet, splits) -> ImageSet:
     return ImageSet(image_set.root, image_set.classes, samples, list(image_set.warnings))
 
 
-def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
-    """Run (or resume) `fit`; returns the chosen candidate, the leaderboard and the test metrics."""
+def fit(cfg: FitConfig, *, progress: bool = True, clock: Clock | None = None) -> FitResult:
+    """Run (or resume) `fit`; returns the chosen candidate, the leaderboard and the test metrics. `clock`: the
+    budget's clock (default: `Clock(cfg.budget_min)` on the wall clock)."""
     if cfg.budget_min <= 0:
         raise FinegrainError(f"budget_min must be positive (minutes), got {cfg.budget_min}")
     if not cfg.out:
@@ -231,7 +236,7 @@ def fit(cfg: FitConfig, *, progress: bool = True) -> FitResult:
     parse_backbones(cfg.backbones, cfg.backbone)  # an unknown name is a one-line error before any work
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     _check_out(cfg.out)
-    clock = Clock(cfg.budget_min)
+    clock = clock or Clock(cfg.budget_min)
     image_set = load_image_set(cfg.data)
     splits = make_splits(image_set, val_fraction=cfg.val_fraction, seed=cfg.seed)
     notes = _check_data(image_set, splits)

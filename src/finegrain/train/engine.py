@@ -28,6 +28,7 @@ from finegrain.config import TrainConfig
 from finegrain.data import Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.longtail import shot_accuracy
+from finegrain.faults import kill_point
 from finegrain.losses import create_loss
 from finegrain.models import ModelSpec, load_checkpoint, save_model
 from finegrain.runtime import Runtime, resolve_device
@@ -286,6 +287,7 @@ class Trainer:
             state.history.append(row)
             stop = [cb.on_epoch_end(self, state, epoch, row) for cb in callbacks]
             self.dist.barrier()
+            kill_point("epoch", epoch + 1)  # tests of resume (finegrain/faults.py)
             if any(stop):
                 break
         return self._finish(state, callbacks, time.perf_counter() - t0)
