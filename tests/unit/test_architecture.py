@@ -12,7 +12,7 @@ SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "finegrain"
 
 # Lowest first. A package may import the packages of lower layers (and itself), never a higher one.
 LAYERS = [
-    {"errors"},
+    {"errors", "faults"},
     {"atomic"},
     {"registry"},
     {"config"},

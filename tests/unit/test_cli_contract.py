@@ -303,10 +303,10 @@ def test_fixres_never_fits_on_test_images(built, capsys):
     code, _, line = _run(argv, capsys)
     assert code == 2 and line.startswith(E + "fixres fits BatchNorm statistics and the head on --split test")
     # a flat folder: the run's recorded train images only (27 of 30 minus val), not its 3 held-out test images
-    from finegrain.cli.commands import _fixres_samples
     from finegrain.config import load_splits
+    from finegrain.evaluate.fixres import fixres_samples
 
-    paths, labels = _fixres_samples(built["run"], built["flat"], "train", ["red", "green", "blue"])
+    paths, labels = fixres_samples(built["run"], built["flat"], "train", ["red", "green", "blue"])
     recorded = load_splits(built["run"])[1]
     assert {os.path.abspath(p) for p in paths} == {os.path.abspath(p) for p in recorded["train"]}
     assert not {os.path.abspath(p) for p in paths} & {os.path.abspath(p) for p in recorded["test"]}

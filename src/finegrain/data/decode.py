@@ -85,3 +85,12 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageDecodeError(f"cannot decode ({msg})") from None
+
+
+def unreadable(path: str) -> str | None:
+    """Why `path` cannot be an image file (None: it may be one; decoding decides)."""
+    if os.path.isdir(path):
+        return "is a directory, not an image file"
+    if not os.path.exists(path):
+        return "no such file"
+    return None

@@ -14,6 +14,7 @@ The result is saved as a new model folder that `finegrain.load` reads like any o
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -166,3 +167,26 @@ def save_predictor(predictor, folder: str) -> str:
     """Write a (FixRes-adapted) Predictor as a model folder."""
 
     return save_model(predictor.model, folder, predictor.spec)
+
+
+def fixres_samples(model: str, data: str, split: str, classes: list[str]):
+    """The images fixres may fit on: the split asked for; in a flat folder, the run's recorded train (or val)
+    images, never its recorded test holdout."""
+    import numpy as np
+
+    from finegrain.config import load_splits
+    from finegrain.data import load_image_set
+    from finegrain.evaluate.evaluation import samples_for_model
+
+    if load_image_set(data).splits != ["all"]:
+        return samples_for_model(data, split, classes)[:2]
+    record = load_splits(model)
+    if record is None or not record[1].get(split):
+        raise FinegrainError(
+            f"{data} is a flat folder and {model} records no {split} split: fixres would fit on images the test "
+            "score may use; give a folder with train/ and test/ or the run trained on this folder"
+        )
+    allowed = {os.path.abspath(p) for p in record[1][split]}
+    paths, labels, _ = samples_for_model(data, "all", classes)
+    keep = [i for i, p in enumerate(paths) if os.path.abspath(p) in allowed]
+    return [paths[i] for i in keep], np.asarray(labels)[keep]

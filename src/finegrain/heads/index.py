@@ -147,7 +147,7 @@ class NumpyIndex:
         return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
 
-def _on_disk(X) -> bool:
+def on_disk(X) -> bool:
     """A memory map, or a lazy row view of one (heads.stream_probe.StoreRows): worth re-ranking from, not copying."""
     return isinstance(X, np.memmap) or isinstance(getattr(X, "features", None), np.memmap)
 
@@ -227,7 +227,7 @@ class FaissIndex:
             self._add_flat(as_matrix(X))
             return self
         if self.kind == "ivfpq":
-            self._source.append(X if _on_disk(X) else None)
+            self._source.append(X if on_disk(X) else None)
         for start in range(0, len(X), _ADD_BLOCK):  # normalised block by block: no second copy of the gallery
             block = as_matrix(X[start : start + _ADD_BLOCK])
             self._index.add(l2_normalize(block) if self.metric == "cosine" else block)
@@ -259,7 +259,7 @@ class FaissIndex:
         """An index written by `save`; `source`: the memory-mapped gallery it was built from (ivfpq re-rank)."""
         self = cls(metric, kind=kind, **kwargs)
         self._index = import_faiss().read_index(path)
-        self._source = [source] if kind == "ivfpq" and _on_disk(source) else []
+        self._source = [source] if kind == "ivfpq" and on_disk(source) else []
         if kind in ("ivf", "ivfpq"):
             ivf = import_faiss().downcast_index(import_faiss().extract_index_ivf(self._index))
             self.nlist_ = int(ivf.nlist)

@@ -9,7 +9,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from finegrain.heads.index import BACKENDS, as_matrix, build_index, check_metric
+from finegrain.heads.index import BACKENDS, FAISS_KINDS, as_matrix, build_index, check_metric, on_disk
 
 WEIGHTS = ("uniform", "distance", "temperature")
 
@@ -29,7 +29,9 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     distance (l2), and exact matches take all the weight, as in scikit-learn; "temperature" weighs by
     softmax(sim / temperature) over the neighbours, as DINOv2's k-NN evaluation does (sim = cos for cosine,
     the negative squared distance for l2).
-    backend: "auto" | "numpy" | "faiss", see `build_index`.
+    backend: "auto" | "numpy" | "faiss", see `build_index`. index: "flat" (exact) | "ivf" | "ivfpq" | "hnsw"
+    (faiss, approximate); "ivfpq" on a memory map (a store larger than memory) keeps the vectors on disk and
+    re-ranks its candidates exactly from them.
     """
 
     def __init__(
@@ -40,12 +42,14 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         weights: str = "temperature",
         temperature: float = 0.07,
         backend: str = "auto",
+        index: str = "flat",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.metric = metric
         self.weights = weights
         self.temperature = temperature
         self.backend = backend
+        self.index = index
 
     def _check_params(self) -> None:
         n = self.n_neighbors
@@ -58,16 +62,18 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"temperature must be a positive number; got {self.temperature!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.index not in FAISS_KINDS:
+            raise ValueError(f"index must be one of {', '.join(FAISS_KINDS)}; got {self.index!r}")
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KNNClassifier:
         """X [N, D] training embeddings, y [N] labels. The embeddings are copied into an index."""
         self._check_params()
-        X = as_matrix(X)
+        X = X if self.index != "flat" and on_disk(X) else as_matrix(X)  # on disk: indexed without a copy in RAM
         y = check_labels(y, len(X))
         if len(X) == 0:
             raise ValueError("X is empty: k-NN needs at least one training sample")
         self.classes_, self.gallery_labels_ = np.unique(y, return_inverse=True)
-        self.index_ = build_index(X, metric=self.metric, backend=self.backend)
+        self.index_ = build_index(X, metric=self.metric, backend=self.backend, kind=self.index)
         self.n_features_in_ = X.shape[1]
         return self
 

@@ -273,3 +273,12 @@ def suggest(
                "propagation": model.report_}  # fmt: skip
     atomic_write_json(os.path.join(out, "suggest.json"), summary)
     return summary
+
+
+def train_distilled_from_folder(cfg, unlabeled: str, *, temperature: float, weight: float, progress: bool = True):
+    """`train --unlabeled DIR`: the folder checked (one-line errors), then `train_distilled` on its images."""
+    from finegrain.data import load_image_set
+    from finegrain.semi.distill import train_distilled
+
+    paths = unlabeled_paths(unlabeled, load_image_set(cfg.data))
+    return train_distilled(cfg, paths, temperature=temperature, weight=weight, progress=progress)

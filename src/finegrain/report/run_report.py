@@ -345,6 +345,13 @@ def _train_pass(predictor, data, max_train, seed, progress):
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
+def _subtitle(fit: dict | None, predictor, split: str, n: int, m: dict) -> str:
+    what = f"fit chose {fit['chosen']}" if fit else (
+        f"{predictor.meta.get('backbone')} · regime {predictor.meta.get('regime', '?')}"
+    )  # fmt: skip
+    return f"{what} · {split} split, {n} images · top-1 {m['top1']:.3f} · mean per-class {m['mean_per_class']:.3f}"
+
+
 def _fit_summary(run: str) -> dict | None:
     """fit.json of a `fit` output folder (None for a training run)."""
     path = os.path.join(run, "fit.json")
@@ -411,11 +418,7 @@ def build_run_report(
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_json(os.path.splitext(out)[0] + "-metrics.json", summary)
     m = summary["metrics"]
-    what = f"fit chose {fit['chosen']}" if fit else (
-        f"{predictor.meta.get('backbone')} · regime {predictor.meta.get('regime', '?')}"
-    )  # fmt: skip
-    scores = f"top-1 {m['top1']:.3f} · mean per-class {m['mean_per_class']:.3f}"
-    subtitle = f"{what} · {split} split, {len(y)} images · {scores}"
+    subtitle = _subtitle(fit, predictor, split, len(y), m)
     return render_report(
         f"finegrain report: {os.path.basename(os.path.abspath(run))}", sections, out, subtitle=subtitle
     )
