@@ -19,14 +19,9 @@ def fit(data: str, *, out: str, budget_min: float = 10.0, progress: bool = True,
     split), written to `out` (model/, leaderboard.csv, fit.json). Returns a `FitResult`: `.leaderboard`, `.chosen`,
     `.test` / `.test_top1` (scored once, at the end), and the loaded model (`.model`, `.predict(paths, k=...)`,
     `.predict_proba(paths)`). `options`: the fields of `finegrain.recipe.FitConfig` (`finegrain fit --help`)."""
-    import dataclasses
-
-    from finegrain.errors import FinegrainError
+    from finegrain.config import build_config, config_choices
     from finegrain.recipe import FitConfig
     from finegrain.recipe import fit as _fit
 
-    valid = {f.name for f in dataclasses.fields(FitConfig)} - {"data", "out", "budget_min"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise FinegrainError(f"unknown option(s) {', '.join(unknown)} for fit; valid: {', '.join(sorted(valid))}")
-    return _fit(FitConfig(data=data, out=out, budget_min=budget_min, **options), progress=progress)
+    values = {"data": data, "out": out, "budget_min": budget_min, **options}  # checked as the command line is
+    return _fit(build_config(FitConfig, overrides=values, choices=config_choices(FitConfig)), progress=progress)

@@ -57,6 +57,19 @@ RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
 _NONE = type(None)
 
 
+def option(default: Any, help: str = "", *, choices: Iterable[str] | None = None, flag: str | None = None):
+    """A config field declared once: its default, the help the command line shows, its valid names (checked by
+    `build_config` from every source: command line, YAML, Python keywords) and, for a bool, the flag that flips it
+    (`--no-finetune`). The command line is generated from these (cli/options.py)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def config_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """{field: valid names} declared with `option(choices=...)`."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if f.metadata.get("choices")}
+
+
 def build_config(
     cls: type[C],
     *,
@@ -375,3 +388,33 @@ def load_splits(model_dir: str) -> tuple[str, dict] | None:
             except (OSError, ValueError) as e:
                 raise FinegrainError(f"cannot read the recorded split {path}: {e}") from None
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """`fit`'s options, declared once: the command line (`finegrain fit --help`), `--config` YAML keys and
+    `finegrain.fit(...)` keywords are generated from / checked against these fields (config.option)."""
+
+    data: str = option("", "folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
+    out: str = option("", "output folder: model/, leaderboard.csv, fit.json")
+    budget_min: float = option(10.0, "minutes for the whole command: extraction, candidates, fine-tuning, test pass")
+    backbone: str = option("efficientnet_lite0", "the first backbone: efficientnet_lite0 (offline), any timm name, "
+                           "hf-hub:...")  # fmt: skip
+    backbones: str = option(
+        "", "comma-separated backbones whose views fit tries, the first one's first "
+        "(default: --backbone, then the offline ones: recipe/candidates.py DEFAULT_BACKBONES)",
+    )  # fmt: skip
+    val_fraction: float = option(0.2, "validation part of train (stratified, seeded) when the data has no val split")
+    seed: int = option(0, "fixes the validation split, the folds and training")
+    finetune: bool = option(True, "frozen candidates only", flag="--no-finetune")
+    ensemble: bool = option(True, "no ensembles", flag="--no-ensemble")
+    batch_size: int = option(32, "images a batch (extraction, the test pass)")
+    workers: int | None = option(None, "decoding processes (default: cores / 2)")
+    precision: str = option("auto", "of extraction and the test pass", choices=("auto", "fp32", "bf16"))
+    runtime: str = option("auto", "engine of extraction and the test pass (runtime/engine.py)",
+                          choices=("auto", "torch", "onnx"))  # fmt: skip
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    bootstrap: int = option(1000, "resamples of the test score's interval")
+    unlabeled: str = option("", "folder of images without labels: semi-supervised candidates too")
+    transductive: bool = option(False, "the test images join the unlabeled pool (labels unread); the test score is "
+                                "reported as transductive (fit.json test_transductive)")  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from finegrain.cli.main import main
+from finegrain.errors import FinegrainError
 from tests.conftest import COLOURS, write_class_images
 
 RUN_OPTIONS = ["backbone=test_efficientnet", "pretrained=false", "image_size=32", "epochs=1", "batch_size=8"]
@@ -183,6 +184,28 @@ def test_help_is_exit_0_and_train_help_lists_every_option_with_its_default(capsy
     assert "--epochs INT (default: 10)" in text and "--lr FLOAT (default: 0.01)" in text
     assert main(["evaluate", "--help"]) == 0
     assert "(default: 1000)" in capsys.readouterr().out  # --bootstrap
+
+
+def test_fit_options_are_declared_once_in_fitconfig(capsys, tmp_path):
+    """`finegrain fit`'s command line is generated from FitConfig (config.option): every field has its option with
+    the declared help, choices and default; a YAML key and a Python keyword are checked by the same declaration."""
+    import dataclasses
+
+    import finegrain
+    from finegrain.config import FitConfig
+
+    assert main(["fit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(FitConfig)[1:]:  # data is the positional DATA
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        assert flag in text and f.metadata["help"].split()[0] in text, f.name
+    assert "--runtime {auto,torch,onnx}" in text and "(default: 10.0)" in text  # --budget-min
+    (tmp_path / "bad.yaml").write_text("runtime: gpu\n")
+    code, _, first = _run(["fit", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "bad.yaml")],
+                          capsys)  # fmt: skip
+    assert code == 2 and first == E + "runtime must be one of auto, torch, onnx, got 'gpu'"
+    with pytest.raises(FinegrainError, match="^runtime must be one of auto, torch, onnx, got 'gpu'$"):
+        finegrain.fit(str(tmp_path), out=str(tmp_path / "o"), runtime="gpu")
 
 
 def test_both_option_syntaxes_and_the_yaml_file_build_the_same_config(fx, tmp_path):

@@ -64,7 +64,7 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
 
 
 def test_fit_in_python_refuses_an_unknown_option_in_one_line(tmp_path):
-    with pytest.raises(FinegrainError, match="unknown option.s. epochz for fit; valid: .*backbone"):
+    with pytest.raises(FinegrainError, match="unknown option.s. epochz for FitConfig; valid: .*backbone"):
         finegrain.fit(str(tmp_path), out=str(tmp_path / "f"), epochz=3)
     assert not (tmp_path / "f").exists()
 

@@ -143,10 +143,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from finegrain.config import config_choices
     from finegrain.recipe import FitConfig, fit
 
-    choices = {"precision": PRECISIONS, "runtime": ("auto", "torch", "onnx")}
-    cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), choices)
+    cfg = _cli_config(FitConfig, args, _overrides(args, FitConfig), config_choices(FitConfig))
     result = fit(cfg, progress=not args.no_progress)
     est = result.chosen.estimate
     line = f"chose {result.chosen.name}: {'validation' if est == 'val' else est} top-1 {result.chosen.score_top1:.4f}"

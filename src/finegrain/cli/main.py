@@ -15,8 +15,9 @@ import sys
 import typing
 import warnings
 
+from finegrain.cli.options import add_config_options
 from finegrain.cli.suggest_cmd import add_suggest_parser
-from finegrain.config import EvalConfig, ExtractConfig, TrainConfig
+from finegrain.config import EvalConfig, ExtractConfig, FitConfig, TrainConfig
 from finegrain.errors import FinegrainError
 
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
@@ -90,30 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     p = add("fit", help="folder -> the best model in a time budget (chosen on validation), then predict")
-    p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
-    p.add_argument("--out", required=True, help="output folder: model/, leaderboard.csv, fit.json")
-    p.add_argument("--budget-min", type=float, default=None, help="minutes for the whole command (default 10)")
-    p.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, offline), any timm name, hf-hub:...")
-    p.add_argument(
-        "--backbones", default=None,
-        help="comma-separated backbones whose views fit tries, e.g. efficientnet_lite0,efficientnet_lite2,"
-        "mobilenetv2_100 (default: --backbone, then the offline ones installed here)",
-    )  # fmt: skip
-    p.add_argument("--val-fraction", type=float, default=None, help="validation part of train (default 0.2)")
-    p.add_argument("--seed", type=int, default=None, help="fixes the validation split and training (default 0)")
-    p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None, help="frozen candidates only")
-    p.add_argument("--no-ensemble", dest="ensemble", action="store_false", default=None, help="no ensembles")
-    p.add_argument("--unlabeled", default=None, help="folder of images without labels: semi-supervised candidates")
-    p.add_argument(
-        "--transductive", action="store_true", default=None,
-        help="the test images join the unlabeled pool (labels unread); the test score is reported as transductive",
-    )  # fmt: skip
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-    p.add_argument(
-        "--runtime", default=None, choices=["auto", "torch", "onnx"], help="engine of extraction and the test pass"
-    )
-    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
+    add_config_options(p, FitConfig)  # every option declared once, in recipe.fit.FitConfig
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 

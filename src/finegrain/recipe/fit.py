@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from finegrain.atomic import atomic_write_json, atomic_write_text
-from finegrain.config import TrainConfig, config_dict, save_config, save_splits
+from finegrain.config import FitConfig, TrainConfig, config_dict, save_config, save_splits
 from finegrain.data import ImageSet, Sample, load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.faults import kill_point
@@ -46,31 +46,6 @@ from finegrain.train.data import make_splits
 
 FINETUNE_MIN_SECONDS = 120  # below this a fine-tune cannot do one useful pass on top of its LP start (cub100's size)
 FINETUNE_FLOOR_SECONDS = 45  # a small set's floor: the trunk cache, its LP start and a few epochs of the last stage
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    data: str = ""
-    out: str = ""
-    budget_min: float = 10.0  # the whole command: extraction, candidates, fine-tuning, refit, test scoring
-    backbone: str = "efficientnet_lite0"
-    # the backbones whose views fit tries, comma-separated, the first one's first ("" : `backbone`, then the offline
-    # ones installed here: recipe/candidates.py DEFAULT_BACKBONES); any timm name or hf-hub:org/name where a network is
-    backbones: str = ""
-    val_fraction: float = 0.2  # carved from train, stratified and seeded, when the data has no val split
-    seed: int = 0
-    finetune: bool = True
-    ensemble: bool = True
-    batch_size: int = 32
-    workers: int | None = None
-    precision: str = "auto"
-    runtime: str = "auto"  # torch | onnx | auto: the engine extraction and the test pass run on (runtime/engine.py)
-    device: str = "auto"  # cuda when available, else cpu
-    bootstrap: int = 1000
-    unlabeled: str = ""  # a folder of images without labels: semi-supervised candidates too (recipe/unlabeled.py)
-    # the test split's images join the unlabeled pool (their labels are never read); the test score is then
-    # transductive and reported as such (fit.json "test_transductive", not "test")
-    transductive: bool = False
 
 
 @dataclass
