@@ -5,11 +5,16 @@ and compares: extraction (256 px, crop 1.0, flip, GAP + GeM) of 96 cub100 test i
 model trained once by the old tree (plain, TTA flip+5crop at 224 and 256, `Predictor.predict_proba`); FixRes.
 
     python -m bench.parity --old 0f010d1      # about 2 minutes
+    python -m bench.parity --old 2845074 --fit-only   # fit's choice, leaderboard and model on the bundled sample
+
+Also `fit` on the bundled sample under both trees with a clock that never moves (the choice then depends on the data
+and the code only): the chosen candidate, every leaderboard score and the saved model's predictions must not move.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +44,7 @@ r = extract_to_store(load_image_set(os.path.join(out, "m.csv")), bb, os.path.joi
                      poolings=("gap", "gem"), flip=True, progress=False)
 rows = np.array([e.row for e in r.store.index()])
 res = {f"extract_{p}": np.asarray(r.store.features(p))[rows] for p in ("gap", "gem")}
-pred = finegrain.load(model_dir)
+pred = finegrain.load(model_dir, runtime="torch")  # the same engine under both trees
 res["predict_plain"] = predict_paths(pred, imgs[:48]).proba
 res["predict_tta"] = predict_paths(pred, imgs[:48], tta=TTA.parse("flip+5crop", "224,256")).proba
 res["predict_proba"] = pred.predict_proba(imgs[:8])
@@ -48,6 +53,33 @@ fixed = fix_resolution(pred, imgs[48:], labels, 256, head_epochs=2, max_images=4
 res["fixres_predict"] = predict_paths(fixed, imgs[:48]).proba
 np.savez(os.path.join(out, "out.npz"), **res)
 """
+
+
+# fit on the bundled sample with a clock that never moves (the budget never binds, so the choice depends on the
+# data and the code only, not on this machine's speed), frozen candidates of one backbone; then its saved model
+FIT = r"""
+import json, os, sys
+import numpy as np
+import finegrain
+from finegrain.recipe import FitConfig, fit
+from finegrain.recipe.fit import Clock
+out, sample = sys.argv[1], sys.argv[2]
+cfg = FitConfig(data=sample, out=os.path.join(out, "fit"), budget_min=10, finetune=False, workers=0,
+                backbones="efficientnet_lite0", runtime="torch", bootstrap=50)
+r = fit(cfg, progress=False, clock=Clock(10, now=lambda: 0.0))
+test = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(sample, "test")) for f in fs)
+proba = finegrain.load(os.path.join(out, "fit", "model"), runtime="torch").predict_proba(test)
+board = {c.name: [c.val_top1, c.oof_top1] for c in r.leaderboard}
+json.dump({"chosen": r.chosen.name, "board": board, "test_top1": r.test["metrics"]["top1"]},
+          open(os.path.join(out, "fit.json"), "w"))
+np.savez(os.path.join(out, "fit.npz"), fit_predict=proba)
+"""
+
+
+def _fit(src: str, out: str, sample: str) -> tuple[dict, np.ndarray]:
+    subprocess.run([sys.executable, "-c", FIT, out, sample], check=True, env={**os.environ, "PYTHONPATH": src})
+    with open(os.path.join(out, "fit.json"), encoding="utf-8") as f, np.load(os.path.join(out, "fit.npz")) as z:
+        return json.load(f), z["fit_predict"]
 
 
 def _run(src: str, out: str, model_dir: str, cub: str, env_extra: dict | None = None) -> dict[str, np.ndarray]:
@@ -60,6 +92,7 @@ def _run(src: str, out: str, model_dir: str, cub: str, env_extra: dict | None = 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="the commit to compare with (e.g. the one before a refactor)")
+    ap.add_argument("--fit-only", action="store_true", help="only fit's choice and its model's predictions")
     args = ap.parse_args()
     cub = require_dataset("cub100")
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,11 +104,14 @@ def main() -> None:
             subprocess.run(
                 [sys.executable, "-m", "finegrain", "train", sample, "--out", run,
                  "regime=last:1", "epochs=1", "workers=0", "--no-progress"], check=True, env=env, cwd=tmp,
-            )  # fmt: skip
-            outs = {}
+            ) if not args.fit_only else None  # fmt: skip
+            outs, fits = {}, {}
             for name, src in (("old", os.path.join(old, "src")), ("new", os.path.join(ROOT, "src"))):
                 os.makedirs(os.path.join(tmp, f"out-{name}"))
-                outs[name] = _run(src, os.path.join(tmp, f"out-{name}"), os.path.join(run, "model"), cub)
+                fits[name], proba = _fit(src, os.path.join(tmp, f"out-{name}"), sample)
+                outs[name] = {"fit_predict": proba}
+                if not args.fit_only:
+                    outs[name] |= _run(src, os.path.join(tmp, f"out-{name}"), os.path.join(run, "model"), cub)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", old], check=False)
     rows = {}
@@ -85,7 +121,10 @@ def main() -> None:
         if k.startswith(("predict", "fixres")):
             rows[k]["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
         print(k, rows[k])
-    record("parity.json", f"vs {args.old}", {"rows": rows, "precision": "auto", "images": 96})
+    same = {k: fits["old"][k] == fits["new"][k] for k in ("chosen", "board", "test_top1")}
+    print("fit", fits["new"]["chosen"], same)
+    record("parity.json", f"vs {args.old}", {"rows": rows, "precision": "auto", "images": 96,
+                                             "fit": {"chosen": fits["new"]["chosen"], "unchanged": same}})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -144,8 +144,7 @@ def pick_on_validation(F, labels, lab, unl, test, seed: int) -> dict:
         p_val = fp(F[lab[tr]], y[tr], F[lab[va]])
         kind = "semi" if name in semi else "frozen"
         cand = Candidate(name, kind, *val_scores(p_val, y[va]), 0.0, {"source": "gem", "head": name})
-        cand.oof_top1, cand.oof_mean_per_class = val_scores(oof, y)
-        cand.estimate = folds.estimate
+        cand = cand.with_oof(oof, y, folds.estimate)
         cands.append(cand)
         tests[name] = float(np.mean(fp(F[lab], y, F[test]).argmax(1) == labels[test]))
     chosen, _ = pick(cands)

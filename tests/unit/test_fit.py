@@ -177,14 +177,14 @@ def test_a_rerun_with_other_settings_is_refused(train_data, tmp_path):
 def test_fit_saves_out_of_fold_probabilities_that_cover_every_training_image_once(train_data, tmp_path):
     from finegrain.data import load_image_set
     from finegrain.recipe.candidates import val_scores
-    from finegrain.recipe.fit import FitState
+    from finegrain.recipe.fit import CandidateStore
     from finegrain.train.data import make_splits
 
     cfg = _fit_cfg(train_data, tmp_path / "fit", ensemble=False)
     result = fit(cfg, progress=False)
     splits = make_splits(load_image_set(train_data), val_fraction=cfg.val_fraction, seed=cfg.seed)
     y = np.array([s.label for s in splits.train + splits.val])  # the order fit's folds keep: train, then val
-    state = FitState(cfg.out, cfg)  # read back from disk, as a resumed run reads it
+    state = CandidateStore(cfg.out, cfg)  # read back from disk, as a resumed run reads it
     frozen = [c for c in state.candidates.values() if c.kind == "frozen"]
     assert frozen and all(c.estimate == "oof-5" for c in frozen) and set(state.oof) == {c.name for c in frozen}
     for c in frozen:
@@ -298,7 +298,7 @@ def test_fit_prices_a_test_pass_by_its_distinct_trunks():
     """Two heads on one view cost one extraction of it at test time; a head on another view or a fine-tune adds
     theirs."""
     from finegrain.recipe.candidates import Candidate
-    from finegrain.recipe.frozen import FrozenStage, trunks
+    from finegrain.recipe.costs import CostModel, trunks
 
     def head(name, view):
         return Candidate(name, "frozen", 0.9, 0.9, 1.0, {"view": view, "source": view})
@@ -309,10 +309,11 @@ def test_fit_prices_a_test_pass_by_its_distinct_trunks():
         cands[name] = Candidate(name, "ensemble", 0.9, 0.9, 1.0, {}, members)
     assert trunks(cands["ab"], cands) == {("eval", "eval")}
     assert len(trunks(cands["abc"], cands)) == 2 and len(trunks(cands["a-ft"], cands)) == 2
-    stage = FrozenStage.__new__(FrozenStage)  # the cost model alone: measured paces given, nothing extracted
-    stage.setup, stage.spi = {"eval": 2.0, "full256-flip": 2.0}, {"eval": 0.01, "full256-flip": 0.03}
-    assert stage.candidate_cost(cands["ab"], cands, 100) == pytest.approx(stage.candidate_cost(cands["a"], cands, 100))
-    assert stage.candidate_cost(cands["abc"], cands, 100) == pytest.approx(3.0 + 5.0)
+    costs = CostModel(None, {}, 0, None)  # the cost model alone: measured paces given, nothing extracted
+    costs.setup.update({"eval": 2.0, "full256-flip": 2.0})
+    costs.spi.update({"eval": 0.01, "full256-flip": 0.03})
+    assert costs.candidate_cost(cands["ab"], cands, 100) == pytest.approx(costs.candidate_cost(cands["a"], cands, 100))
+    assert costs.candidate_cost(cands["abc"], cands, 100) == pytest.approx(3.0 + 5.0)
 
 
 def test_backbones_parse_and_an_unknown_one_is_a_one_line_error(train_data, tmp_path, capsys):

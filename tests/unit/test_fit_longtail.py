@@ -48,13 +48,13 @@ def test_long_tailed_fit_ranks_by_mean_per_class_and_tries_logit_adjustment(lt_f
 
 
 def test_a_logit_adjusted_candidate_becomes_the_probe_shifted_by_tau_log_prior(lt_fit):
-    from finegrain.recipe.fit import Clock, FitState
+    from finegrain.recipe.fit import CandidateStore, Clock
     from finegrain.recipe.frozen import FrozenStage
 
     cfg, result = lt_fit
     cand = max((c for c in result.leaderboard if c.name.endswith("+la")), key=lambda c: c.params["la_tau"])
     base = next(c for c in result.leaderboard if c.name == cand.name.removesuffix("+la"))
-    stage = FrozenStage(cfg, load_image_set(cfg.data), FitState(cfg.out, cfg), Clock(1.0), progress=False)
+    stage = FrozenStage(cfg, load_image_set(cfg.data), CandidateStore(cfg.out, cfg), Clock(1.0), progress=False)
     (model, spec), (plain, _) = stage.final_model(cand), stage.final_model(base)
     assert spec.extra["classifier"] == "LogitAdjusted"
     counts = np.asarray(spec.train_counts, np.float64)

@@ -6,7 +6,7 @@ the ensembles and for a resumed run); how to rebuild it is in its `params`."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -53,12 +53,13 @@ HEADS = (
 NO_VAL_HEAD = ("ncm-cl2n", "ncm", {}, "cl2n")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
     """One scored candidate. kind: frozen | semi | finetune | ensemble; val_top1 / val_mean_per_class on fit's
     validation split; oof_top1 / oof_mean_per_class out-of-fold over every training image when estimate is 'oof-K'
     (frozen candidates and their ensembles), None when estimate is 'val' (the validation split is all there is) or
-    'none' (no validation possible: fit's documented choice, recipe/no_validation.py, scored on nothing)."""
+    'none' (no validation possible: fit's documented choice, recipe/no_validation.py, scored on nothing). A value:
+    a new score is a new Candidate (`dataclasses.replace`, `with_oof`)."""
 
     name: str
     kind: str
@@ -71,6 +72,11 @@ class Candidate:
     oof_mean_per_class: float | None = None
     estimate: str = "val"
     rank_by: str = "top1"  # or "mean_per_class": on long-tailed data (fit sets it), balanced accuracy leads
+
+    def with_oof(self, oof: np.ndarray, y: np.ndarray, estimate: str) -> Candidate:
+        """This candidate scored out-of-fold: probabilities oof [N, C] of labels y [N], `estimate` ('oof-K')."""
+        top1, mpc = val_scores(oof, y)
+        return replace(self, oof_top1=top1, oof_mean_per_class=mpc, estimate=estimate)
 
     def _order(self, top1: float, mpc: float) -> tuple[float, float]:
         return (mpc, top1) if self.rank_by == "mean_per_class" else (top1, mpc)
@@ -280,8 +286,7 @@ def ensembles(pool: list[Candidate], probas: dict[str, np.ndarray], y: np.ndarra
     for combo in combos:
         cand, p = average(combo, probas, y)
         if all(c in cross for c in combo):
-            cand.oof_top1, cand.oof_mean_per_class = val_scores(sum(oof[c.name] for c in combo) / len(combo), y_oof)
-            cand.estimate = combo[0].estimate
+            cand = cand.with_oof(sum(oof[c.name] for c in combo) / len(combo), y_oof, combo[0].estimate)
         out.append((cand, p))
     return out
 
@@ -331,8 +336,9 @@ def average(combo, probas: dict[str, np.ndarray], y: np.ndarray) -> tuple[Candid
     split: (Candidate kind 'ensemble', its probabilities [N_val, C])."""
     p = sum(probas[c.name] for c in combo) / len(combo)
     name = "ensemble(" + " + ".join(c.name for c in combo) + ")"
-    cand = Candidate(name, "ensemble", *val_scores(p, y), sum(c.seconds for c in combo), {}, [c.name for c in combo])
-    cand.rank_by = combo[0].rank_by
+    members = [c.name for c in combo]
+    cand = Candidate(name, "ensemble", *val_scores(p, y), sum(c.seconds for c in combo), {}, members,
+                     rank_by=combo[0].rank_by)  # fmt: skip
     return cand, p
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -101,7 +101,42 @@ class Clock:
         return self.budget - self.elapsed()
 
 
-class FitState:
+@dataclass(frozen=True)
+class FitContext:
+    """What every stage of one fit reads, built once: the config, the data relabelled with fit's splits, the
+    candidate store, the frozen stage (with its cost model), the budget's clock, the unlabeled images, the data's
+    warnings and whether to show progress."""
+
+    cfg: FitConfig
+    data: ImageSet
+    splits: object
+    store: CandidateStore
+    frozen: FrozenStage
+    clock: Clock
+    upaths: list[str]
+    notes: list[str]
+    progress: bool
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return np.array([s.label for s in self.splits.val])
+
+    @property
+    def n_test(self) -> int:
+        return len(self.splits.test)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of choosing: the leaderboard (best first), the chosen candidate, the reason, the folds."""
+
+    board: list[Candidate]
+    chosen: Candidate
+    reason: str
+    folds: Folds | None
+
+
+class CandidateStore:
     """Scored candidates, their validation probabilities and (frozen ones) their out-of-fold probabilities over
     every training image, saved as they finish (a rerun resumes)."""
 
@@ -219,7 +254,7 @@ def fit(cfg: FitConfig, *, progress: bool = True, clock: Clock | None = None) ->
     for note in notes:
         print(f"fit: warning: {note}", flush=True)
     data = _relabelled(image_set, splits)
-    state = FitState(cfg.out, cfg)
+    state = CandidateStore(cfg.out, cfg)
     if state.reused["candidates"]:
         print(f"fit: resuming the fit in {cfg.out}: {len(state.reused['candidates'])} scored candidates reused "
               "(extracted features and a fine-tune's checkpoint are reused as they are found)", flush=True)  # fmt: skip
@@ -229,32 +264,37 @@ def fit(cfg: FitConfig, *, progress: bool = True, clock: Clock | None = None) ->
     save_splits(cfg.out, data=cfg.data, how=splits.note, splits={"train": learned, "test": tested})
     upaths = _with_test_images(cfg, upaths, splits)
     frozen = FrozenStage(cfg, data, state, clock, progress=progress)
-    if splits.val:
-        board, chosen, reason, folds = _choose(cfg, data, splits, state, frozen, clock, upaths, progress=progress)
-    else:  # one image a class: nothing to score on
-        chosen, reason = choose_without_validation(frozen, len(splits.train), upaths)
-        state.add(chosen, np.zeros((0, len(image_set.classes))))
-        board, folds = [chosen], None
-    print(f"fit: chose {chosen.name}: {reason}", flush=True)
-    model_dir = _build_final(cfg, chosen, state, frozen, data, upaths)
+    ctx = FitContext(cfg, data, splits, state, frozen, clock, upaths, notes, progress)
+    choice = _choose(ctx) if splits.val else _choose_without_validation(ctx)  # one image a class: no scoring
+    print(f"fit: chose {choice.chosen.name}: {choice.reason}", flush=True)
+    model_dir = _build_final(ctx, choice.chosen)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
-    _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen, folds)
-    return FitResult(cfg.out, chosen, board, test, clock.elapsed(), runtime=cfg.runtime, device=cfg.device)
+    _write_outputs(ctx, choice, test)
+    return FitResult(cfg.out, choice.chosen, choice.board, test, clock.elapsed(), runtime=cfg.runtime,
+                     device=cfg.device)  # fmt: skip
 
 
-def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: FrozenStage, clock: Clock, upaths, *,
-            progress: bool):  # fmt: skip
-    """Score every candidate that fits the budget and pick one: (leaderboard, chosen, reason, folds)."""
-    y_val = np.array([s.label for s in splits.val])
+def _choose_without_validation(ctx: FitContext) -> Choice:
+    chosen, reason = choose_without_validation(ctx.frozen, len(ctx.splits.train), ctx.upaths)
+    ctx.store.add(chosen, np.zeros((0, len(ctx.data.classes))))
+    return Choice([chosen], chosen, reason, None)
+
+
+def _choose(ctx: FitContext) -> Choice:
+    """Score every candidate that fits the budget and pick one."""
+    cfg, data, splits, state, frozen, clock, upaths = (
+        ctx.cfg, ctx.data, ctx.splits, ctx.store, ctx.frozen, ctx.clock, ctx.upaths
+    )  # fmt: skip
+    y_val = ctx.y_val
     folds = _folds(splits, cfg.seed)
     frozen.run(y_val, n_test=len(splits.test), folds=folds)
     if upaths:
-        run_semi(frozen, state, clock, y_val, upaths, n_test=len(splits.test), folds=folds)
+        run_semi(frozen, y_val, upaths, n_test=len(splits.test), folds=folds)
     balanced = _long_tail(state, splits, len(data.classes), y_val, folds)
     if cfg.finetune:  # keep the test pass of the fine-tuned model, or of the frozen leader, whichever costs more
         leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))
         reserve = max(frozen.test_cost("eval", len(splits.test)), leader) + 20.0
-        _finetune(cfg, data, splits, state, clock, frozen, reserve=reserve, progress=progress)
+        _finetune(ctx, reserve=reserve)
     untried = frozen.untried(len(splits.test))  # time the fine-tune left (or did not need): views skipped before it
     if untried:
         print(f"fit: time left: trying the views skipped before ({', '.join(untried)})")
@@ -264,8 +304,8 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
 
             counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(data.classes))
             add_logit_adjusted(state, counts, y_val, folds)
-    for cand in state.candidates.values():
-        cand.rank_by = "mean_per_class" if balanced else "top1"
+    rank_by = "mean_per_class" if balanced else "top1"
+    state.candidates = {name: replace(c, rank_by=rank_by) for name, c in state.candidates.items()}
     pool = list(state.candidates.values())
     if cfg.ensemble and len(pool) > 1:
         y_oof = folds.y if folds is not None else None
@@ -278,10 +318,10 @@ def _choose(cfg: FitConfig, data: ImageSet, splits, state: FitState, frozen: Fro
     chosen, challenger = pick(affordable, state.probas, y_val)
     margin = _margin(chosen, challenger, state, y_val)
     reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val), margin=margin)
-    return board, chosen, reason, folds
+    return Choice(board, chosen, reason, folds)
 
 
-def _leader_cost(state: FitState, frozen: FrozenStage, y_val: np.ndarray, folds, n_test: int) -> float:
+def _leader_cost(state: CandidateStore, frozen: FrozenStage, y_val: np.ndarray, folds, n_test: int) -> float:
     """Seconds the test pass of the best frozen candidate so far (an ensemble of them included) would take: time a
     fine-tune must leave free, or the leader it did not beat could no longer be scored."""
     pool = list(state.candidates.values())
@@ -294,7 +334,7 @@ def _leader_cost(state: FitState, frozen: FrozenStage, y_val: np.ndarray, folds,
     return frozen.candidate_cost(leader, {c.name: c for c in pool + extra}, n_test)
 
 
-def _long_tail(state: FitState, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:
+def _long_tail(state: CandidateStore, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:
     """On long-tailed data (imbalance ratio >= 3): logit-adjusted probes join, and every candidate is ranked by mean
     per-class accuracy. Returns whether it is."""
     from finegrain.data.longtail import describe_counts
@@ -324,7 +364,7 @@ def _with_test_images(cfg: FitConfig, upaths: list[str], splits) -> list[str]:
     return upaths + [s.path for s in splits.test]
 
 
-def _affordable(board: list[Candidate], state: FitState, frozen: FrozenStage, clock: Clock, n_test: int):
+def _affordable(board: list[Candidate], state: CandidateStore, frozen: FrozenStage, clock: Clock, n_test: int):
     """The candidates whose test pass still fits in the budget (at least the cheapest one)."""
     cost = {c.name: frozen.candidate_cost(c, state.candidates, n_test) for c in board}
     fits = [c for c in board if cost[c.name] <= clock.remaining() - 15.0]
@@ -349,7 +389,7 @@ def _scores(c: Candidate, *, on_val: bool = False) -> str:
     return f"{c.oof_top1:.4f}, mean per-class {c.oof_mean_per_class:.4f}"
 
 
-def _margin(chosen: Candidate, challenger: Candidate | None, state: FitState, y_val: np.ndarray) -> str:
+def _margin(chosen: Candidate, challenger: Candidate | None, state: CandidateStore, y_val: np.ndarray) -> str:
     """The paired difference on the validation split between the chosen candidate and its challenger, and its
     standard error, in words ('' without a challenger)."""
     if challenger is None or chosen.name not in state.probas or challenger.name not in state.probas:
@@ -397,7 +437,7 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
     return text
 
 
-def _finetune_view(state: FitState, frozen: FrozenStage) -> str:
+def _finetune_view(state: CandidateStore, frozen: FrozenStage) -> str:
     """The view whose geometry the fine-tune trains and predicts at: with small images, the low-resolution view when
     its best frozen candidate scores at least as well as the eval view's (a fraction of the compute an epoch), else
     the eval view (the weights' own geometry)."""
@@ -412,11 +452,14 @@ def _finetune_view(state: FitState, frozen: FrozenStage) -> str:
     return low if best(low) >= best("eval") else "eval"
 
 
-def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Clock, frozen: FrozenStage, *, reserve,
-              progress) -> None:  # fmt: skip
+def _finetune(ctx: FitContext, *, reserve: float) -> None:
     """Fine-tune in the time left (regime=auto from the data and that time, LP-FT start), scored on fit's val, at the
     geometry of `_finetune_view`."""
     from finegrain.train.engine import Trainer
+
+    cfg, data, splits, state, clock, frozen, progress = (
+        ctx.cfg, ctx.data, ctx.splits, ctx.store, ctx.clock, ctx.frozen, ctx.progress
+    )  # fmt: skip
 
     name = "finetune"
     if name in state.candidates:
@@ -455,16 +498,16 @@ def _finetune(cfg: FitConfig, data: ImageSet, splits, state: FitState, clock: Cl
     state.add(*finetune_candidate(name, run, val_paths, y_val, len(data.classes), cfg, seconds=seconds, params=params))
 
 
-def state_spi(state: FitState) -> float:
+def state_spi(state: CandidateStore) -> float:
     """Seconds an image of the costliest view measured so far (for time estimates); 0.05 before any."""
     return max((c.params.get("spi", 0.0) for c in state.candidates.values()), default=0.0) or 0.05
 
 
-def _build_final(
-    cfg: FitConfig, chosen: Candidate, state: FitState, frozen: FrozenStage, data: ImageSet, upaths
-) -> str:
+def _build_final(ctx: FitContext, chosen: Candidate) -> str:
     """Save the chosen candidate as <out>/model (frozen heads refitted on train + val); returns the folder."""
     from finegrain.evaluate.predictor import Ensemble, Predictor, load
+
+    cfg, state, frozen, upaths = ctx.cfg, ctx.store, ctx.frozen, ctx.upaths
 
     names = chosen.members or [chosen.name]
     members = []
@@ -518,7 +561,11 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def _write_outputs(cfg, board, chosen, reason, test, notes, splits, clock, frozen, folds) -> None:
+def _write_outputs(ctx: FitContext, choice: Choice, test: dict | None) -> None:
+    """leaderboard.csv and fit.json (the choice, its reason and estimate, the test score, timings, what was skipped
+    or reused), both written atomically."""
+    cfg, splits, clock, frozen, notes = ctx.cfg, ctx.splits, ctx.clock, ctx.frozen, ctx.notes
+    board, chosen, reason, folds = choice.board, choice.chosen, choice.reason, choice.folds
     buf = io.StringIO()
     fields = ["name", "kind", "estimate", "score_top1", "score_mean_per_class", "val_top1", "val_mean_per_class",
               "oof_top1", "oof_mean_per_class", "seconds", "members"]  # fmt: skip

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
-import torch
 
 from finegrain.backbones import Backbone, create_backbone
 from finegrain.data import ImageSet
@@ -27,6 +27,7 @@ from finegrain.recipe.candidates import (
     val_scores,
     views_for,
 )
+from finegrain.recipe.costs import CostModel, trunks  # noqa: F401 - trunks: re-exported
 from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
@@ -34,18 +35,14 @@ from finegrain.runtime import Runtime
 class FrozenStage:
     def __init__(self, cfg, data: ImageSet, state, clock, *, progress: bool = True) -> None:
         self.cfg, self.data, self.state, self.clock, self.progress = cfg, data, state, clock, progress
-        self.spi: dict[str, float] = {}  # seconds an image, measured per view
-        # seconds to set a view's engine up (ONNX export, parity check, the auto race), measured per view: paid once
-        # by its extraction and once more by the test pass of a model on it (the saved model is converted anew)
-        self.setup: dict[str, float] = {}
-        self.head_seconds: dict[str, float] = {}  # seconds scoring every head on a view's features (OOF included)
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
         paths = [s.path for s in data.samples if s.split in ("train", "val")]
         self.native = native_side(paths)  # the images' median short side: small images get a view of their size
         self.views = views_for(parse_backbones(getattr(cfg, "backbones", ""), cfg.backbone), self.native)
-        self._units: dict[str, float] = {}  # view -> compute relative to a 224 px forward of its backbone
-        self._forward_spi: dict[str, float] = {}  # backbone -> seconds an image of its bare 224 px forward
+        self.costs = CostModel(cfg, self.views, self.n_trainval, self.backbone)
+        # what the cost model measured, per view: seconds an image, engine set-up, scoring every head
+        self.spi, self.setup, self.head_seconds = self.costs.spi, self.costs.setup, self.costs.head_seconds
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
@@ -54,64 +51,21 @@ class FrozenStage:
         backbone.preprocess = backbone.preprocess.with_geometry(geo["image_size"], geo["crop_pct"])
         return backbone
 
-    def _cost_units(self, view: str) -> float:
-        """A view's compute relative to one 224 px forward (pixels x flips); its geometry is read once."""
-        if view not in self._units:
-            size = self.backbone(view).preprocess.input_size
-            self._units[view] = (size / 224) ** 2 * (2 if self.views[view]["flip"] else 1)
-        return self._units[view]
-
+    # ---- prices: the cost model (recipe/costs.py) ---------------------------------------------------------------
     def _estimate_spi(self, view: str) -> float:
-        """Seconds an image for a view: measured if extracted, else scaled from a measured view of the same backbone
-        (pixels x flips), else from a short forward of that backbone here (measured once)."""
-        if view in self.spi:
-            return self.spi[view]
-        name = self.views[view]["backbone"]
-        for v, s in self.spi.items():
-            if self.views[v]["backbone"] == name:
-                return s * self._cost_units(view) / self._cost_units(v)
-        return self._cost_units(view) * self._bare_spi(name) * self._calibration()
-
-    def _bare_spi(self, name: str) -> float:
-        """Seconds an image of a backbone's bare eager 224 px forward here (measured once)."""
-        if name not in self._forward_spi:
-            backbone = create_backbone(name)
-            backbone.preprocess = backbone.preprocess.with_geometry(224, None)
-            self._forward_spi[name] = _measure_spi(backbone, Runtime(self.cfg.device, self.cfg.precision))
-        return self._forward_spi[name]
-
-    def _calibration(self) -> float:
-        """Measured extraction pace over the bare-forward estimate of the first extracted view (the engine, e.g.
-        ONNX Runtime, and decoding make it differ from 1), applied to another backbone's estimate."""
-        for v, s in self.spi.items():
-            return s / (self._cost_units(v) * self._bare_spi(self.views[v]["backbone"]))
-        return 1.0
-
-    def _estimate_setup(self, view: str) -> float:
-        """Seconds to set up a view's engine: measured if extracted, else the costliest measured setup scaled by the
-        backbones' bare forward times (export and the engine race grow with the network), else 0."""
-        if view in self.setup:
-            return self.setup[view]
-        if not self.setup:
-            return 0.0
-        v, s = max(self.setup.items(), key=lambda item: item[1])
-        a, b = self.views[view]["backbone"], self.views[v]["backbone"]
-        return s * (max(1.0, self._bare_spi(a) / self._bare_spi(b)) if a != b else 1.0)
+        return self.costs.estimate_spi(view)
 
     def test_cost(self, view: str, n_test: int) -> float:
-        """Seconds to score the test split with a model on this view (its engine set up anew, then the images)."""
-        return self._estimate_setup(view) + self._estimate_spi(view) * n_test
+        return self.costs.test_cost(view, n_test)
 
     def reserve(self, n_test: int) -> float:
-        """Seconds to keep for the end: the test pass of a model on the cheapest view, and the refit."""
-        first = self.views[next(iter(self.views))]["backbone"]
-        return min(self.test_cost(v, n_test) for v in self.views if self.views[v]["backbone"] == first) + 20.0
+        return self.costs.reserve(n_test)
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
-        """Seconds the test pass of a candidate takes: one forward pass for each trunk it runs (members that share a
-        view share its extraction, as the saved ensemble shares it: evaluate/predictor.py), a fine-tune its own at
-        the eval view's cost."""
-        return sum(self.test_cost(view, n_test) for _, view in trunks(cand, candidates))
+        return self.costs.candidate_cost(cand, candidates, n_test)
+
+    def view_cost(self, view: str, n_test: int) -> float:
+        return self.costs.view_cost(view, n_test)
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
@@ -180,16 +134,6 @@ class FrozenStage:
         extra = [v for v in self.views if self.views[v].get("late")]
         return views + sorted(extra, key=lambda v: -best.get(self.views[v]["backbone"], -1.0))
 
-    def view_cost(self, view: str, n_test: int) -> float:
-        """Seconds a view's candidates take: its extraction (engine set-up included), a test pass on it, and
-        scoring the heads (as long as the last view's did); another backbone's also counts a partner's test pass
-        (it is worth most in an ensemble)."""
-        cost = self._estimate_setup(view) + self.n_trainval * self._estimate_spi(view)
-        cost += self.test_cost(view, n_test) + max(self.head_seconds.values(), default=0.0)
-        if self.views[view]["backbone"] != self.views[next(iter(self.views))]["backbone"]:
-            cost += min((self.test_cost(v, n_test) for v in self.spi), default=0.0)
-        return cost
-
     def untried(self, n_test: int) -> list[str]:
         """Views not run yet (late ones included) whose cost fits in what is left of the budget."""
         left = self.clock.remaining() - 20.0
@@ -238,11 +182,10 @@ class FrozenStage:
         params["backbone"] = self.views[view]["backbone"]
         params["spi"] = self.spi.get(view, 0.0)
         cand = Candidate(name, "frozen", top1, mpc, time.perf_counter() - t0, params)
-        oof = self._oof(cand, head, clf, Xall, folds, n_test) if folds is not None else None
-        cand.seconds = time.perf_counter() - t0
-        self.state.add(cand, proba, oof)
+        cand, oof = self._oof(cand, head, clf, Xall, folds, n_test) if folds is not None else (cand, None)
+        self.state.add(replace(cand, seconds=time.perf_counter() - t0), proba, oof)
 
-    def _oof(self, cand: Candidate, head, clf, Xall: np.ndarray, folds: Folds, n_test: int) -> np.ndarray | None:
+    def _oof(self, cand: Candidate, head, clf, Xall: np.ndarray, folds: Folds, n_test: int):
         """A frozen head's out-of-fold probabilities (`cross_validate`), refitted with the hyperparameters its
         single fit chose; a fold costs about half that fit (one solver run, no C search)."""
         fit_predict = head_fit_predict(
@@ -251,21 +194,19 @@ class FrozenStage:
         return self.cross_validate(cand, fit_predict, Xall, folds, n_test, fold_seconds=0.5 * cand.seconds)
 
     def cross_validate(self, cand: Candidate, fit_predict, Xall: np.ndarray, folds: Folds, n_test: int, *,
-                       fold_seconds: float) -> np.ndarray | None:  # fmt: skip
-        """The candidate's out-of-fold probabilities [N, C] (`oof_loop` with `fit_predict`; its OOF scores set), or
-        None, with the reason in cand.params['oof'], when its folds (about fold_seconds each) do not fit in the
-        budget (the candidate keeps its validation-split score)."""
+                       fold_seconds: float) -> tuple[Candidate, np.ndarray | None]:  # fmt: skip
+        """(the candidate with its OOF scores, its out-of-fold probabilities [N, C]) (`oof_loop` with
+        `fit_predict`), or (the candidate with the reason in params['oof'], None) when its folds (about fold_seconds
+        each) do not fit in the budget (it keeps its validation-split score)."""
         left = lambda: self.clock.remaining() - self.reserve(n_test) - 5  # noqa: E731
         guess = folds.k * fold_seconds
         oof = None
         if guess <= left():
             oof = oof_loop(fit_predict, Xall, folds, n_classes=len(self.data.classes), time_left=left)
         if oof is None:
-            cand.params["oof"] = f"not run: its {folds.k} folds (~{guess:.0f} s) did not fit in the budget"
-            return None
-        cand.oof_top1, cand.oof_mean_per_class = val_scores(oof, folds.y)
-        cand.estimate = folds.estimate
-        return oof
+            why = f"not run: its {folds.k} folds (~{guess:.0f} s) did not fit in the budget"
+            return replace(cand, params={**cand.params, "oof": why}), None
+        return cand.with_oof(oof, folds.y, folds.estimate), oof
 
     def final_model(self, cand: Candidate):
         """The candidate's head refitted on train + val features, as a model (and its spec) on its view."""
@@ -283,17 +224,6 @@ class FrozenStage:
             self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=self.views[view]["flip"],
             gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
         )  # fmt: skip
-
-
-def trunks(cand: Candidate, candidates: dict[str, Candidate]) -> set[tuple[str, str]]:
-    """The distinct forward passes a candidate's test pass runs: (what runs, its view), a frozen or semi-supervised
-    head's view once however many heads read it, each fine-tuned model on its own."""
-    if cand.members:
-        return set().union(*(trunks(candidates[m], candidates) for m in cand.members))
-    if cand.kind == "finetune":
-        return {(cand.name, cand.params.get("view", "eval"))}
-    view = cand.params.get("view", "eval")
-    return {(view, view)}
 
 
 def _features(store: FeatureStore, splits, pooling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -318,15 +248,3 @@ def _aligned(store: FeatureStore, splits, pooling: str, paths: list[str]) -> np.
             if p in row:
                 out[i] = X[row[p]]
     return out
-
-
-@torch.no_grad()
-def _measure_spi(backbone: Backbone, rt: Runtime, n: int = 8) -> float:
-    """Seconds an image of the bare backbone forward (batch n, after one warm-up) at its input size."""
-    model = rt.prepare(backbone)
-    x = torch.randint(0, 256, (n, 3, backbone.preprocess.input_size, backbone.preprocess.input_size), dtype=torch.uint8)
-    with rt.autocast():
-        model.forward_features(rt.to_input(x, backbone.preprocess))
-        t0 = time.perf_counter()
-        model.forward_features(rt.to_input(x, backbone.preprocess))
-    return 1.5 * (time.perf_counter() - t0) / n  # decoding and resizing come on top of the forward

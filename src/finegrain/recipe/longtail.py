@@ -41,8 +41,7 @@ def add_logit_adjusted(state, counts: np.ndarray, y_val: np.ndarray, folds, *, t
         val = adjust(state.probas[base.name], prior, tau)
         cand = Candidate(name, "frozen", *val_scores(val, y_val), base.seconds, {**base.params, "la_tau": tau})
         if oof is not None:
-            cand.oof_top1, cand.oof_mean_per_class = val_scores(adjust(oof, prior, tau), folds.y)
-            cand.estimate = base.estimate
+            cand = cand.with_oof(adjust(oof, prior, tau), folds.y, base.estimate)
         state.add(cand, val, adjust(oof, prior, tau) if oof is not None else None)
         added.append(name)
     return added

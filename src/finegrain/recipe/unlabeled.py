@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -81,12 +82,14 @@ def _unlabeled_X(store: FeatureStore, pooling: str) -> np.ndarray:
     return np.asarray(store.features(pooling)[np.array([e.row for e in entries])])
 
 
-def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_test: int, folds=None) -> list[dict]:
+def run_semi(frozen, y_val: np.ndarray, paths: list[str], *, n_test: int, folds=None) -> list[dict]:
     """Score the SEMI_HEADS on every extracted view x pooling: on fit's validation split, and out-of-fold over every
-    training image (`folds`, recipe/oof.py) when the budget allows, like the frozen heads. Returns their reports."""
+    training image (`folds`, recipe/oof.py) when the budget allows, like the frozen heads; into the frozen stage's
+    candidate store, on its clock. Returns their reports."""
     from finegrain.recipe.candidates import POOLINGS, VIEWS, Candidate, class_proba, val_scores
     from finegrain.recipe.frozen import _aligned, _features
 
+    state, clock = frozen.state, frozen.clock
     reports, best = [], None  # best: (candidate, estimator, its unlabeled features, their paths) -> the teacher
     val_paths = [s.path for s in frozen.data.samples if s.split == "val"]
     n_classes = len(frozen.data.classes)
@@ -115,14 +118,15 @@ def run_semi(frozen, state, clock, y_val: np.ndarray, paths: list[str], *, n_tes
                 params = {"view": view, "pooling": pooling, "head": head, "source": f"{view}/{pooling}",
                           "spi": frozen.spi.get(view, 0.0), "unlabeled": clf.report_}  # fmt: skip
                 cand = Candidate(name, "semi", top1, mpc, time.perf_counter() - t0, params)
-                oof = _semi_oof(frozen, cand, make, Xall, Xu, folds, n_test) if folds is not None else None
-                cand.seconds = time.perf_counter() - t0
+                no_oof = (cand, None)
+                cand, oof = _semi_oof(frozen, cand, make, Xall, Xu, folds, n_test) if folds is not None else no_oof
+                cand = replace(cand, seconds=time.perf_counter() - t0)
                 state.add(cand, proba, oof)
                 reports.append({"candidate": name, **clf.report_})
                 if best is None or cand.score > best[0].score:
                     best = (cand, clf, Xu, [e.path for e in ustore.index()])
     if best is not None and frozen.cfg.finetune:
-        reports += run_distill(frozen, state, clock, y_val, *best, n_test=n_test)
+        reports += run_distill(frozen, y_val, *best, n_test=n_test)
     if reports:  # how many unlabeled images each candidate used, at what confidence
         from finegrain.atomic import atomic_write_json
 
@@ -148,13 +152,14 @@ DISTILL_MIN_SECONDS = 120  # a student below this cannot do one useful pass on t
 DISTILL_SHARE = 0.45  # of the time left: fit's plain fine-tune comes after and gets the rest
 
 
-def run_distill(frozen, state, clock, y_val: np.ndarray, teacher_cand, teacher_clf, Xu: np.ndarray,
+def run_distill(frozen, y_val: np.ndarray, teacher_cand, teacher_clf, Xu: np.ndarray,
                 upaths: list[str], *, n_test: int) -> list[dict]:  # fmt: skip
     """A distilled student (semi/distill.py: last:1 over the cached trunk, LP-FT start) of the best semi candidate
     `teacher_cand` (its estimator `teacher_clf`, fitted with the unlabeled features Xu [M, D] of the files upaths),
     scored on fit's validation split as a fine-tuned candidate that is only chosen inside an ensemble (MEMBER_ONLY),
     and the average of it and its teacher added as a candidate of its own; skipped (and said) when the time left
     cannot afford the student or ensembles are off."""
+    state, clock = frozen.state, frozen.clock
     from finegrain.config import TrainConfig
     from finegrain.recipe.candidates import finetune_candidate
     from finegrain.semi.distill import DistillTrainer, make_teacher
