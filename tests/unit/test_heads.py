@@ -181,11 +181,12 @@ def test_ncm_means_and_decisions():
     y = np.array([5, 5, 9, 9])
     l2 = NearestClassMean(metric="l2").fit(X, y)
     np.testing.assert_allclose(l2.means_, [[3.0, 0.0], [0.0, 2.0]])
-    np.testing.assert_allclose(l2.decision_function([[3.0, 1.0]]), [[-1.0, -10.0]])
+    np.testing.assert_allclose(l2.similarities([[3.0, 1.0]]), [[-1.0, -10.0]])
+    np.testing.assert_allclose(l2.decision_function([[3.0, 1.0]]), [-9.0])  # binary: scikit-learn's one score
     assert l2.temperature_ == pytest.approx(2 * (1 + 1 + 1 + 1) / 8)  # 2 * pooled within-class variance
     cos = NearestClassMean(metric="cosine", temperature=0.5).fit(X * [[1.0], [9.0], [1.0], [0.1]], y)
     np.testing.assert_allclose(cos.means_, [[1.0, 0.0], [0.0, 1.0]], atol=1e-7)  # means of unit vectors
-    np.testing.assert_allclose(cos.decision_function([[1.0, 1.0]]), [[0.5**0.5, 0.5**0.5]], rtol=1e-6)
+    np.testing.assert_allclose(cos.similarities([[1.0, 1.0]]), [[0.5**0.5, 0.5**0.5]], rtol=1e-6)
     np.testing.assert_allclose(cos.predict_proba([[1.0, 0.0]]), [[1 / (1 + np.exp(-2)), 1 / (1 + np.exp(2))]])
 
 
@@ -232,11 +233,12 @@ def test_probe_matches_sklearn_with_the_chosen_C(data):
     assert probe.coef_.shape == (4, X_train.shape[1]) and probe.intercept_.shape == (4,)
 
 
-def test_probe_binary_decision_function_has_two_columns():
+def test_probe_binary_logits_have_two_columns_and_the_decision_function_one():
     X, y = blobs(20, [3, 8], spread=3.0, seed=2)
     probe = LogisticProbe(Cs=(1.0,), standardize=False).fit(X, y)
     ref = LogisticRegression(C=1.0, max_iter=1000).fit(X, y)
-    assert probe.decision_function(X).shape == (40, 2)
+    assert probe.logits(X).shape == (40, 2) and probe.decision_function(X).shape == (40,)  # as scikit-learn's
+    np.testing.assert_allclose(probe.decision_function(X), ref.decision_function(X), atol=1e-3)
     np.testing.assert_allclose(probe.predict_proba(X), ref.predict_proba(X), atol=1e-4)
 
 
@@ -374,9 +376,9 @@ def test_ivf_recall_on_clustered_data():
 
 def test_build_index_choices_and_errors(gallery):
     X, Q = gallery
-    assert isinstance(build_index(X), NumpyIndex)  # small gallery: numpy
+    assert isinstance(build_index(X), NumpyIndex)  # exact search: numpy, by rule, at any size
     big = np.zeros((4097, 2), np.float32) + 1
-    assert isinstance(build_index(big), FaissIndex)
+    assert isinstance(build_index(big), NumpyIndex) and isinstance(build_index(big, kind="hnsw"), FaissIndex)
     with pytest.raises(ValueError, match="cosine, l2"):
         build_index(X, metric="dot")
     with pytest.raises(ValueError, match="auto, numpy, faiss"):

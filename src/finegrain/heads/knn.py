@@ -9,7 +9,8 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from finegrain.heads.index import BACKENDS, FAISS_KINDS, as_matrix, build_index, check_metric, on_disk
+from finegrain.heads.checks import fit_data, predict_data
+from finegrain.heads.index import BACKENDS, FAISS_KINDS, build_index, check_metric, on_disk
 
 WEIGHTS = ("uniform", "distance", "temperature")
 
@@ -68,21 +69,21 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray) -> KNNClassifier:
         """X [N, D] training embeddings, y [N] labels. The embeddings are copied into an index."""
         self._check_params()
-        X = X if self.index != "flat" and on_disk(X) else as_matrix(X)  # on disk: indexed without a copy in RAM
-        y = check_labels(y, len(X))
+        if self.index != "flat" and on_disk(X):  # on disk: indexed without a copy in RAM
+            y = check_labels(y, len(X))
+            self.n_features_in_ = X.shape[1]
+        else:
+            X, y = fit_data(self, X, y)
         if len(X) == 0:
             raise ValueError("X is empty: k-NN needs at least one training sample")
         self.classes_, self.gallery_labels_ = np.unique(y, return_inverse=True)
         self.index_ = build_index(X, metric=self.metric, backend=self.backend, kind=self.index)
-        self.n_features_in_ = X.shape[1]
         return self
 
     def kneighbors(self, X: np.ndarray, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """X [M, D] -> (similarities [M, k], training-row indices [M, k]), most similar first; k <= N."""
         check_is_fitted(self, "index_")
-        X = as_matrix(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the classifier was fitted on {self.n_features_in_}")
+        X = predict_data(self, X)
         return self.index_.search(X, self.n_neighbors if n_neighbors is None else n_neighbors)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:

@@ -14,8 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
 from finegrain.data.splits import stratified_split
-from finegrain.heads.index import as_matrix
-from finegrain.heads.knn import check_labels
+from finegrain.heads.checks import fit_data, predict_data
 
 # Half-decades. With standardized features, CUB-100 test accuracy is flat for C in 0.01-1 (raw or L2-normalised
 # GAP embeddings alike) and falls off below 0.003 and above 3.
@@ -68,12 +67,10 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticProbe:
         """X [N, D] training embeddings, y [N] labels (at least two classes)."""
         Cs = self._check_params()
-        X = as_matrix(X)
-        y = check_labels(y, len(X))
+        X, y = fit_data(self, X, y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"a logistic probe needs at least 2 classes; y has {len(self.classes_)}")
-        self.n_features_in_ = X.shape[1]
+            raise ValueError(f"a logistic probe needs at least 2 classes; y has {len(self.classes_)} class")
         train, val = stratified_split(codes, test_size=self.val_size, seed=self.random_state, min_test=0)
         if len(Cs) == 1:
             self.val_scores_, self.C_ = {Cs[0]: math.nan}, Cs[0]
@@ -123,20 +120,23 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         mean, scale = self._scaling(X)
         return self._model(C).fit((X - mean) / scale, y), mean, scale
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def logits(self, X: np.ndarray) -> np.ndarray:
         """X [M, D] -> logits [M, C]; with two classes the first column is 0, so softmax(rows) = predict_proba."""
         check_is_fitted(self, "coef_")
-        X = as_matrix(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the probe was fitted on {self.n_features_in_}")
+        X = predict_data(self, X)
         logits = X.astype(np.float64) @ self.coef_.T + self.intercept_
         return np.hstack([np.zeros_like(logits), logits]) if len(self.classes_) == 2 else logits
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """`logits` as scikit-learn's classifiers give them: with two classes the second class's logit [M]."""
+        logits = self.logits(X)
+        return logits[:, 1] if len(self.classes_) == 2 else logits
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """X [M, D] -> class probabilities [M, C], columns in the order of classes_."""
-        return softmax(self.decision_function(X), axis=1)
+        return softmax(self.logits(X), axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """X [M, D] -> predicted labels [M]."""
-        scores = self.decision_function(X)  # first, so an unfitted model raises NotFittedError
+        scores = self.logits(X)  # first, so an unfitted model raises NotFittedError
         return self.classes_[np.argmax(scores, axis=1)]
