@@ -7,6 +7,7 @@ seed 0), on cub100 timm-eval GAP features (what the frozen network pools); test 
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -20,6 +21,7 @@ from finegrain.train.probe_init import fit_linear_head
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     store = FeatureStore.open(os.path.join(ROOT, "bench", "cache", "cub100-lite0-timm-eval"))
     X, y, _ = store.split("train", "gap")
     Xt, yt, _ = store.split("test", "gap")

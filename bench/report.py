@@ -5,6 +5,7 @@ python -m bench.report
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -650,6 +651,7 @@ def serve_section(sv: dict) -> list[str]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     rep, ft = _load("representations.json"), _load("finetune.json")
     lines = [
         "# Benchmarks",

@@ -14,6 +14,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The slow tests (the `slow` marker, `make test-fast` leaves them out): every module that runs real weights end to end,
+# trains, fits, serves, spawns processes or drives a browser. Marked here, in one list, by module.
+SLOW_MODULES = {
+    "test_backbones", "test_backbones_mobilenet", "test_bench_suite", "test_cli", "test_cli_contract", "test_distill",
+    "test_distributed", "test_evaluate", "test_explain", "test_export", "test_extract_store", "test_fit",
+    "test_fit_longtail", "test_model_kinds", "test_runtime_onnx", "test_semi", "test_serve", "test_shard",
+    "test_sklearn_checks", "test_stage_pooling", "test_stream_probe", "test_train", "test_train_manifold_mixup",
+    "test_real_weights", "test_report_browser", "test_run_report", "test_serve_browser", "test_stream_probe_ddp",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220)]
 
