@@ -171,13 +171,15 @@ def views_for(backbones: list[str], native: float | None = None) -> dict[str, di
 def late_views(views: dict[str, dict], native: float | None) -> dict[str, dict]:
     """A higher-resolution view of each backbone (LATE_SCALE x its largest view, on a multiple of 32; "test at a
     higher resolution than the weights were trained at", FixRes), tried only with the time a run would otherwise
-    leave unspent (marked "late": after the fine-tune), and only where the images hold that many pixels."""
+    leave unspent (marked "late": after the fine-tune); none for small images (under LOW_RES_BELOW px: the
+    low-resolution view is theirs). A 256 px photo seen at 320 px is upsampled 1.25x, as FixRes tests at a higher
+    resolution than the weights trained at: the objects look larger, as RandomResizedCrop showed them in training."""
     out = {}
     for name in dict.fromkeys(v["backbone"] for v in views.values()):
         sizes = [v["image_size"] or 224 for v in views.values() if v["backbone"] == name]
         size = int(32 * round(LATE_SCALE * max(sizes) / 32))
-        if native is not None and native < size:
-            continue  # upsampling small images buys nothing a smaller view does not
+        if native is not None and native < LOW_RES_BELOW:
+            continue
         short = SHORT_NAMES.get(name, name.replace("/", "-").replace(":", "-"))
         prefix = "" if name == next(iter(views.values()))["backbone"] else f"{short}-"
         out[f"{prefix}full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True,
