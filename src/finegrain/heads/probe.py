@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from finegrain.data.splits import stratified_split
 from finegrain.heads.checks import fit_data, predict_data
+from finegrain.heads.select import best_of
 
 # Half-decades. With standardized features, CUB-100 test accuracy is flat for C in 0.01-1 (raw or L2-normalised
 # GAP embeddings alike) and falls off below 0.003 and above 3.
@@ -104,7 +105,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
             true_col = np.searchsorted(fitted, y_val)  # every class keeps a training row, so all are found
             self.val_scores_[C] = float(np.mean(fitted[np.argmax(proba, axis=1)] == y_val))
             self.val_losses_[C] = float(-np.mean(np.log(np.maximum(proba[np.arange(len(y_val)), true_col], 1e-15))))
-        self.C_ = max(Cs, key=lambda C: (self.val_scores_[C], -self.val_losses_[C]))
+        self.C_ = best_of(Cs, self.val_scores_, self.val_losses_)
 
     def _model(self, C: float, *, warm_start: bool = False) -> LogisticRegression:
         return LogisticRegression(C=C, max_iter=self.max_iter, warm_start=warm_start, random_state=self.random_state)

@@ -1,4 +1,7 @@
-"""One way to choose a hyperparameter on a validation split, used by every head that has one.
+"""One way to choose a hyperparameter on a validation split, used by every head that has one: `best_of` is the rule
+(the best validation score; ties to the lower validation loss, then the earlier grid value), applied by
+`LogisticProbe` and `StreamingProbe` to their C (top-1 on a stratified split) and by `select_on_validation` to the
+long-tail heads' grids (balanced accuracy on the class-balanced split they are given).
 
 `select_on_validation(make, grid, X_val, y_val)` fits `make(value)` for each value of the grid and keeps the value
 with the best balanced accuracy (mean per-class recall, scikit-learn's `balanced_accuracy_score`) on the validation
@@ -9,7 +12,7 @@ split each choice was made on (a comparison is fair only when every method chose
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +42,14 @@ class Selection:
         return self.scores[self.value]
 
 
+def best_of(grid: Sequence, scores: Mapping, losses: Mapping | None = None):
+    """The one rule every head picks a hyperparameter by (C, tau, weight decay): the grid value with the best
+    validation score; ties go to the lower validation log-loss where it was measured, then to the earlier grid value
+    (grids ascend: the smaller C, the stronger penalty)."""
+    order = {v: i for i, v in enumerate(grid)}
+    return max(grid, key=lambda v: (scores[v], -(losses or {}).get(v, 0.0), -order[v]))
+
+
 def select_on_validation(
     make: Callable[[object], object], grid: Sequence, X_val: np.ndarray, y_val: np.ndarray
 ) -> Selection:
@@ -49,10 +60,9 @@ def select_on_validation(
     if len(grid) == 0:
         raise ValueError("select_on_validation needs a non-empty grid")
     y_val = np.asarray(y_val)
-    best, scores = None, {}
+    fitted, scores = {}, {}
     for value in grid:
-        est = make(value)
-        scores[value] = float(balanced_accuracy_score(y_val, est.predict(X_val)))
-        if best is None or scores[value] > scores[best[0]]:
-            best = (value, est)
-    return Selection(estimator=best[1], value=best[0], scores=scores, split=fingerprint(X_val, y_val))
+        fitted[value] = make(value)
+        scores[value] = float(balanced_accuracy_score(y_val, fitted[value].predict(X_val)))
+    value = best_of(grid, scores)
+    return Selection(estimator=fitted[value], value=value, scores=scores, split=fingerprint(X_val, y_val))

@@ -26,6 +26,7 @@ from finegrain.errors import FinegrainError
 from finegrain.heads.index import dense_fits
 from finegrain.heads.knn import check_labels
 from finegrain.heads.probe import DEFAULT_CS
+from finegrain.heads.select import best_of
 
 SOLVERS = ("auto", "lbfgs", "stream")  # auto: stream once the training features pass 2 GiB or a quarter of RAM
 
@@ -112,7 +113,7 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
             fit_rows = np.sort(rng.permutation(train)[: self.select_rows])
             W, b, _ = self._train(X, codes, fit_rows, Cs)
             self.val_scores_ = dict(zip(Cs, self._accuracy(X, codes, np.sort(val), W, b)))
-            self.C_ = max(Cs, key=lambda C: (self.val_scores_[C], -C))  # ties: the stronger penalty
+            self.C_ = best_of(Cs, self.val_scores_)  # the one rule (heads/select.py); ties: the stronger penalty
         else:
             self.val_scores_, self.C_ = dict.fromkeys(Cs, math.nan), Cs[len(Cs) // 2]
         W, b, self.loss_curve_ = self._train(X, codes, np.arange(len(X)), [self.C_])

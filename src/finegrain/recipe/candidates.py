@@ -217,10 +217,11 @@ def finetune_candidate(name: str, run: str, val_paths: list[str], y_val: np.ndar
 
 
 def val_scores(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(top-1, mean per-class accuracy) of probabilities [N, C] against labels [N]."""
+    """(top-1, mean per-class accuracy over the classes in y) of probabilities [N, C] against labels [N]."""
+    from finegrain.evaluate.metrics import mean_per_class_accuracy
+
     pred = proba.argmax(1)
-    per_class = [np.mean(pred[y == c] == c) for c in np.unique(y)]
-    return float(np.mean(pred == y)), float(np.mean(per_class))
+    return float(np.mean(pred == y)), mean_per_class_accuracy(y, pred, proba.shape[1])
 
 
 def fit_head(head: tuple, X: np.ndarray, y: np.ndarray, *, seed: int, fixed: dict | None = None):
