@@ -139,6 +139,9 @@ TABLE = [
     ("device", "fixres {run} {data} --size 40 --out {out}/f --device cuda", 2, E + "device cuda is not available"),
     ("device", "fit {flat} --out {out}/fit --device cuda", 2, E + "device cuda is not available"),
     ("device", "extract {data} --out {out}/x --device tpu", 2, E + "device must be auto, cpu, cuda or cuda:N"),
+    # prediction sets (issue 26): a coverage outside (0, 1), a model saved without calibration
+    ("set", "predict {run} {image} --coverage 1.5", 2, E + "coverage must be a number between 0 and 1"),
+    ("set", "predict {run} {image} --coverage 0.9", 2, E + "this model has no calibration for prediction sets"),
 ]
 
 

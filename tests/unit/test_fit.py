@@ -53,6 +53,11 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     # the result holds the loaded model (on fit's engine), the leaderboard and the test score
     assert result.test_top1 == summary["test"]["metrics"]["top1"] and result.classes == model.classes
     assert getattr(model, "members", [model])[0].runtime == "auto"  # finegrain.load's default, as on the CLI
+    # prediction sets, calibrated on the chosen candidate's out-of-fold probabilities (evaluate/conformal.py)
+    calib = json.loads((out / "model" / "conformal.json").read_text())
+    assert calib["calibrated_on"] == "out-of-fold" and len(calib["scores"]) == 36
+    sets = model.predict_set(sorted(paths), 0.9)
+    assert all(s and s[0][0] == model.classes[int(np.argmax(p))] for s, p in zip(sets, proba))  # top-1 first
     assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
     # the report of a fit folder leads with its choice and leaderboard, and scores the model as fit did
     from finegrain.report.run_report import build_run_report

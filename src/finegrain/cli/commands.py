@@ -171,15 +171,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         reason = unreadable(path)
         try:
-            top = predictor.predict([path], k=args.k)[0] if reason is None else None
+            if reason is None and args.coverage is not None:
+                top = predictor.predict_set([path], args.coverage)[0]
+            else:
+                top = predictor.predict([path], k=args.k)[0] if reason is None else None
         except ImageDecodeError as e:
             reason = str(e)
         if reason is not None:
             skipped.append((path, reason))
             continue
-        predictions.append({"path": path, "top": [{"class": name, "probability": p} for name, p in top]})
+        key = "top" if args.coverage is None else "set"
+        predictions.append({"path": path, key: [{"class": name, "probability": p} for name, p in top]})
         if not args.json:
-            print(path + "\t" + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
+            head = "" if args.coverage is None else f"one of {len(top)} ({args.coverage:.0%}): "
+            print(path + "\t" + head + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
     if args.json:
         _print_json(
             {"model": args.model, "predictions": predictions, "skipped": [{"path": p, "reason": r} for p, r in skipped]}
@@ -296,16 +301,9 @@ def cmd_fixres(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from finegrain.report.run_report import build_run_report
 
-    path = build_run_report(
-        args.run,
-        data=args.data,
-        out=args.out,
-        split=args.split,
-        tta=args.tta,
-        gallery=args.gallery,
-        progress=not args.no_progress,
-        allow_train_images=args.allow_train_images,
-    )
+    path = build_run_report(args.run, data=args.data, out=args.out, split=args.split, tta=args.tta,
+                            gallery=args.gallery, progress=not args.no_progress,
+                            allow_train_images=args.allow_train_images)  # fmt: skip
     print(f"report -> {path}")
     return 0
 

@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", "--k", type=int, default=3, help="classes to show per image")
+    p.add_argument(
+        "--coverage", type=float, default=None,
+        help="instead of the top k: the set of classes that holds the true one with this probability, e.g. 0.9 "
+        "(a model made by `finegrain fit`, calibrated on images it did not train on)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)

@@ -20,7 +20,30 @@ ONNX_CACHE = "onnx-cache"  # beside model.json: the in-process ONNX conversion a
 INT8_GRAPH = "model.int8.onnx"  # `finegrain export --quantize int8`'s default output: `auto` may race it
 
 
-class Predictor:
+class SetPrediction:
+    """`predict_set`, shared by Predictor and Ensemble: the classes a calibrated model cannot rule out."""
+
+    conformal = None  # evaluate.conformal.Conformal, read from the model folder by `load`
+
+    def predict_set(self, images: Sequence, coverage: float = 0.9) -> list[list[tuple[str, float]]]:
+        """For each image, the classes (with their probabilities, most probable first) of a set that holds the true
+        class with probability >= `coverage` (split-conformal, calibrated by `fit` on images the model did not train
+        on); the top-1 class is always in it."""
+        from finegrain.evaluate.conformal import check_coverage
+
+        try:
+            coverage = check_coverage(coverage)
+        except ValueError as e:
+            raise FinegrainError(str(e)) from None
+        if self.conformal is None:
+            raise FinegrainError("this model has no calibration for prediction sets: `finegrain fit` saves one "
+                                 "(conformal.json, from its out-of-fold probabilities)")  # fmt: skip
+        proba = self.predict_proba(images)
+        members = self.conformal.predict_set(proba, coverage)
+        return [[(self.classes[j], float(p[j])) for j in np.argsort(-p) if m[j]] for p, m in zip(proba, members)]
+
+
+class Predictor(SetPrediction):
     """`predict(images)` -> [(class name, probability)] per image, `predict_proba(images)` -> [N, C].
 
     runtime: torch | onnx | auto, the engine that runs `model` (runtime/engine.py), chosen at the first prediction
@@ -97,7 +120,7 @@ class Predictor:
         return _top_k(self.predict_proba(images, tta=tta), self.classes, k)
 
 
-class Ensemble:
+class Ensemble(SetPrediction):
     """Members (Predictors over the same classes) whose probabilities are averaged with `weights` (sum 1)."""
 
     def __init__(self, members: Sequence[Predictor], weights: Sequence[float] | None = None) -> None:
@@ -237,7 +260,19 @@ def load(path: str, *, device: str = "auto", runtime: str = "torch") -> Predicto
             meta = json.load(f)
         if meta.get("kind") == "ensemble":
             members = [load(os.path.join(path, m), device=device, runtime=runtime) for m in meta["members"]]
-            return Ensemble(members, meta.get("weights"))
+            return _calibrated(Ensemble(members, meta.get("weights")), path)
     model, spec = load_model(path)
     folder, weights = find_model_folder(path)
-    return Predictor(model, spec, device, runtime=runtime, folder=None if weights else folder)
+    predictor = Predictor(model, spec, device, runtime=runtime, folder=None if weights else folder)
+    return _calibrated(predictor, folder) if weights is None else predictor
+
+
+def _calibrated(predictor, folder: str):
+    """The model with the prediction-set calibration `fit` saved beside it (conformal.json), if any."""
+    path = os.path.join(folder, "conformal.json")
+    if os.path.isfile(path):
+        from finegrain.evaluate.conformal import Conformal
+
+        with open(path, encoding="utf-8") as f:
+            predictor.conformal = Conformal.from_dict(json.load(f))
+    return predictor

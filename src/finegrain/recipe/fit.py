@@ -268,6 +268,7 @@ def fit(cfg: FitConfig, *, progress: bool = True, clock: Clock | None = None) ->
     choice = _choose(ctx) if splits.val else _choose_without_validation(ctx)  # one image a class: no scoring
     print(f"fit: chose {choice.chosen.name}: {choice.reason}", flush=True)
     model_dir = _build_final(ctx, choice.chosen)
+    _save_calibration(ctx, choice, model_dir)
     test = _score_test(cfg, model_dir, splits, image_set, progress=progress) if splits.test else None
     _write_outputs(ctx, choice, test)
     return FitResult(cfg.out, choice.chosen, choice.board, test, clock.elapsed(), runtime=cfg.runtime,
@@ -531,6 +532,25 @@ def _build_final(ctx: FitContext, chosen: Candidate) -> str:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def _save_calibration(ctx: FitContext, choice: Choice, model_dir: str) -> None:
+    """<model>/conformal.json: the chosen candidate's probabilities on images it did not train on (out-of-fold over
+    every training image where it has them, else the validation split) calibrate its prediction sets
+    (evaluate/conformal.py; class by class on long-tailed data). The saved model is refitted on train + val, so
+    the calibration is the cross-validated approximation (CV+), not exact split conformal."""
+    from finegrain.evaluate.conformal import Conformal
+
+    store, chosen = ctx.store, choice.chosen
+    names = chosen.members or [chosen.name]
+    if choice.folds is not None and all(n in store.oof for n in names):
+        proba, y, on = sum(store.oof[n] for n in names) / len(names), choice.folds.y, "out-of-fold"
+    elif ctx.splits.val and chosen.name in store.probas:
+        proba, y, on = store.probas[chosen.name], ctx.y_val, "validation split"
+    else:
+        return  # nothing held out to calibrate on (one image a class)
+    conf = Conformal("lac", classwise=chosen.rank_by == "mean_per_class").fit(proba, y)
+    atomic_write_json(os.path.join(model_dir, "conformal.json"), {**conf.to_dict(), "calibrated_on": on})
 
 
 def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, progress: bool) -> dict:

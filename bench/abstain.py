@@ -1,0 +1,110 @@
+"""Knowing when not to answer (issue 26): split-conformal coverage and set size, class-conditional coverage of the
+few-shot classes of a long-tailed set, and unknown-class detection (near: bird species never trained on; far: CIFAR-10
+photos), on the frozen features of bench.suite's hand baseline (lite0, timm eval view, GAP) with a default
+scikit-learn probe (`LogisticRegression(max_iter=1000)`).
+
+Protocol: the probe learns on the train split; the test split is cut in two at random (5 seeds), one half calibrates
+(evaluate/conformal.py), the other is scored: empirical coverage, mean set size. Unknowns: the probe and the k-NN
+distance (k = 10, cosine; Sun et al. 2022) learn on cub100's first 50 species; test images of those 50 are known,
+those of the other 50 (near) and CIFAR-10 test images (far) unknown; AUROC and the share of unknowns accepted when
+95% of known images are (FPR at 95% TPR).
+
+    python -m bench.abstain          # needs `python -m bench.suite --hand-only` (the stores in bench/cache)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from bench.common import ROOT, command_line, machine, record
+from finegrain.embed import FeatureStore
+from finegrain.evaluate.conformal import Conformal, UnknownScore, coverage_report
+
+STORES = os.path.join(ROOT, "bench", "cache", "suite-hand")
+SEEDS = (0, 1, 2, 3, 4)
+FEW_SHOT = 10  # training images a class at most: the few-shot band of cub100-LT (its classes hold 3-30)
+
+
+def _load(name: str, split: str):
+    X, y, _ = FeatureStore.open(os.path.join(STORES, name)).split(split, "gap")
+    return np.asarray(X, np.float32), np.asarray(y)
+
+
+def _proba(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test probabilities [N, C] of the probe fitted on train, test labels, train counts a class)."""
+    X, y = _load(name, "train")
+    Xt, yt = _load(name, "test")
+    clf = LogisticRegression(max_iter=1000).fit(X, y)
+    proba = np.zeros((len(yt), int(max(y.max(), yt.max())) + 1))
+    proba[:, clf.classes_] = clf.predict_proba(Xt)
+    return proba, yt, np.bincount(y, minlength=proba.shape[1])
+
+
+def coverage_rows(name: str, *, classwise: bool = False) -> dict:
+    proba, y, counts = _proba(name)
+    rows = {}
+    for coverage in (0.9, 0.95):
+        runs = []
+        for seed in SEEDS:
+            perm = np.random.default_rng(seed).permutation(len(y))
+            cal, ev = perm[: len(y) // 2], perm[len(y) // 2 :]
+            conf = Conformal("lac", classwise=classwise).fit(proba[cal], y[cal])
+            rep = coverage_report(conf.predict_set(proba[ev], coverage), y[ev])
+            few = [v for c, v in rep["per_class"].items() if counts[c] <= FEW_SHOT]
+            runs.append({"coverage": rep["coverage"], "mean_set_size": rep["mean_set_size"],
+                         "few_shot_coverage": float(np.mean(few)) if few else None})  # fmt: skip
+        mean = {k: float(np.mean([r[k] for r in runs])) for k in ("coverage", "mean_set_size")}
+        few = [r["few_shot_coverage"] for r in runs if r["few_shot_coverage"] is not None]
+        few_mean = float(np.mean(few)) if few else None
+        rows[str(coverage)] = {
+            **mean, "coverage_std": float(np.std([r["coverage"] for r in runs])),
+            "gap_points": round(100 * (mean["coverage"] - coverage), 2), "few_shot_coverage": few_mean,
+            "few_shot_gap_points": round(100 * (few_mean - coverage), 2) if few else None,
+        }  # fmt: skip
+        print(name, "classwise" if classwise else "marginal", coverage, rows[str(coverage)], flush=True)
+    return {"method": "lac", "classwise": classwise, "seeds": list(SEEDS), "rows": rows}
+
+
+def unknown_rows() -> dict:
+    X, y = _load("cub100", "train")
+    Xt, yt = _load("cub100", "test")
+    far, _ = _load("cifar10-500", "test")
+    det = UnknownScore(k=10, accept=0.95).fit(X[y < 50])
+    known, near = det.score(Xt[yt < 50]), det.score(Xt[yt >= 50])
+    out = {}
+    for label, unknown in (("near", near), ("far", det.score(far))):
+        truth = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+        at95 = np.quantile(known, 0.95)  # the distance under which 95% of known images are accepted
+        out[label] = {"auroc": float(roc_auc_score(truth, np.r_[known, unknown])),
+                      "fpr_at_95_tpr": float(np.mean(unknown <= at95)), "n_unknown": int(len(unknown)),
+                      "flagged_at_stored_threshold": float(np.mean(unknown > det.threshold_))}  # fmt: skip
+        print("unknown", label, out[label], flush=True)
+    out["known_accepted_at_stored_threshold"] = float(np.mean(known <= det.threshold_))
+    return out
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    cub = coverage_rows("cub100")
+    lt = {"marginal": coverage_rows("cub100-lt10"), "classwise": coverage_rows("cub100-lt10", classwise=True)}
+    unknown = unknown_rows()
+    headline = {
+        "coverage_gap_90_points": cub["rows"]["0.9"]["gap_points"],
+        "coverage_gap_95_points": cub["rows"]["0.95"]["gap_points"],
+        "mean_set_size_95": round(cub["rows"]["0.95"]["mean_set_size"], 2),
+        "lt_few_coverage_gap_points": lt["classwise"]["rows"]["0.9"]["few_shot_gap_points"],
+        "near_unknown_auroc": round(unknown["near"]["auroc"], 4),
+        "far_unknown_auroc": round(unknown["far"]["auroc"], 4),
+    }
+    print("headline", headline)
+    doc = {"cub100": cub, "cub100-lt10": lt, "unknown": unknown, "headline": headline, "command": command_line()}
+    record("abstain.json", "frozen-probe", {**doc, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()

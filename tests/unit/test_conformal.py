@@ -1,0 +1,81 @@
+"""Split-conformal sets and the unknown score (evaluate/conformal.py) on synthetic exchangeable data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from finegrain.evaluate.conformal import Conformal, UnknownScore, coverage_report
+
+
+def _draw(rng, n: int, n_classes: int = 8, sharp: float = 2.0, counts=None):
+    """Exchangeable (labels, probabilities): a noisy classifier whose logits favour the true class."""
+    p_class = None if counts is None else np.asarray(counts, float) / np.sum(counts)
+    y = rng.choice(n_classes, n, p=p_class)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), y] += sharp
+    return y, softmax(logits, axis=1)
+
+
+@pytest.mark.parametrize("method", ["lac", "aps"])
+def test_marginal_coverage_holds_over_many_draws(method):
+    """Split conformal: P(y in set) >= 1 - alpha; LAC also not much more (<= 1 - alpha + 1 / (n + 1) in expectation),
+    the non-randomized APS over-covers (its scores jump by whole classes' mass: 0.943 at 0.90 here)."""
+    rng = np.random.default_rng(0)
+    for coverage in (0.9, 0.95):
+        got = []
+        for _ in range(200):
+            y_cal, p_cal = _draw(rng, 300)
+            y, p = _draw(rng, 300)
+            got.append(coverage_report(Conformal(method).fit(p_cal, y_cal).predict_set(p, coverage), y)["coverage"])
+        upper = coverage + 1 / 301 + 0.01 if method == "lac" else 1.0
+        assert coverage - 0.005 <= np.mean(got) <= upper, (method, coverage, np.mean(got))
+
+
+def test_the_set_always_holds_the_top1_and_shrinks_as_coverage_drops():
+    rng = np.random.default_rng(1)
+    y_cal, p_cal = _draw(rng, 400)
+    _, p = _draw(rng, 200)
+    conf = Conformal("aps").fit(p_cal, y_cal)
+    wide, narrow = conf.predict_set(p, 0.95), conf.predict_set(p, 0.5)
+    assert wide[np.arange(200), p.argmax(1)].all() and narrow[np.arange(200), p.argmax(1)].all()
+    assert (wide >= narrow).all() and wide.sum() > narrow.sum()
+    again = Conformal.from_dict(conf.to_dict()).predict_set(p, 0.95)  # saved with a model, read back
+    assert (again == wide).all()
+
+
+def test_classwise_calibration_covers_a_rare_class_that_marginal_calibration_misses():
+    rng = np.random.default_rng(2)
+    counts = [40] + [400] * 7  # class 0 rare, and the classifier is worse on it
+    rare_cov = {True: [], False: []}
+    for _ in range(60):
+        y_cal, p_cal = _draw(rng, 2840, counts=counts)
+        y, p = _draw(rng, 2840, counts=counts)
+        for arr_y, arr_p in ((y_cal, p_cal), (y, p)):  # the rare class's logits are flatter
+            rare = arr_y == 0
+            arr_p[rare] = softmax(np.log(arr_p[rare]) * 0.3, axis=1)
+        for classwise in (True, False):
+            sets = Conformal("lac", classwise=classwise).fit(p_cal, y_cal).predict_set(p, 0.9)
+            rare_cov[classwise].append(coverage_report(sets, y)["per_class"][0])
+    assert np.mean(rare_cov[True]) >= 0.88 and np.mean(rare_cov[False]) < np.mean(rare_cov[True]) - 0.03
+
+
+def test_bad_coverage_and_method_are_one_line_errors():
+    conf = Conformal().fit(np.full((4, 2), 0.5), np.array([0, 1, 0, 1]))
+    for bad in (0, 1, 1.5, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="coverage must be a number between 0 and 1"):
+            conf.predict_set(np.full((1, 2), 0.5), bad)
+    with pytest.raises(ValueError, match="lac, aps"):
+        Conformal("raps")
+
+
+def test_unknown_score_flags_far_images_and_accepts_the_stated_share_of_known_ones():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 32)) * 3
+    train = (centres[rng.integers(0, 5, 1000)] + rng.normal(size=(1000, 32))).astype(np.float32)
+    known = (centres[rng.integers(0, 5, 500)] + rng.normal(size=(500, 32))).astype(np.float32)
+    far = (rng.normal(size=(3, 32)) * 3)[rng.integers(0, 3, 500)] + rng.normal(size=(500, 32))
+    det = UnknownScore(k=10, accept=0.95).fit(train)
+    assert 0.92 <= 1 - det.is_unknown(known).mean() <= 0.98  # about 95% of known images accepted
+    assert det.is_unknown(far).mean() > 0.9
