@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from bench.common import ROOT, record, require_dataset
+from bench.common import ROOT, command_line, record, require_dataset
 
 MEASURE = r"""
 import csv, glob, os, sys
@@ -123,8 +123,8 @@ def main() -> None:
         print(k, rows[k])
     same = {k: fits["old"][k] == fits["new"][k] for k in ("chosen", "board", "test_top1")}
     print("fit", fits["new"]["chosen"], same)
-    record("parity.json", f"vs {args.old}", {"rows": rows, "precision": "auto", "images": 96,
-                                             "fit": {"chosen": fits["new"]["chosen"], "unchanged": same}})  # fmt: skip
+    doc = {"rows": rows, "precision": "auto", "images": 96, "command": command_line()}
+    record("parity.json", f"vs {args.old}", {**doc, "fit": {"chosen": fits["new"]["chosen"], "unchanged": same}})
 
 
 if __name__ == "__main__":

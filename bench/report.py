@@ -447,6 +447,9 @@ def evaluate_section(ev: dict) -> list[str]:
 def parity_section(par: dict) -> list[str]:
     out = []
     for key, r in par.items():
+        if "fit" in r:
+            out += _fit_parity(key, r)
+            continue
         out += [
             f"## Refactor check: the same inputs through commit {key.removeprefix('vs ')} and this tree",
             "",
@@ -487,6 +490,28 @@ def parity_section(par: dict) -> list[str]:
                 "",
             ]
     return out
+
+
+def _fit_parity(key: str, r: dict) -> list[str]:
+    same = {k: "yes" if v else "no" for k, v in r["fit"]["unchanged"].items()}
+    row = r["rows"]["fit_predict"]
+    bits = "yes" if row["bitwise_equal"] else "no"
+    return [
+        f"## Refactor check: `fit` through commit {key.removeprefix('vs ')} and this tree",
+        "",
+        "`fit` on the bundled birds10 sample under both trees with a clock that never moves (the choice then depends "
+        "on the data and the code, not on this machine's speed), frozen candidates of efficientnet_lite0, then its "
+        "saved model on the sample's test images.",
+        "",
+        "| chosen (this tree) | same choice | same leaderboard scores | same test top-1 | predictions: max abs "
+        "difference | bit-identical |",
+        "|---|:---:|:---:|:---:|---:|:---:|",
+        f"| {r['fit']['chosen']} | {same['chosen']} | {same['board']} | {same['test_top1']} | "
+        f"{row['max_abs_diff']:.2g} | {bits} |",
+        "",
+        f"Command: `{r.get('command', '')}`",
+        "",
+    ]
 
 
 def fit_section(fit: dict) -> list[str]:
