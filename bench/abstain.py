@@ -15,6 +15,7 @@ those of the other 50 (near) and CIFAR-10 test images (far) unknown; AUROC and t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -104,6 +105,36 @@ def main() -> None:
     print("headline", headline)
     doc = {"cub100": cub, "cub100-lt10": lt, "unknown": unknown, "headline": headline, "command": command_line()}
     record("abstain.json", "frozen-probe", {**doc, "machine": machine()})
+
+
+def abstain_section(data: dict) -> list[str]:
+    """BENCHMARKS.md's table of `python -m bench.abstain`."""
+    r = data.get("frozen-probe")
+    if not r:
+        return []
+    out = ["## Knowing when not to answer: prediction sets and unknown classes (issue 26)", "",
+           "Frozen lite0 GAP features (timm eval view), `LogisticRegression(max_iter=1000)` on train; the test split "
+           "cut in two 5 times (seeds 0-4): one half calibrates split-conformal LAC sets (evaluate/conformal.py), "
+           "the other is scored. Few-shot: cub100-LT classes with at most 10 training images.", "",
+           "| data | calibration | nominal | coverage (mean of 5) | gap (points) | mean set size | few-shot coverage |",
+           "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    runs = [("cub100", r["cub100"]), ("cub100-LT", r["cub100-lt10"]["marginal"]),
+            ("cub100-LT", r["cub100-lt10"]["classwise"])]  # fmt: skip
+    for name, run in runs:
+        for nominal, row in run["rows"].items():
+            few = row.get("few_shot_coverage")
+            how = "class by class (marginal below n)" if run["classwise"] else "marginal"
+            out.append(f"| {name} | {how} | {float(nominal):.2f} | {row['coverage']:.4f} | {row['gap_points']:+.2f} | "
+                       f"{row['mean_set_size']:.2f} | {'' if few is None else f'{few:.4f}'} |")  # fmt: skip
+    u = r["unknown"]
+    out += ["", "Unknown classes: the distance to the 10th nearest training feature (cosine; Sun et al. 2022), fitted "
+            "on cub100's first 50 species; known = their test images, near = the other 50 species' test images, "
+            "far = CIFAR-10's 10,000 test images.", "",
+            "| unknowns | AUROC | accepted when 95% of known are (FPR at 95% TPR) |", "|---|---:|---:|"]  # fmt: skip
+    for k in ("near", "far"):
+        out.append(f"| {k} ({u[k]['n_unknown']} images) | {u[k]['auroc']:.4f} | {u[k]['fpr_at_95_tpr']:.4f} |")
+    out += ["", f"Headline: `{json.dumps(r['headline'])}`. Command: `{r['command']}`", ""]
+    return out
 
 
 if __name__ == "__main__":

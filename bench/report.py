@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from bench.abstain import abstain_section
 from bench.common import RESULTS, ROOT
 from bench.scale import scale_section
 from bench.speed import speed_section
@@ -695,6 +696,7 @@ def main() -> None:
     lines += speed_section(_load("speed.json"))
     lines += serve_section(_load("serve.json"))
     lines += scale_section(_load("scale.json"))
+    lines += abstain_section(_load("abstain.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")
