@@ -121,10 +121,15 @@ def main() -> None:
         if k.startswith(("predict", "fixres")):
             rows[k]["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
         print(k, rows[k])
-    same = {k: fits["old"][k] == fits["new"][k] for k in ("chosen", "board", "test_top1")}
-    print("fit", fits["new"]["chosen"], same)
+    same = {k: fits["old"][k] == fits["new"][k] for k in ("chosen", "test_top1")}
+    old_board, new_board = fits["old"]["board"], fits["new"]["board"]
+    common = sorted(set(old_board) & set(new_board))
+    same["board"] = all(old_board[n] == new_board[n] for n in common)  # every candidate both trees scored
+    only = {"old": sorted(set(old_board) - set(new_board)), "new": sorted(set(new_board) - set(old_board))}
+    print("fit", fits["new"]["chosen"], same, f"{len(common)} candidates in both; only in one: {only}")
     doc = {"rows": rows, "precision": "auto", "images": 96, "command": command_line()}
-    record("parity.json", f"vs {args.old}", {**doc, "fit": {"chosen": fits["new"]["chosen"], "unchanged": same}})
+    fit = {"chosen": fits["new"]["chosen"], "unchanged": same, "common": len(common), "only": only}
+    record("parity.json", f"vs {args.old}", {**doc, "fit": fit})
 
 
 if __name__ == "__main__":

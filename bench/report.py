@@ -504,11 +504,13 @@ def _fit_parity(key: str, r: dict) -> list[str]:
         "on the data and the code, not on this machine's speed), frozen candidates of efficientnet_lite0, then its "
         "saved model on the sample's test images.",
         "",
-        "| chosen (this tree) | same choice | same leaderboard scores | same test top-1 | predictions: max abs "
-        "difference | bit-identical |",
+        "| chosen (this tree) | same choice | same scores (candidates in both) | same test top-1 | predictions: max "
+        "abs difference | bit-identical |",
         "|---|:---:|:---:|:---:|---:|:---:|",
         f"| {r['fit']['chosen']} | {same['chosen']} | {same['board']} | {same['test_top1']} | "
         f"{row['max_abs_diff']:.2g} | {bits} |",
+        "",
+        f"{r['fit'].get('common', '?')} candidates scored by both trees; only in one: {r['fit'].get('only', {})}.",
         "",
         f"Command: `{r.get('command', '')}`",
         "",
