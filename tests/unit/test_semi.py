@@ -149,7 +149,7 @@ def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation_and_out_
 
     from finegrain.recipe import FitConfig, fit
     from finegrain.recipe.candidates import val_scores
-    from finegrain.recipe.fit import FitState
+    from finegrain.recipe.fit import CandidateStore
 
     cfg = FitConfig(data=folders["data"], out=str(tmp_path / "fit"), budget_min=1.0, finetune=False,
                     ensemble=False, workers=0, bootstrap=20, unlabeled=folders["pool"])  # fmt: skip
@@ -158,7 +158,7 @@ def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation_and_out_
     assert semi and all(0 <= c.val_top1 <= 1 for c in semi)
     # ranked like the frozen heads: out-of-fold over every labelled image (12), each predicted once by the model
     # the other folds (and the unlabeled pool) fitted; read back from disk as a resumed run reads it
-    state = FitState(cfg.out, cfg)
+    state = CandidateStore(cfg.out, cfg)
     frozen = next(c for c in state.candidates.values() if c.kind == "frozen")
     for c in semi:
         oof = state.oof[c.name]

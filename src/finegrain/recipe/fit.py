@@ -143,6 +143,7 @@ class CandidateStore:
     def __init__(self, out: str, cfg: FitConfig) -> None:
         self.dir = os.path.join(out, "fit-state")
         key = {k: v for k, v in config_dict(cfg).items() if k not in ("workers", "bootstrap")}
+        key["device"] = resolve_device(key.get("device", "cpu"))  # "auto" names the device it resolves to here
         for opt in ("unlabeled", "transductive", "backbones"):  # unset: the key a fit had before the option existed
             if not key.get(opt):
                 key.pop(opt, None)
