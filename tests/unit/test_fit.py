@@ -58,6 +58,11 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     assert calib["calibrated_on"] == "out-of-fold" and len(calib["scores"]) == 36
     sets = model.predict_set(sorted(paths), 0.9)
     assert all(s and s[0][0] == model.classes[int(np.argmax(p))] for s, p in zip(sets, proba))  # top-1 first
+    from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
+
+    ev = evaluate_models(EvaluateConfig(models=(str(out / "model"),), data=train_data, bootstrap=20, workers=0))
+    at90 = ev["prediction_sets"]["0.9"]  # evaluate reports the sets' empirical coverage and size on the test split
+    assert 0 <= at90["coverage"] <= 1 and 1 <= at90["mean_set_size"] <= 3
     assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
     # the report of a fit folder leads with its choice and leaderboard, and scores the model as fit did
     from finegrain.report.run_report import build_run_report

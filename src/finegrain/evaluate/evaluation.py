@@ -152,11 +152,27 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
             "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
             "train_counts_from": "model" if meta_counts is not None else ("data" if data_counts is not None else None),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "prediction_sets": _set_coverage(predictors, pred.proba, y),
         }
     )
     if cfg.out:
         write_evaluation(cfg, summary, pred, paths, y, classes)
     return summary
+
+
+def _set_coverage(predictors, proba: np.ndarray, y: np.ndarray) -> dict | None:
+    """A calibrated model alone (fit's conformal.json): the empirical coverage and mean size of its prediction sets
+    at 90% and 95% on these images (evaluate/conformal.py); None otherwise."""
+    conformal = getattr(predictors[0], "conformal", None) if len(predictors) == 1 else None
+    if conformal is None:
+        return None
+    from finegrain.evaluate.conformal import coverage_report
+
+    out = {}
+    for coverage in (0.9, 0.95):
+        rep = coverage_report(conformal.predict_set(proba, coverage), y)
+        out[str(coverage)] = {"coverage": rep["coverage"], "mean_set_size": rep["mean_set_size"]}
+    return out
 
 
 def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes) -> None:
