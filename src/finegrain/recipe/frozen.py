@@ -27,7 +27,7 @@ from finegrain.recipe.candidates import (
     val_scores,
     views_for,
 )
-from finegrain.recipe.costs import CostModel, trunks  # noqa: F401 - trunks: re-exported
+from finegrain.recipe.costs import CostModel
 from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 

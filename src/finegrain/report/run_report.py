@@ -10,6 +10,7 @@ features the nearest-neighbour gallery searches.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 
@@ -357,8 +358,6 @@ def _fit_summary(run: str) -> dict | None:
     path = os.path.join(run, "fit.json")
     if not os.path.exists(path):
         return None
-    import json
-
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
