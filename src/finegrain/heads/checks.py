@@ -11,8 +11,8 @@ from sklearn.utils.validation import validate_data
 
 def fit_data(est, X, y) -> tuple[np.ndarray, np.ndarray]:
     """(X as C-contiguous float32 [N, D], y [N] class labels), `est.n_features_in_` set; ValueError otherwise."""
-    n = X.shape[0] if hasattr(X, "shape") else len(X)  # a sparse matrix has no len()
-    if y is not None and hasattr(y, "__len__") and len(y) != n:
+    n = getattr(X, "shape", (None,))[0] if hasattr(X, "shape") else (len(X) if hasattr(X, "__len__") else None)
+    if y is not None and n is not None and hasattr(y, "__len__") and len(y) != n:
         raise ValueError(f"y must hold {n} labels (one per row of X); got {len(y)}")
     X, y = validate_data(est, X, y, dtype=np.float32, order="C")
     check_classification_targets(y)
