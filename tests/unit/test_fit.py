@@ -326,6 +326,22 @@ def test_fit_prices_a_test_pass_by_its_distinct_trunks():
     assert costs.candidate_cost(cands["abc"], cands, 100) == pytest.approx(3.0 + 5.0)
 
 
+def test_another_backbones_view_is_priced_with_the_leaders_test_pass_as_its_partner():
+    """A view of a second backbone is worth most in an ensemble with the leader so far: its price counts the
+    leader's test pass (given), else the costliest extracted view's, never the cheapest one's (issue 23)."""
+    from finegrain.recipe.costs import CostModel
+
+    views = {"eval": {"backbone": "a", "flip": False}, "full256-flip": {"backbone": "a", "flip": True},
+             "b-eval": {"backbone": "b", "flip": False}}
+    costs = CostModel(None, views, 1000, None)
+    costs.setup.update({"eval": 2.0, "full256-flip": 2.0, "b-eval": 1.0})
+    costs.spi.update({"eval": 0.01, "full256-flip": 0.03, "b-eval": 0.02})
+    own = 1.0 + 1000 * 0.02 + (1.0 + 100 * 0.02)
+    assert costs.view_cost("b-eval", 100) == pytest.approx(own + 2.0 + 100 * 0.03)  # the costliest view, not eval
+    assert costs.view_cost("b-eval", 100, partner=7.5) == pytest.approx(own + 7.5)
+    assert costs.view_cost("full256-flip", 100, partner=7.5) == pytest.approx(2.0 + 30.0 + 5.0)  # same backbone
+
+
 def test_backbones_parse_and_an_unknown_one_is_a_one_line_error(train_data, tmp_path, capsys):
     from finegrain.cli.main import main
     from finegrain.recipe.candidates import parse_backbones

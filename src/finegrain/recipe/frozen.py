@@ -65,7 +65,15 @@ class FrozenStage:
         return self.costs.candidate_cost(cand, candidates, n_test)
 
     def view_cost(self, view: str, n_test: int) -> float:
-        return self.costs.view_cost(view, n_test)
+        return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test))
+
+    def _leader_cost(self, n_test: int) -> float | None:
+        """The test pass of the best frozen candidate so far (None before any): what a new view's ensemble adds to."""
+        frozen = [c for c in self.state.candidates.values() if c.kind == "frozen"]
+        if not frozen:
+            return None
+        leader = max(frozen, key=lambda c: (c.score[0], c.name))
+        return self.candidate_cost(leader, self.state.candidates, n_test)
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
