@@ -119,9 +119,13 @@ RESULT = """JSON.stringify({
 
 
 @pytest.fixture(scope="module")
-def knn_page(tmp_path_factory):
-    models = build_bird_models(str(tmp_path_factory.mktemp("serve-page")))
-    with live_server(create_app(models["knn"])) as url:
+def bird_models(tmp_path_factory):
+    return build_bird_models(str(tmp_path_factory.mktemp("serve-page")))
+
+
+@pytest.fixture(scope="module")
+def knn_page(bird_models):
+    with live_server(create_app(bird_models["knn"])) as url:
         yield url
 
 
@@ -158,5 +162,56 @@ def test_the_page_classifies_an_uploaded_photo_and_shows_upload_errors(chromium,
         browser.choose_file("#file", path)  # and it still works after the error
         assert browser.wait_for(SETTLED) == "done"
         assert json.loads(browser.eval(RESULT))["top"][0] == truth
+    finally:
+        browser.close()
+
+
+ANSWER = """JSON.stringify({
+  text: document.getElementById('answer').textContent,
+  shown: getComputedStyle(document.getElementById('answer')).display,
+  unknown: document.getElementById('answer').classList.contains('unknown'),
+})"""
+
+
+def test_a_calibrated_model_page_says_one_of_these_or_none_of_my_classes(chromium, bird_models, tmp_path):
+    """The probe calibrated on the bundled test photos (split conformal, conformal.json beside the model): a bird
+    gets its set at 95% in words; a photo of nothing the model knows (flat grey) gets "not one of the 10 classes"."""
+    from PIL import Image
+
+    from finegrain.embed import FeatureStore
+    from finegrain.evaluate.conformal import Conformal
+    from finegrain.evaluate.predictor import load
+
+    store = FeatureStore.open(bird_models["store"])
+    _, y, paths = store.split("test", "gap")
+    proba = load(bird_models["probe"], runtime="torch").predict_proba(paths)
+    conf = Conformal("lac").fit(proba, y)
+    (tmp_path / "conformal.json").write_text(json.dumps(conf.to_dict()))
+    model = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(bird_models["probe"], model)
+    shutil.copy(tmp_path / "conformal.json", model / "conformal.json")
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (200, 160), (128, 128, 128)).save(grey)
+    grey_top = load(str(model), runtime="torch").predict_proba([str(grey)]).max()
+    assert grey_top < conf.unknown_threshold()  # the premise: flat grey is under the level of 95% of known photos
+
+    browser = PipeBrowser(chromium)
+    try:
+        with live_server(create_app(str(model))) as url:
+            browser.page("Page.navigate", url=url + "/")
+            browser.wait_for("document.readyState === 'complete' && document.body.dataset.state === 'idle'")
+            browser.wait_for("document.getElementById('model-info').textContent.includes('classes')")
+            path, truth = bird_test_images()[4]
+            browser.choose_file("#file", path)
+            assert browser.wait_for(SETTLED) == "done", browser.eval("document.getElementById('error').textContent")
+            answer = json.loads(browser.eval(ANSWER))
+            assert answer["shown"] == "block" and not answer["unknown"] and "95%" in answer["text"]
+            assert truth.replace("_", " ") in answer["text"]
+            browser.choose_file("#file", str(grey))
+            browser.wait_for(SETTLED + " === 'done' && document.getElementById('answer').classList.contains('unknown')")
+            answer = json.loads(browser.eval(ANSWER))
+            assert answer["text"].startswith("Not one of the 10 classes I know")
     finally:
         browser.close()

@@ -79,3 +79,20 @@ def test_unknown_score_flags_far_images_and_accepts_the_stated_share_of_known_on
     det = UnknownScore(k=10, accept=0.95).fit(train)
     assert 0.92 <= 1 - det.is_unknown(known).mean() <= 0.98  # about 95% of known images accepted
     assert det.is_unknown(far).mean() > 0.9
+
+
+def test_the_unknown_flag_accepts_the_stated_share_of_known_images_and_flags_flat_ones():
+    """The flag a saved model raises reads the top probability: 95% of fresh known images pass (the level is set on
+    the calibration images), an image whose probabilities are flat (like no class) is flagged; it survives saving."""
+    rng = np.random.default_rng(3)
+    y, proba = _draw(rng, 4000)
+    conf = Conformal("lac").fit(proba, y)
+    _, fresh = _draw(rng, 20000)
+    accepted = 1 - conf.is_unknown(fresh).mean()
+    assert accepted == pytest.approx(0.95, abs=0.01)
+    flat = np.full((3, proba.shape[1]), 1 / proba.shape[1])
+    assert conf.is_unknown(flat).all() and 0 < conf.unknown_threshold() < 1
+    again = Conformal.from_dict(conf.to_dict())
+    assert again.unknown_threshold() == conf.unknown_threshold()
+    old = {k: v for k, v in conf.to_dict().items() if k != "top_proba"}  # a calibration saved before the flag
+    assert Conformal.from_dict(old).is_unknown(flat) is None

@@ -58,6 +58,10 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     assert calib["calibrated_on"] == "out-of-fold" and len(calib["scores"]) == 36
     sets = model.predict_set(sorted(paths), 0.9)
     assert all(s and s[0][0] == model.classes[int(np.argmax(p))] for s, p in zip(sets, proba))  # top-1 first
+    # the unknown flag: the top probability under the level 95% of the out-of-fold images reach
+    answers = model.answers(proba, 0.9)
+    level = np.quantile(calib["top_proba"], 0.05)
+    assert [a["unknown"] for a in answers] == [bool(p.max() < level) for p in proba]
     from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
 
     ev = evaluate_models(EvaluateConfig(models=(str(out / "model"),), data=train_data, bootstrap=20, workers=0))
@@ -331,8 +335,11 @@ def test_another_backbones_view_is_priced_with_the_leaders_test_pass_as_its_part
     leader's test pass (given), else the costliest extracted view's, never the cheapest one's (issue 23)."""
     from finegrain.recipe.costs import CostModel
 
-    views = {"eval": {"backbone": "a", "flip": False}, "full256-flip": {"backbone": "a", "flip": True},
-             "b-eval": {"backbone": "b", "flip": False}}
+    views = {
+        "eval": {"backbone": "a", "flip": False},
+        "full256-flip": {"backbone": "a", "flip": True},
+        "b-eval": {"backbone": "b", "flip": False},
+    }
     costs = CostModel(None, views, 1000, None)
     costs.setup.update({"eval": 2.0, "full256-flip": 2.0, "b-eval": 1.0})
     costs.spi.update({"eval": 0.01, "full256-flip": 0.03, "b-eval": 0.02})

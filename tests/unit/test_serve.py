@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import glob
 import io
+import json
 import os
 import socket
 import subprocess
@@ -325,3 +326,30 @@ def test_cli_serve_runs_a_real_server(bird_models):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_predict_with_coverage_gives_the_set_and_the_unknown_flag_of_a_calibrated_model(bird_models, client, tmp_path):
+    """An uncalibrated model refuses `coverage` with the reason (422); calibrated (conformal.json beside it, from
+    held-out probabilities), /predict returns the set (top-1 first) and the flag, and GET /model says it can."""
+    import shutil
+
+    from finegrain.embed import FeatureStore
+    from finegrain.evaluate.conformal import Conformal
+    from finegrain.evaluate.predictor import load
+
+    path, truth = bird_test_images()[2]
+    r = _post(client, path, coverage="0.9")
+    assert r.status_code == 422 and "no calibration" in r.json()["error"]
+    assert client.get("/model").json()["prediction_sets"] is False
+    _, y, paths = FeatureStore.open(bird_models["store"]).split("test", "gap")
+    conf = Conformal("lac").fit(load(bird_models["probe"], runtime="torch").predict_proba(paths), y)
+    model = tmp_path / "model"
+    shutil.copytree(bird_models["probe"], model)
+    (model / "conformal.json").write_text(json.dumps(conf.to_dict()))
+    with live_server(create_app(str(model), max_wait_ms=5)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/model").json()["prediction_sets"] is True
+        body = _post(c, path, coverage="0.9").json()
+        assert body["coverage"] == 0.9 and body["set"][0]["class"] == body["top"][0]["class"]
+        assert isinstance(body["unknown"], bool) and "set" not in _post(c, path).json()  # asked for, or not there
+        bad = _post(c, path, coverage="1.5")
+        assert bad.status_code == 422 and "between 0 and 1" in bad.json()["error"]

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 
-from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_engines  # noqa: F401
+from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_answer, say_engines  # noqa: F401
 from finegrain.config import EvalConfig, ExtractConfig, build_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.store_eval import evaluate_store
@@ -169,10 +169,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load(args.model, device=resolve_device(args.device), runtime=args.runtime)
     skipped, predictions = [], []
     for path in args.images:
-        reason = unreadable(path)
+        reason, answer = unreadable(path), {}
         try:
             if reason is None and args.coverage is not None:
-                top = predictor.predict_set([path], args.coverage)[0]
+                answer = predictor.answers(predictor.predict_proba([path]), args.coverage)[0]
+                top = answer["set"]
             else:
                 top = predictor.predict([path], k=args.k)[0] if reason is None else None
         except ImageDecodeError as e:
@@ -181,10 +182,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             skipped.append((path, reason))
             continue
         key = "top" if args.coverage is None else "set"
-        predictions.append({"path": path, key: [{"class": name, "probability": p} for name, p in top]})
+        row = {"path": path, key: [{"class": name, "probability": p} for name, p in top]}
+        predictions.append(row | ({"unknown": answer["unknown"]} if answer else {}))
         if not args.json:
-            head = "" if args.coverage is None else f"one of {len(top)} ({args.coverage:.0%}): "
-            print(path + "\t" + head + "  ".join(f"{name} {p:.3f}" for name, p in top), flush=True)
+            print(path + "\t" + say_answer(top, answer, args.coverage, len(predictor.classes)), flush=True)
     if args.json:
         _print_json(
             {"model": args.model, "predictions": predictions, "skipped": [{"path": p, "reason": r} for p, r in skipped]}

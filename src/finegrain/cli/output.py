@@ -47,3 +47,14 @@ def _say_scored(scored: dict) -> None:
         _stderr(f"finegrain: scoring {scored['selection']} (the others trained or validated the model)")
     if scored.get("includes_training_images"):
         _stderr(f"warning: {scored['training_images_scored']} scored image(s) trained or validated the model")
+
+
+def say_answer(top: list[tuple[str, float]], answer: dict, coverage: float | None, n_classes: int) -> str:
+    """One prediction as a line: the top-k, or (with a coverage) "one of N (90%): ..." and, when the image looks
+    unlike every class, "not one of the N classes I know"."""
+    line = "  ".join(f"{name} {p:.3f}" for name, p in top)
+    if coverage is None:
+        return line
+    head = f"one of {len(top)} ({coverage:.0%}): " if len(top) > 1 else f"{coverage:.0%} sure: "
+    tail = f"  [not one of the {n_classes} classes I know?]" if answer.get("unknown") else ""
+    return head + line + tail

@@ -14,7 +14,8 @@ import torch
 from finegrain.backbones import Backbone
 from finegrain.data import ImageSet
 from finegrain.embed.store import FeatureStore, IndexEntry
-from finegrain.models import apply_pooling, backbone_maps, create_pooling, pooled_dim, stage_maps_needed
+from finegrain.models import create_pooling, pooled_dim, stage_maps_needed
+from finegrain.models.classifier import pooled_views
 from finegrain.runtime import (
     ImageFiles,
     Runtime,
@@ -43,23 +44,28 @@ class Embedder(torch.nn.Module):
     A stage pooling (`stages`) reads the last stages' maps, which come out of that same forward.
     `flip=True` also embeds the mirrored image and averages the two descriptors (test-time augmentation:
     twice the compute, a steadier descriptor for classes told apart by fine detail).
+    `zoom=True` (models/zoom.py): the input is decoded at twice the view's side; each pooling gives the full view's
+    descriptor and the zoomed region's, concatenated [B, 2D]. `zoom_head`: (weights [K, C], bias [K]) of a linear
+    head on the map's average, whose predicted class's CAM places the box (else the class-agnostic map).
     """
 
-    def __init__(self, backbone: Backbone, poolings: Sequence[str], *, flip: bool = False) -> None:
+    def __init__(self, backbone: Backbone, poolings: Sequence[str], *, flip: bool = False, zoom: bool = False,
+                 zoom_head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.names = list(poolings)
         self.pools = torch.nn.ModuleList([create_pooling(p) for p in poolings])
         self.stage_maps = max((stage_maps_needed(p) for p in self.pools), default=0)
-        self.dims = {name: pooled_dim(backbone, pool) for name, pool in zip(self.names, self.pools)}
+        self.zoom = bool(zoom or zoom_head is not None)
+        width = 2 if self.zoom else 1
+        self.dims = {name: pooled_dim(backbone, pool) * width for name, pool in zip(self.names, self.pools)}
         self.flip = flip
+        self.zoom_head = zoom_head
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = x.shape[0]
-        fmap, stages = backbone_maps(self.backbone, torch.cat([x, x.flip(3)]) if self.flip else x, self.stage_maps)
-        out = {name: apply_pooling(pool, fmap, stages).float() for name, pool in zip(self.names, self.pools)}
-        return {k: (v[:n] + v[n:]) / 2 for k, v in out.items()} if self.flip else out
+        pooled = pooled_views(self.backbone, x, self.pools, flip=self.flip, zoom=self.zoom, zoom_head=self.zoom_head)
+        return {name: p.float() for name, p in zip(self.names, pooled)}
 
 
 @dataclass
@@ -83,6 +89,7 @@ def extract_to_store(
     *,
     poolings: Sequence[str] = ("gap", "gem"),
     flip: bool = False,
+    zoom: bool | tuple = False,
     batch_size: int = 32,
     num_workers: int | None = None,
     precision: str = "auto",
@@ -97,12 +104,17 @@ def extract_to_store(
     Images already in the store (same file content, backbone, preprocessing, precision, poolings) are reused,
     so an interrupted run resumes where it stopped. Undecodable files are skipped and listed in skipped.csv.
     runtime: torch | onnx | auto (runtime/engine.py; ONNX Runtime computes fp32 features, recorded as fp32).
+    zoom: the look-closer view (models/zoom.py): the backbone's preprocess decodes at twice the side the trunk runs
+    at; each pooling stores the full view's descriptor and the zoomed region's, concatenated. A (weights, bias)
+    pair instead of True: the CAM of that linear head's predicted class places the box (bench/zoom.py measures it).
     """
     rt = Runtime(str(device), precision, channels_last, num_workers)
     backbone = backbone.to(rt.torch_device).eval()
-    embedder = Embedder(backbone, poolings, flip=flip)
+    head = tuple(torch.as_tensor(a).float() for a in zoom) if isinstance(zoom, tuple) else None
+    embedder = Embedder(backbone, poolings, flip=flip, zoom=bool(zoom), zoom_head=head)
     engine = _engine(embedder, runtime, rt, out_dir, overwrite, len(image_set.samples))
-    meta = _store_meta(image_set, backbone, poolings, engine.runtime.resolved_precision, flip, dims=embedder.dims)
+    meta = _store_meta(image_set, backbone, poolings, engine.runtime.resolved_precision, flip, dims=embedder.dims,
+                       zoom=bool(zoom))  # fmt: skip
     rt, embedder, meta["runtime"] = engine.runtime, engine.module, engine.name
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
@@ -186,7 +198,14 @@ def _extract_new(embedder, pre, todo_items, store, done, skipped, rt: Runtime, b
 
 
 def _store_meta(
-    image_set: ImageSet, backbone: Backbone, poolings: Sequence[str], precision: str, flip: bool, *, dims: dict
+    image_set: ImageSet,
+    backbone: Backbone,
+    poolings: Sequence[str],
+    precision: str,
+    flip: bool,
+    *,
+    dims: dict,
+    zoom: bool = False,
 ) -> dict:
     """dim: the backbone's width (every plain pooling's); dims: each pooling's, recorded where one differs."""
     import json
@@ -197,13 +216,15 @@ def _store_meta(
         "preprocess": backbone.preprocess.to_dict(),
         "precision": precision,
         "poolings": list(poolings),
-        **({"flip": True} if flip else {}),  # stores made without flip keep their fingerprint
+        **({"flip": True} if flip else {}),  # stores made without flip (or zoom) keep their fingerprint
+        **({"zoom": True} if zoom else {}),
     }
     return {
         "fingerprint": hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16],
         "backbone": backbone.describe(),
         "precision": precision,
         "flip": flip,
+        **({"zoom": True} if zoom else {}),
         "poolings": list(poolings),
         "dim": backbone.num_features,
         **({"dims": dict(dims)} if any(d != backbone.num_features for d in dims.values()) else {}),
@@ -218,6 +239,7 @@ def embed_images(
     *,
     pooling: str = "gap",
     flip: bool = False,
+    zoom: bool = False,
     batch_size: int = 32,
     precision: str = "auto",
     device: str | torch.device = "cpu",
@@ -225,7 +247,7 @@ def embed_images(
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """In-memory features [N, D] of a few images (queries, predictions); returns (features, skipped)."""
     rt = Runtime(str(device), precision, channels_last, workers=0)
-    embedder = rt.prepare(Embedder(backbone, [pooling], flip=flip))
+    embedder = rt.prepare(Embedder(backbone, [pooling], flip=flip, zoom=zoom))
     pre = backbone.preprocess
     data = ImageFiles(paths, pre.pil_to_uint8, min_side=pre.resize_size)
     feats, skipped = [], []

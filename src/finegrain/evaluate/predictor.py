@@ -29,6 +29,12 @@ class SetPrediction:
         """For each image, the classes (with their probabilities, most probable first) of a set that holds the true
         class with probability >= `coverage` (split-conformal, calibrated by `fit` on images the model did not train
         on); the top-1 class is always in it."""
+        return [a["set"] for a in self.answers(self.predict_proba(images), coverage)]
+
+    def answers(self, proba: np.ndarray, coverage: float = 0.9) -> list[dict]:
+        """Probabilities [M, C] -> per image {"set": [(class, probability)], "unknown": bool | None}: the prediction
+        set at `coverage`, and whether the image looks unlike every class the model knows (its top probability
+        under the level 95% of held-out known images reach; None when the calibration predates the flag)."""
         from finegrain.evaluate.conformal import check_coverage
 
         try:
@@ -38,9 +44,14 @@ class SetPrediction:
         if self.conformal is None:
             raise FinegrainError("this model has no calibration for prediction sets: `finegrain fit` saves one "
                                  "(conformal.json, from its out-of-fold probabilities)")  # fmt: skip
-        proba = self.predict_proba(images)
+        proba = np.asarray(proba, np.float64)
         members = self.conformal.predict_set(proba, coverage)
-        return [[(self.classes[j], float(p[j])) for j in np.argsort(-p) if m[j]] for p, m in zip(proba, members)]
+        unknown = self.conformal.is_unknown(proba)
+        return [
+            {"set": [(self.classes[j], float(p[j])) for j in np.argsort(-p) if m[j]],
+             "unknown": None if unknown is None else bool(unknown[i])}
+            for i, (p, m) in enumerate(zip(proba, members))
+        ]  # fmt: skip
 
 
 class Predictor(SetPrediction):
@@ -168,7 +179,7 @@ class SharedTrunk(torch.nn.Module):
 
     def __init__(self, models: Sequence[torch.nn.Module], weights: Sequence[float]) -> None:
         super().__init__()
-        self.backbone, self.flip = models[0].backbone, models[0].flip
+        self.backbone, self.flip, self.zoom = models[0].backbone, models[0].flip, models[0].zoom
         self.heads = torch.nn.ModuleList(
             [torch.nn.ModuleDict({"pool": m.pool, "norm": m.norm, "head": m.head}) for m in models]
         )
@@ -180,16 +191,11 @@ class SharedTrunk(torch.nn.Module):
         return self.backbone.preprocess
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from finegrain.models import apply_pooling, backbone_maps, stage_maps_needed
+        from finegrain.models.classifier import pooled_views
 
-        n = x.shape[0]
-        need = max(stage_maps_needed(h["pool"]) for h in self.heads)  # a stage pooling reads the last stages too
-        fmap, stages = backbone_maps(self.backbone, torch.cat([x, x.flip(3)]) if self.flip else x, need)
+        pooled_all = pooled_views(self.backbone, x, [h["pool"] for h in self.heads], flip=self.flip, zoom=self.zoom)
         proba, first = 0.0, None
-        for w, h in zip(self.weights, self.heads):
-            pooled = apply_pooling(h["pool"], fmap, stages)
-            if self.flip:
-                pooled = (pooled[:n] + pooled[n:]) / 2
+        for w, h, pooled in zip(self.weights, self.heads, pooled_all):
             with torch.autocast(x.device.type, enabled=False):
                 feats = h["norm"](pooled.float())
                 proba = proba + w * h["head"](feats).softmax(-1)
@@ -206,7 +212,7 @@ def _trunk_key(p: Predictor) -> tuple | None:
     if p.spec.kind != "frozen":
         return None
     return (p.spec.backbone, p.spec.source, json.dumps(p.spec.preprocess.to_dict(), sort_keys=True), p.spec.flip,
-            str(p.device), p.runtime)  # fmt: skip
+            p.spec.zoom, str(p.device), p.runtime)  # fmt: skip
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -92,6 +92,8 @@ def _resolve_method(model, method: str) -> str:
 
     if method not in METHODS:
         raise FinegrainError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")
+    if getattr(model, "zoom", False):
+        raise FinegrainError("a look-closer (zoom) model runs its trunk twice: its zoom box shows where it looked")
     # CAM is exact for GAP -> linear; a feature norm rescales each image's logits, so Grad-CAM explains it instead
     linear = type(model.head) is torch.nn.Linear and not getattr(model, "feature_norm", False)
     if method == "auto":

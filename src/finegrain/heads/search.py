@@ -47,6 +47,7 @@ def search_store(
         backbone_from_meta(store.meta),
         pooling=pooling,
         flip=bool(store.meta.get("flip")),
+        zoom=bool(store.meta.get("zoom")),
         precision=store.meta.get("precision", "auto"),
     )
     if skipped:

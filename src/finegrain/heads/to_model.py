@@ -65,6 +65,7 @@ def frozen_model(
     classes: Sequence[str],
     pooling: str,
     flip: bool = False,
+    zoom: bool = False,
     gallery: tuple[np.ndarray, np.ndarray] | None = None,
     train_counts: Sequence[int] | None = None,
     extra: dict | None = None,
@@ -74,7 +75,8 @@ def frozen_model(
     clf: a fitted LogisticProbe, NearestClassMean, KNNClassifier, or a decoupled long-tail head (cRT, LWS, τ-norm,
     logit-adjusted), trained with class ids 0..len(classes)-1 as labels. gallery: (raw training features [N, D],
     labels [N]) for k-NN (the normalizer is applied here). The backbone's preprocess must be the extraction's."""
-    norm_name, dim, buffers = _normalizer_spec(normalizer, pooled_dim(backbone, create_pooling(pooling)))
+    width = pooled_dim(backbone, create_pooling(pooling)) * (2 if zoom else 1)  # zoom: full | zoomed region
+    norm_name, dim, buffers = _normalizer_spec(normalizer, width)
     if isinstance(clf, NearestClassMean) and clf.metric == "cosine" and norm_name == "none":
         norm_name = "unit-l2"  # NCM normalizes its inputs itself: the same as an L2 layer before it
     spec = ModelSpec.of_backbone(backbone).replace(
@@ -82,6 +84,7 @@ def frozen_model(
         normalizer=norm_name,
         embed_dim=dim,
         flip=flip,
+        zoom=zoom,
         classes=tuple(classes),
         train_counts=None if train_counts is None else tuple(int(c) for c in train_counts),
         kind="frozen",
@@ -115,6 +118,7 @@ def save_store_model(store, clf, normalizer: Normalizer, folder: str, *, pooling
         classes=store.classes,
         pooling=pooling,
         flip=bool(store.meta.get("flip")),
+        zoom=bool(store.meta.get("zoom")),
         gallery=(train_X, train_y),
         train_counts=counts,
         extra=extra,

@@ -16,6 +16,7 @@ from finegrain.backbones import Backbone
 from finegrain.errors import FinegrainError
 from finegrain.models.layers import FeatureNorm, KNNHead, NormedLinear, build_normalizer, msra_init_
 from finegrain.models.pooling import apply_pooling, create_pooling, stage_maps_needed
+from finegrain.models.zoom import zoom_maps
 
 HEADS = ("linear", "normed", "knn")
 
@@ -78,6 +79,29 @@ def backbone_maps(backbone: Backbone, x: torch.Tensor, n: int) -> tuple[torch.Te
     return forward_stages(backbone.model, x, n) if n else (backbone.forward_features(x), [])
 
 
+def pooled_views(backbone: Backbone, x: torch.Tensor, pools, *, flip: bool = False, zoom: bool = False,
+                 zoom_head: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """Each pooling's descriptor of images x [B, 3, S, S] from one trunk pass: [B, D], or with `zoom` (x decoded at
+    twice the side, models/zoom.py) the full view's and the zoomed region's concatenated [B, 2D]; with `flip`, the
+    image's and its mirror's averaged. `zoom_head`: (weights, bias) of a linear head whose predicted class's CAM places
+    the box (else the class-agnostic map). The one place frozen descriptors are computed: extraction
+    (embed/extract.py), a frozen model and a shared-trunk ensemble run this."""
+    n = x.shape[0]
+    both = torch.cat([x, x.flip(3)]) if flip else x
+    need = max((stage_maps_needed(p) for p in pools), default=0)
+
+    def maps(t: torch.Tensor):
+        return backbone_maps(backbone, t, need)
+
+    if zoom or zoom_head is not None:
+        full, zoomed, _ = zoom_maps(maps, both, **dict(zip(("weights", "bias"), zoom_head or ())))
+        out = [torch.cat([apply_pooling(p, *full), apply_pooling(p, *zoomed)], 1) for p in pools]
+    else:
+        fmap, stages = maps(both)
+        out = [apply_pooling(p, fmap, stages) for p in pools]
+    return [(o[:n] + o[n:]) / 2 for o in out] if flip else out
+
+
 @torch.no_grad()
 def pooled_dim(backbone: Backbone, pool: nn.Module) -> int:
     """Width D of what `pool` makes of the backbone's maps: num_features for a plain pooling; for a stage pooling
@@ -102,7 +126,9 @@ class ImageClassifier(nn.Module):
     head: "linear" (nn.Linear, MSRA init), "normed" (NormedLinear: cosine logits, for LDAM) or "knn" (a vote over a
     saved gallery of training embeddings; head_options: n_gallery, k, metric, weights, temperature).
     normalizer: see `build_normalizer` ("l2" = feature_norm=True); embed_dim: the dimension it outputs (PCA).
-    flip: average the pooled features of the image and its mirror (the flip-averaged frozen descriptor)."""
+    flip: average the pooled features of the image and its mirror (the flip-averaged frozen descriptor).
+    zoom: look closer (models/zoom.py): the input is decoded at twice the trunk's side; the head sees the full view's
+    descriptor and the attention box's, concatenated (frozen models only)."""
 
     def __init__(
         self,
@@ -117,6 +143,7 @@ class ImageClassifier(nn.Module):
         embed_dim: int | None = None,
         flip: bool = False,
         head_options: dict | None = None,
+        zoom: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -126,7 +153,9 @@ class ImageClassifier(nn.Module):
         self.pooling_name = pooling
         self.pool = create_pooling(pooling, channels=backbone.num_features)
         self.stage_maps = stage_maps_needed(self.pool)  # > 0: the pooling reads the last stages' maps too
-        self.pool_dim = pooled_dim(backbone, self.pool)  # what the normalizer takes: num_features but for stages
+        self.zoom = zoom
+        # what the normalizer takes: num_features but for stages, twice that with zoom (full | zoomed region)
+        self.pool_dim = pooled_dim(backbone, self.pool) * (2 if zoom else 1)
         self.normalizer_name = normalizer or ("l2" if feature_norm else "none")
         dim = embed_dim or self.pool_dim
         self.norm = build_normalizer(self.normalizer_name, self.pool_dim, dim)
@@ -158,17 +187,23 @@ class ImageClassifier(nn.Module):
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, S, S] -> (the vector the head sees [B, D], logits [B, C]) in one pass (the inference path:
         the normalizer and head run in float32 even under autocast, as the frozen heads were fitted)."""
-        n = x.shape[0]
-        both = torch.cat([x, x.flip(3)]) if self.flip else x
-        pooled = apply_pooling(self.pool, *backbone_maps(self.backbone, both, self.stage_maps))
-        if self.flip:
-            pooled = (pooled[:n] + pooled[n:]) / 2
+        (pooled,) = pooled_views(self.backbone, x, [self.pool], flip=self.flip, zoom=self.zoom)
         with torch.autocast(x.device.type, enabled=False):
             feats = self.norm(pooled.float())
             return feats, self.head(self.dropout(feats))
 
+    @torch.no_grad()
+    def zoom_boxes(self, x: torch.Tensor) -> torch.Tensor:
+        """A zoom model's attention boxes [B, 4] (fractions of the view) for images x decoded at its input size."""
+        from finegrain.models.zoom import ZOOM_FACTOR, attention_box, attention_map
+
+        fmap = self.backbone.forward_features(torch.nn.functional.avg_pool2d(x, ZOOM_FACTOR))
+        return attention_box(attention_map(fmap))
+
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         """Feature map -> the vector the head sees (pooled, then normalized)."""
+        if self.zoom:
+            raise FinegrainError("a look-closer (zoom) model runs two passes of its trunk: it is not fine-tuned")
         if self.stage_maps:
             raise FinegrainError(
                 f"pooling {self.pooling_name!r} reads the backbone's stage maps, not the final map alone: "
@@ -180,7 +215,7 @@ class ImageClassifier(nn.Module):
         return self.head(self.dropout(self.embed(fmap).to(self.head.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flip or self.stage_maps or not isinstance(self.head, nn.Linear | NormedLinear):
+        if self.flip or self.zoom or self.stage_maps or not isinstance(self.head, nn.Linear | NormedLinear):
             return self.forward_all(x)[1]
         return self.forward_head(self.forward_features(x))
 

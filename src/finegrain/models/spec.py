@@ -19,7 +19,7 @@ from finegrain.models.layers import NORMALIZERS
 FORMAT = "finegrain-classifier/1"
 # model.json keys that the spec owns; every other key is kept as `extra` (regime, best_epoch, fixres, ...)
 _OWN = {"format", "backbone", "source", "preprocess", "pooling", "normalizer", "feature_norm", "head", "num_classes"}
-_OWN |= {"classes", "train_counts", "embed_dim", "flip", "head_options", "kind"}
+_OWN |= {"classes", "train_counts", "embed_dim", "flip", "head_options", "kind", "zoom"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class ModelSpec:
     "pca-whiten": frozen-feature normalizers, state in the weights); embed_dim: what the normalizer outputs (PCA);
     head: linear | normed | knn (head_options: n_gallery, k, metric, weights, temperature); flip: the pooled
     features of the image and its mirror are averaged (the flip-averaged descriptor); kind: "fine-tuned" or
-    "frozen" (a classifier fitted on frozen features: probe, NCM, k-NN, long-tail heads)."""
+    "frozen" (a classifier fitted on frozen features: probe, NCM, k-NN, long-tail heads); zoom: look closer
+    (models/zoom.py: preprocess decodes at twice the trunk's side, the head reads the full view and the attention
+    box's view concatenated)."""
 
     backbone: str
     preprocess: Preprocess
@@ -46,6 +48,7 @@ class ModelSpec:
     head_options: dict[str, Any] = field(default_factory=dict)
     kind: str = "fine-tuned"
     extra: dict[str, Any] = field(default_factory=dict)
+    zoom: bool = False
 
     def __post_init__(self) -> None:
         if self.normalizer not in NORMALIZERS:
@@ -93,6 +96,8 @@ class ModelSpec:
             d["train_counts"] = list(self.train_counts)
         if self.kind != "fine-tuned":  # older readers know fine-tuned models only
             d.update(kind=self.kind, embed_dim=self.embed_dim, flip=self.flip, head_options=dict(self.head_options))
+        if self.zoom:
+            d["zoom"] = True
         return {**d, **self.extra}
 
     @classmethod
@@ -114,6 +119,7 @@ class ModelSpec:
             flip=bool(d.get("flip", False)),
             head_options=dict(d.get("head_options") or {}),
             kind=d.get("kind", "fine-tuned"),
+            zoom=bool(d.get("zoom", False)),
             extra={k: v for k, v in d.items() if k not in _OWN},
         )
 
@@ -165,4 +171,5 @@ def build_model(
         embed_dim=spec.embed_dim,
         flip=spec.flip,
         head_options=spec.head_options,
+        zoom=spec.zoom,
     )

@@ -165,7 +165,7 @@ def views_for(backbones: list[str], native: float | None = None) -> dict[str, di
             size = min(size, 2 * low)
         short = SHORT_NAMES.get(name, name.replace("/", "-").replace(":", "-"))
         out[f"{short}-full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True}
-    return out | late_views(out, native)
+    return out | late_views(out, native) | zoom_views(first, native)
 
 
 def late_views(views: dict[str, dict], native: float | None) -> dict[str, dict]:
@@ -185,6 +185,17 @@ def late_views(views: dict[str, dict], native: float | None) -> dict[str, dict]:
         out[f"{prefix}full{size}-flip"] = {"backbone": name, "image_size": size, "crop_pct": 1.0, "flip": True,
                                            "late": True}  # fmt: skip
     return out
+
+
+def zoom_views(backbone: str, native: float | None) -> dict[str, dict]:
+    """Look closer (models/zoom.py): the first backbone's 256 px full frame + flip view, and a second pass on the box
+    its attention map finds, decoded at twice the side; the head reads both descriptors. About twice the full view's
+    compute (bench/zoom.py), so tried with the time a run would otherwise leave unspent (late); none for small images
+    (a 32 px photo has no detail to zoom into)."""
+    if native is not None and native < LOW_RES_BELOW:
+        return {}
+    return {"zoom256-flip": {"backbone": backbone, "image_size": 256, "crop_pct": 1.0, "flip": True, "zoom": True,
+                             "late": True}}  # fmt: skip
 
 
 def native_side(paths: list[str], n: int = 200) -> float | None:

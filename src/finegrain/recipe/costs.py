@@ -28,10 +28,12 @@ class CostModel:
         self._forward_spi: dict[str, float] = {}  # backbone -> seconds an image of its bare 224 px forward
 
     def _cost_units(self, view: str) -> float:
-        """A view's compute relative to one 224 px forward (pixels x flips); its geometry is read once."""
+        """A view's compute relative to one 224 px forward (pixels x flips x passes); its geometry is read once."""
         if view not in self._units:
             size = self.backbone(view).preprocess.input_size
-            self._units[view] = (size / 224) ** 2 * (2 if self.views[view]["flip"] else 1)
+            # a zoom view decodes at twice its side and runs its trunk twice at that side: half the decoded pixels
+            passes = (2 if self.views[view]["flip"] else 1) * (0.5 if self.views[view].get("zoom") else 1)
+            self._units[view] = (size / 224) ** 2 * passes
         return self._units[view]
 
     def estimate_spi(self, view: str) -> float:

@@ -15,6 +15,7 @@ from finegrain.data import ImageSet
 from finegrain.embed import FeatureStore, extract_to_store
 from finegrain.errors import FinegrainError
 from finegrain.heads.to_model import frozen_model
+from finegrain.models.zoom import ZOOM_FACTOR
 from finegrain.recipe.candidates import (
     HEADS,
     NO_VAL_HEAD,
@@ -46,10 +47,16 @@ class FrozenStage:
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
+        """The view's backbone with its geometry (a zoom view decodes at ZOOM_FACTOR x its side: models/zoom.py)."""
         geo = self.views[view]
         backbone = create_backbone(geo["backbone"])
-        backbone.preprocess = backbone.preprocess.with_geometry(geo["image_size"], geo["crop_pct"])
+        size = geo["image_size"] and geo["image_size"] * (ZOOM_FACTOR if geo.get("zoom") else 1)
+        backbone.preprocess = backbone.preprocess.with_geometry(size, geo["crop_pct"])
         return backbone
+
+    def passes(self, view: str) -> dict:
+        """How a view's descriptor is computed from its decoded image: flip-averaged, and looking closer (zoom)."""
+        return {"flip": self.views[view]["flip"], "zoom": bool(self.views[view].get("zoom"))}
 
     # ---- prices: the cost model (recipe/costs.py) ---------------------------------------------------------------
     def _estimate_spi(self, view: str) -> float:
@@ -82,7 +89,7 @@ class FrozenStage:
         backbone = self.backbone(view)
         result = extract_to_store(
             trainval, backbone, os.path.join(self.cfg.out, "features", view), poolings=POOLINGS,
-            flip=self.views[view]["flip"], batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+            **self.passes(view), batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
             precision=self.cfg.precision, device=self.cfg.device, progress=self.progress, runtime=self.cfg.runtime,
         )  # fmt: skip
         if result.n_extracted:
@@ -102,7 +109,7 @@ class FrozenStage:
         from finegrain.embed.extract import Embedder
         from finegrain.runtime.engine import recorded_conversion_seconds
 
-        embedder = Embedder(backbone, POOLINGS, flip=self.views[view]["flip"])
+        embedder = Embedder(backbone, POOLINGS, **self.passes(view))
         rt = Runtime(str(self.cfg.device), self.cfg.precision, True, self.cfg.workers)
         return recorded_conversion_seconds(embedder, backbone.preprocess, rt)
 
@@ -229,7 +236,7 @@ class FrozenStage:
 
             clf = LogitAdjusted(clf, tau=cand.params["la_tau"], class_counts=counts[clf.classes_]).fit()
         return frozen_model(
-            self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, flip=self.views[view]["flip"],
+            self.backbone(view), clf, norm, classes=self.data.classes, pooling=pooling, **self.passes(view),
             gallery=(X, y), train_counts=counts, extra={"fit_candidate": cand.name, "refit": "train+val"},
         )  # fmt: skip
 

@@ -66,7 +66,7 @@ def unlabeled_store(frozen, view: str, paths: list[str]) -> FeatureStore:
     cfg = frozen.cfg
     result = extract_to_store(
         image_set, frozen.backbone(view), os.path.join(cfg.out, "features-unlabeled", view), poolings=POOLINGS,
-        flip=frozen.views[view]["flip"], batch_size=cfg.batch_size, num_workers=cfg.workers,
+        **frozen.passes(view), batch_size=cfg.batch_size, num_workers=cfg.workers,
         precision=cfg.precision, device=cfg.device, progress=frozen.progress,
     )  # fmt: skip
     if result.skipped:
@@ -224,7 +224,7 @@ def final_semi_model(frozen, cand, paths: list[str]):
     counts = np.bincount(y, minlength=len(frozen.data.classes))
     return frozen_model(
         frozen.backbone(view), clf, create_normalizer("l2").fit(X), classes=frozen.data.classes, pooling=pooling,
-        flip=frozen.views[view]["flip"], train_counts=counts,
+        **frozen.passes(view), train_counts=counts,
         extra={"fit_candidate": cand.name, "refit": "train+val+unlabeled", "unlabeled": clf.report_},
     )  # fmt: skip
 

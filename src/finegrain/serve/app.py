@@ -4,7 +4,8 @@ GET /          the page (serve/page.py): pick or drop a photo, see the top-5, th
 GET /health    liveness and counters: requests, refusals, batches and their sizes
 GET /model     classes, preprocessing, kind, gallery, metrics found beside the model, limits
 POST /predict  one image (multipart field `image`, or a raw image body); `k` (default 5), `cam=true`,
-               `neighbours=true` as form fields or query parameters -> JSON top-k with probabilities
+               `neighbours=true`, `coverage=0.9` (a calibrated model: the prediction set and the unknown flag)
+               as form fields or query parameters -> JSON top-k with probabilities
 GET /gallery/N the training image of gallery row N (k-NN models whose training files were found), as a thumbnail
 
 Refusals are JSON `{"error": reason, "status": code}` with a 4xx code; the service keeps serving after any of them.
@@ -62,6 +63,22 @@ def _param_k(params, default: int, n_classes: int) -> int:
     return k
 
 
+def _param_coverage(params, served: ServedModel) -> float | None:
+    """`coverage` (a number in (0, 1)) when asked for, refused up front when the model has no calibration."""
+    text = params.get("coverage")
+    if text in (None, ""):
+        return None
+    if served.predictor.conformal is None:
+        raise UploadError(422, "this model has no calibration for prediction sets: `finegrain fit` saves one")
+    try:
+        coverage = float(text)
+    except ValueError:
+        coverage = -1.0
+    if not 0 < coverage < 1:
+        raise UploadError(422, f"coverage must be a number between 0 and 1 (e.g. 0.9), got {text!r}")
+    return coverage
+
+
 def _error(status: int, reason: str):
     from fastapi.responses import JSONResponse
 
@@ -95,7 +112,8 @@ class _Service:
         start = time.perf_counter()
         data, fields = await read_upload(request, self.max_upload_bytes)
         params = {**fields, **request.query_params}
-        k = _param_k(params, self.default_k, len(self.served.classes))  # before decoding: the cheap refusal first
+        k = _param_k(params, self.default_k, len(self.served.classes))  # before decoding: the cheap refusals first
+        coverage = _param_coverage(params, self.served)
         image = await asyncio.to_thread(decode_upload, data, min_side=self.served.min_side, max_pixels=self.max_pixels)
         proba = await self.batcher.submit(image)
         top = np.argsort(-proba)[:k]
@@ -103,8 +121,15 @@ class _Service:
             "top": [{"class": self.served.classes[j], "probability": round(float(proba[j]), 6)} for j in top],
             "k": k,
         }
+        if coverage is not None:
+            answer = self.served.predictor.answers(proba[None], coverage)[0]
+            out["set"] = [{"class": c, "probability": round(p, 6)} for c, p in answer["set"]]
+            out |= {"coverage": coverage, "unknown": answer["unknown"]}
         if str(params.get("cam", "")).lower() in TRUE:
             out["cam"] = await self.in_model_thread(self.served.cam, image)
+            zoom = await self.in_model_thread(self.served.zoom_box, image)
+            if zoom is not None:
+                out["zoom"] = zoom  # where a look-closer model looked closer, as fractions of the photo
         if str(params.get("neighbours", params.get("neighbors", ""))).lower() in TRUE:
             out["neighbours"] = await self.in_model_thread(self.served.neighbours, image)
             out["neighbours_note"] = self.served.gallery_note

@@ -128,6 +128,19 @@ class ServedModel:
             out["note"] = "the CAM of the ensemble's first member"
         return out
 
+    def zoom_box(self, image: Image.Image) -> dict | None:
+        """Where a look-closer (zoom) member looked closer: its box as fractions (x0, y0, x1, y1) of the photo; None
+        for a model without a zoom view."""
+        from finegrain.models.zoom import box_in_photo
+
+        member = next((m for m in self.members if getattr(m.model, "zoom", False)), None)
+        if member is None:
+            return None
+        pre, image = member.preprocess, image.convert("RGB")
+        x = pre.normalize(pre.pil_to_uint8(image)[None].to(member.device))
+        box = member.model.zoom_boxes(x)[0].tolist()
+        return {"box": [round(v, 4) for v in box_in_photo(box, image.size, pre.crop_pct)]}
+
     @torch.no_grad()
     def neighbours(self, image: Image.Image, n: int = 6) -> list[dict]:
         """The `n` gallery entries nearest to the image under the k-NN head's own metric: class, similarity (cosine,
@@ -180,6 +193,8 @@ class ServedModel:
             "gallery": None if self.knn is None else {"size": int(len(self.knn.model.head.gallery))},
             "gallery_note": self.gallery_note,
             "metrics": self.metrics(),
+            # a calibrated model (fit's conformal.json) answers `coverage=` with a set and an unknown flag
+            "prediction_sets": getattr(self.predictor, "conformal", None) is not None,
         }
         if out["gallery"] is not None:
             out["gallery"]["images"] = self.gallery_paths is not None

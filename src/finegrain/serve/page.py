@@ -1,4 +1,5 @@
-"""The page at GET /: pick or drop a photo -> top-5 with bars, the CAM overlay, similar training images.
+"""The page at GET /: pick or drop a photo -> top-5 with bars, the CAM overlay, similar training images, and for a
+calibrated model the plain answer: "one of: A, B (95%)", or "not one of the N classes I know".
 
 Self-contained: one HTML document with its CSS and JS inline, no CDN, no font or script from elsewhere (the
 Content-Security-Policy sent with it forbids them), so it works offline. It talks to the API with relative URLs
@@ -44,6 +45,11 @@ figcaption{font-size:12px;color:#4a5a66}
 #neighbours{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:10px}
 #nn-note{font-size:13px;color:#4a5a66}
 h2{font-size:16px;margin:18px 0 8px}
+#answer{display:none;margin:0 0 10px;padding:8px 12px;border-radius:8px;background:#eef4f8;font-weight:600}
+#answer.unknown{background:#fff4e0;color:#7a4a00}
+#photo{position:relative}
+#photo img{display:block}
+#zoombox{display:none;position:absolute;border:3px solid #f0b400;border-radius:3px;pointer-events:none}
 """
 
 _BODY = """
@@ -56,11 +62,13 @@ _BODY = """
   <div id="status" role="status"></div>
   <div id="result">
     <div>
-      <figure><img id="preview" alt="your photo"><figcaption>your photo</figcaption></figure>
+      <figure><div id="photo"><img id="preview" alt="your photo"><div id="zoombox"></div></div>
+        <figcaption id="photo-caption">your photo</figcaption></figure>
       <figure id="cam-figure"><img id="cam" alt="where the model looks (CAM)">
         <figcaption id="cam-caption">where the model looks</figcaption></figure>
     </div>
     <div>
+      <p id="answer" role="status"></p>
       <h2>Top 5</h2>
       <ol id="top"></ol>
       <h2>Similar training images</h2>
@@ -74,6 +82,8 @@ _BODY = """
 _JS = r"""
 const $ = (id) => document.getElementById(id);
 let maxBytes = 20 * 1024 * 1024;
+let calibrated = false, nClasses = 0;
+const COVERAGE = 0.95;
 const pretty = (c) => c.replace(/^\d+[._-]/, "").replace(/_/g, " ");
 function setState(s) { document.body.dataset.state = s; }
 function showError(msg) {
@@ -89,6 +99,7 @@ fetch("model").then((r) => r.json()).then((m) => {
   $("model-info").textContent =
     `${m.name || "model"}: ${m.num_classes} classes, ${m.kind}, ${m.backbone || ""}`;
   if (m.limits) maxBytes = m.limits.max_upload_bytes;
+  calibrated = !!m.prediction_sets; nClasses = m.num_classes;
 }).catch(() => { $("model-info").textContent = "model description unavailable"; });
 
 function renderTop(top) {
@@ -101,6 +112,29 @@ function renderTop(top) {
     li.append(name, bar, el("span", "pct", (100 * t.probability).toFixed(1) + "%"));
     ol.append(li);
   }
+}
+function renderAnswer(body) {
+  const a = $("answer");
+  a.className = ""; a.style.display = body.set ? "block" : "none";
+  if (!body.set) return;
+  const pct = Math.round(100 * body.coverage) + "%";
+  if (body.unknown) {
+    a.className = "unknown";
+    a.textContent = `Not one of the ${nClasses} classes I know (closest: ${pretty(body.top[0].class)})`;
+  } else if (body.set.length === 1) {
+    a.textContent = `${pretty(body.set[0].class)} (${pct} sure)`;
+  } else {
+    a.textContent = `One of: ${body.set.map((s) => pretty(s.class)).join(", ")} (${pct})`;
+  }
+}
+function renderZoom(zoom) {
+  const z = $("zoombox");
+  z.style.display = zoom ? "block" : "none";
+  $("photo-caption").textContent = zoom ? "your photo, and where the model looked closer" : "your photo";
+  if (!zoom) return;
+  const [x0, y0, x1, y1] = zoom.box;
+  Object.assign(z.style, { left: `${100 * x0}%`, top: `${100 * y0}%`, width: `${100 * (x1 - x0)}%`,
+    height: `${100 * (y1 - y0)}%` });
 }
 function renderCam(cam) {
   $("cam-figure").style.display = cam && cam.image ? "" : "none";
@@ -130,13 +164,15 @@ async function send(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   for (const [k, v] of [["k", "5"], ["cam", "true"], ["neighbours", "true"]]) form.append(k, v);
+  if (calibrated) form.append("coverage", String(COVERAGE));
   let r, body;
   try { r = await fetch("predict", { method: "POST", body: form }); }
   catch (e) { return showError(`upload failed: ${e.message}`); }
   try { body = await r.json(); }
   catch (e) { return showError(`the server answered ${r.status} without a readable body`); }
   if (!r.ok) return showError(`${file.name}: ${body.error || "error " + r.status}`);
-  renderTop(body.top); renderCam(body.cam); renderNeighbours(body.neighbours, body.neighbours_note);
+  renderAnswer(body); renderZoom(body.zoom); renderTop(body.top); renderCam(body.cam);
+  renderNeighbours(body.neighbours, body.neighbours_note);
   $("status").textContent = `${pretty(body.top[0].class)}: ${(100 * body.top[0].probability).toFixed(1)}%` +
     ` (${body.time_ms} ms)`;
   setState("done");
