@@ -62,17 +62,27 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     answers = model.answers(proba, 0.9)
     level = np.quantile(calib["top_proba"], 0.05)
     assert [a["unknown"] for a in answers] == [bool(p.max() < level) for p in proba]
-    from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
+    import shutil
 
-    ev = evaluate_models(EvaluateConfig(models=(str(out / "model"),), data=train_data, bootstrap=20, workers=0))
+    from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
+    from tests.conftest import write_class_images
+
+    with_unknown = tmp_path / "with-unknown"  # the test split plus a class the model never saw
+    shutil.copytree(train_data, with_unknown)
+    write_class_images(str(with_unknown / "test" / "grey"), (128, 128, 128), 5, seed=7)
+    ev = evaluate_models(EvaluateConfig(models=(str(out / "model"),), data=str(with_unknown), bootstrap=20, workers=0))
     at90 = ev["prediction_sets"]["0.9"]  # evaluate reports the sets' empirical coverage and size on the test split
-    assert 0 <= at90["coverage"] <= 1 and 1 <= at90["mean_set_size"] <= 3
+    assert 0 <= at90["coverage"] <= 1 and 1 <= at90["mean_set_size"] <= 3 and ev["n"] == 12
+    assert set(at90["per_class"]) == {"blue", "green", "red"} and at90["shot_bands"]["few_shot"]["n"] == 12
+    unknown = ev["unknown_classes"]  # the grey images: scored for the unknown flag only, not in the accuracy
+    assert unknown["n_images"] == 5 and 0 <= unknown["auroc"] <= 1 and 0 <= unknown["flag"]["unknown_flagged"] <= 1
     assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
     # the report of a fit folder leads with its choice and leaderboard, and scores the model as fit did
     from finegrain.report.run_report import build_run_report
 
     html = open(build_run_report(str(out), progress=False, gallery=2, bootstrap=20)).read()
     assert html.index('id="fit"') < html.index('id="data"') and result.chosen.name in html and "regime ?" not in html
+    assert 'id="sets"' in html and "Classes least covered at 90%" in html  # the calibrated model's sets
     reported = json.loads((out / "report-metrics.json").read_text())["metrics"]["top1"]
     assert reported == pytest.approx(result.test_top1)
 

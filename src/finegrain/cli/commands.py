@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 
-from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_answer, say_engines  # noqa: F401
+from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_answer, say_engines, say_sets  # noqa: F401
 from finegrain.config import EvalConfig, ExtractConfig, build_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.store_eval import evaluate_store
@@ -230,8 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for k in ("top1", "top5", "mean_per_class", "ece", "many_shot", "medium_shot", "few_shot"):
         if m.get(k) is not None:
             print(f"  {k:15s} {fmt(k)}")
-    for cov, row in (s.get("prediction_sets") or {}).items():  # a calibrated model: its sets on these images
-        print(f"  set @ {float(cov):.0%}       coverage {row['coverage']:.4f}, mean size {row['mean_set_size']:.2f}")
+    say_sets(s)
     for pair in s["most_confused"][:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']}x)")
     print(f"-> {out}")

@@ -58,3 +58,19 @@ def say_answer(top: list[tuple[str, float]], answer: dict, coverage: float | Non
     head = f"one of {len(top)} ({coverage:.0%}): " if len(top) > 1 else f"{coverage:.0%} sure: "
     tail = f"  [not one of the {n_classes} classes I know?]" if answer.get("unknown") else ""
     return head + line + tail
+
+
+def say_sets(s: dict) -> None:
+    """`evaluate`'s lines on a calibrated model's prediction sets (by shot band) and on images of classes the model
+    does not know (set apart from the scores)."""
+    for cov, row in (s.get("prediction_sets") or {}).items():  # a calibrated model: its sets on these images
+        print(f"  set @ {float(cov):.0%}       coverage {row['coverage']:.4f}, mean size {row['mean_set_size']:.2f}")
+        bands = ", ".join(f"{g.replace('_shot', '')} {b['coverage']:.3f}" for g, b in row.get("shot_bands", {}).items())
+        if bands:
+            print(f"    by shot band   {bands}")
+    u = s.get("unknown_classes")
+    if u:  # images of classes the model does not know, set apart from the scores above
+        flag = u.get("flag")
+        said = f"; its flag: {flag['unknown_flagged']:.1%} flagged, {flag['known_accepted']:.1%} of known accepted"
+        print(f"  unknown classes  {u['n_images']} images: AUROC {u['auroc']:.4f}, accepted at 95% TPR "
+              f"{u['fpr_at_95_tpr']:.1%}" + (said if flag else ""))  # fmt: skip

@@ -48,8 +48,9 @@ class EvaluateConfig:
     extra: dict = field(default_factory=dict)
 
 
-def samples_for_model(data: str, split: str, classes: Sequence[str]):
-    """The `split` of a dataset, with labels re-indexed to the model's class order."""
+def samples_for_model(data: str, split: str, classes: Sequence[str], *, unknowns: list | None = None):
+    """The `split` of a dataset, with labels re-indexed to the model's class order. `unknowns`: a list that receives
+    the paths of images of classes the model does not know (scored for its unknown flag), instead of an error."""
 
     image_set = load_image_set(data)
     samples = image_set.split(split) if split in image_set.splits else None
@@ -60,7 +61,10 @@ def samples_for_model(data: str, split: str, classes: Sequence[str]):
             raise FinegrainError(f"no split {split!r} in {data}; splits here: {', '.join(image_set.splits)}")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({image_set.classes[s.label] for s in samples} - index.keys())
-    if unknown:
+    if unknown and unknowns is not None and len(unknown) < len({s.label for s in samples}):
+        unknowns += [s.path for s in samples if image_set.classes[s.label] not in index]
+        samples = [s for s in samples if image_set.classes[s.label] in index]
+    elif unknown:
         raise FinegrainError(
             f"{len(unknown)} class(es) of {data} are unknown to the model (e.g. {unknown[0]!r}): "
             "evaluate on data with the classes it was trained on"
@@ -113,7 +117,8 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
     predictors = [load(m, device=cfg.device, runtime=cfg.runtime) for m in cfg.models]
     classes = predictors[0].classes
     tta = TTA.parse(cfg.tta, cfg.sizes)
-    paths, labels, data_counts = samples_for_model(cfg.data, cfg.split, classes)
+    unknowns: list[str] = []  # images of classes the model does not know: scored for its unknown flag only
+    paths, labels, data_counts = samples_for_model(cfg.data, cfg.split, classes, unknowns=unknowns)
     paths, labels, scored = scored_images(cfg.models, paths, labels, split=cfg.split, allow=cfg.allow_train_images)
     # training counts: what the model saw (saved with it) beats what the data folder holds
     meta_counts = predictors[0].meta.get("train_counts")
@@ -152,26 +157,64 @@ def evaluate_models(cfg: EvaluateConfig, *, progress: bool = True) -> dict:
             "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
             "train_counts_from": "model" if meta_counts is not None else ("data" if data_counts is not None else None),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-            "prediction_sets": _set_coverage(predictors, pred.proba, y),
+            "prediction_sets": set_coverage(predictors, pred.proba, y, train_counts, many=cfg.many, few=cfg.few),
         }
     )
+    if unknowns:
+        summary["unknown_classes"] = _unknown_detection(cfg, predictors, pred.proba, unknowns, progress=progress)
     if cfg.out:
         write_evaluation(cfg, summary, pred, paths, y, classes)
     return summary
 
 
-def _set_coverage(predictors, proba: np.ndarray, y: np.ndarray) -> dict | None:
+def set_coverage(predictors, proba: np.ndarray, y: np.ndarray, train_counts=None, *, many=100, few=20) -> dict | None:
     """A calibrated model alone (fit's conformal.json): the empirical coverage and mean size of its prediction sets
-    at 90% and 95% on these images (evaluate/conformal.py); None otherwise."""
+    at 90% and 95% on these images (evaluate/conformal.py), per class and per shot band (when the training counts
+    are known); None otherwise."""
     conformal = getattr(predictors[0], "conformal", None) if len(predictors) == 1 else None
     if conformal is None:
         return None
+    from finegrain.data.longtail import GROUPS, shot_groups
     from finegrain.evaluate.conformal import coverage_report
 
-    out = {}
+    classes, out = predictors[0].classes, {}
+    groups = None if train_counts is None else shot_groups(train_counts, many=many, few=few)
     for coverage in (0.9, 0.95):
-        rep = coverage_report(conformal.predict_set(proba, coverage), y)
-        out[str(coverage)] = {"coverage": rep["coverage"], "mean_set_size": rep["mean_set_size"]}
+        members = conformal.predict_set(proba, coverage)
+        rep = coverage_report(members, y)
+        sizes = members.sum(1)
+        row = {"coverage": rep["coverage"], "mean_set_size": rep["mean_set_size"],
+               "per_class": {classes[c]: {"coverage": v, "mean_set_size": float(sizes[y == c].mean()),
+                                          "n": int((y == c).sum())} for c, v in rep["per_class"].items()}}  # fmt: skip
+        if groups is not None:
+            band = groups[y]
+            hit = members[np.arange(len(y)), y]
+            row["shot_bands"] = {
+                f"{g}_shot": {"coverage": float(hit[band == g].mean()), "mean_set_size": float(sizes[band == g].mean()),
+                              "n": int((band == g).sum())}
+                for g in GROUPS if (band == g).any()
+            }  # fmt: skip
+        out[str(coverage)] = row
+    return out
+
+
+def _unknown_detection(cfg, predictors, known_proba: np.ndarray, unknowns: list[str], *, progress: bool) -> dict:
+    """Images of classes the model does not know, against the known test images: AUROC of the unknown score (1 - the
+    top probability) and the share of unknowns accepted where 95% of known images are (FPR at 95% TPR); with a
+    calibrated model, the shares its flag accepts and flags."""
+    from sklearn.metrics import roc_auc_score
+
+    pred = predict_paths(predictors, unknowns, batch_size=cfg.batch_size, workers=cfg.workers,
+                         precision=cfg.precision, progress=progress, desc="unknown classes")  # fmt: skip
+    known, unknown = 1 - known_proba.max(1), 1 - pred.proba.max(1)
+    truth = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+    out = {"n_images": int(len(unknown)), "score": "1 - top probability",
+           "auroc": float(roc_auc_score(truth, np.r_[known, unknown])) if len(unknown) else None,
+           "fpr_at_95_tpr": float(np.mean(unknown <= np.quantile(known, 0.95))) if len(unknown) else None}  # fmt: skip
+    conformal = getattr(predictors[0], "conformal", None) if len(predictors) == 1 else None
+    if conformal is not None and conformal.unknown_threshold() is not None and len(unknown):
+        out["flag"] = {"known_accepted": float(1 - conformal.is_unknown(known_proba).mean()),
+                       "unknown_flagged": float(conformal.is_unknown(pred.proba).mean())}  # fmt: skip
     return out
 
 

@@ -96,12 +96,11 @@ def image_views(img: Image.Image, pre: Preprocess, tta: TTA) -> torch.Tensor:
     """One RGB image -> [V, 3, S, S] uint8 views at `pre.input_size` (S); view 0 is the plain eval view."""
     if tta.crops == 1:
         views = [pre.pil_to_uint8(img)]
-    else:
-        big = _resize_short(img, pre)
-        w, h, s = *big.size, pre.input_size
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
-        boxes = [(left, top), (0, 0), (w - s, 0), (0, h - s), (w - s, h - s)]  # centre first, then corners
-        views = [_to_uint8(big.crop((x, y, x + s, y + s))) for x, y in boxes]
+    else:  # torchvision's five_crop: corners (tl, tr, bl, br), then the centre; ours puts the centre first
+        from torchvision.transforms.v2.functional import five_crop
+
+        *corners, centre = five_crop(_to_uint8(_resize_short(img, pre)), [pre.input_size, pre.input_size])
+        views = [centre, *corners]
     if tta.flip or tta.crops == 10:
         views = views + [v.flip(-1) for v in views]
     return torch.stack(views)

@@ -70,9 +70,10 @@ def as_matrix(X: np.ndarray, *, name: str = "X") -> np.ndarray:
 
 
 def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """[N, D] -> a new [N, D] float32 array of unit rows (zero rows stay zero)."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    """[N, D] -> a new [N, D] float32 array of unit rows (zero rows stay zero): scikit-learn's `normalize`."""
+    from sklearn.preprocessing import normalize
+
+    return normalize(np.asarray(X, dtype=np.float32))
 
 
 def _check_k(k: int, ntotal: int) -> int:

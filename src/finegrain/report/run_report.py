@@ -20,7 +20,7 @@ import yaml
 from finegrain.atomic import atomic_write_json
 from finegrain.data import load_image
 from finegrain.errors import FinegrainError
-from finegrain.evaluate.evaluation import samples_for_model, scored_images
+from finegrain.evaluate.evaluation import samples_for_model, scored_images, set_coverage
 from finegrain.evaluate.inference import predict_paths
 from finegrain.evaluate.longtail import per_class_vs_frequency_plot
 from finegrain.evaluate.plots import new_figure, reliability_figure
@@ -185,6 +185,25 @@ def _metrics_section(summary) -> Section:
         fig, alt="reliability diagram"
     )
     return Section("metrics", "Metrics", html)
+
+
+def _sets_section(sets: dict) -> Section:
+    """A calibrated model's prediction sets on the scored images: coverage and mean size at 90% and 95%, by shot
+    band, and the classes least covered at 90% (evaluate.evaluation.set_coverage)."""
+    rows = []
+    for nominal, row in sets.items():
+        rows.append([f"{float(nominal):.0%}", "all classes", row["coverage"], row["mean_set_size"], None])
+        for band, b in row.get("shot_bands", {}).items():
+            rows.append([f"{float(nominal):.0%}", band.replace("_", "-"), b["coverage"], b["mean_set_size"], b["n"]])
+    html = ("<p>The set a calibrated model gives holds the true class with the stated probability (split-conformal, "
+            "calibrated by fit on out-of-fold probabilities): what it held on these images.</p>")  # fmt: skip
+    html += table(["nominal coverage", "classes", "coverage", "mean set size", "images"], rows)
+    worst = sorted(sets["0.9"]["per_class"].items(), key=lambda kv: (kv[1]["coverage"], kv[0]))[:10]
+    html += "<h3>Classes least covered at 90%</h3>" + table(
+        ["class", "coverage", "mean set size", "test images"],
+        [[_short(c), r["coverage"], r["mean_set_size"], r["n"]] for c, r in worst],
+    )
+    return Section("sets", "Prediction sets", html)
 
 
 def _confusion_section(summary, classes) -> Section:
@@ -393,6 +412,7 @@ def build_run_report(
     train_counts = np.asarray(counts) if counts is not None else data_counts
     summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)
     summary["tta"], summary["scored_images"] = tta, scored
+    summary["prediction_sets"] = set_coverage([predictor], proba, y, train_counts)
     train_paths, train_y, train_feats = [], np.zeros(0, int), None
     if data_counts is not None:
         train_paths, train_y, train_feats = _train_pass(predictor, data, max_train, seed, progress)
@@ -406,6 +426,7 @@ def build_run_report(
         _config_section(run),
         _curves_section(run),
         _metrics_section(summary),
+        *([_sets_section(summary["prediction_sets"])] if summary["prediction_sets"] else []),
         _confusion_section(summary, classes),
         _frequency_section(summary, train_counts),
         _confused_section(summary, classes, test_paths, y, pred, train_by_class),

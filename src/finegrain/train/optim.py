@@ -35,6 +35,9 @@ def build_param_groups(
     Params with ndim <= 1 (norm weights, biases, GeM's p), names ending in `.bias` and names a module lists in
     `no_weight_decay()` get weight_decay 0. Each group has `lr` = `initial_lr` = lr * scale, `lr_scale` and
     `param_names`; frozen params (requires_grad False) are left out.
+    The decay rule is timm's `param_groups_weight_decay` (ndim <= 1, `.bias`, `no_weight_decay()`); the groups are
+    ours because a `last:K` regime also scales each stage's learning rate (`lr_scale`), which timm's helpers express
+    only as a geometric layer decay over its own group matcher (`param_groups_layer_decay`).
     """
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
