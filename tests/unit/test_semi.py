@@ -42,6 +42,25 @@ def test_label_propagation_recovers_two_moons_where_a_linear_probe_cannot():
     assert 0 < lp.report_["mean_confidence"] <= 1 and lp.predict_proba(X).shape == (len(X), 2)
 
 
+@pytest.mark.parametrize("head", [LabelPropagationProbe(k=10, guard="none"), SelfTrainingProbe(guard="none")],
+                         ids=lambda h: type(h).__name__)  # fmt: skip
+def test_semi_heads_take_scikit_learns_convention_and_sit_in_a_pipeline(head):
+    """fit(X, y) with y = -1 on the unlabeled rows (as LabelSpreading takes it) is fit(X_lab, y, X_unlab); so the
+    head is the last step of a Pipeline."""
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    X, y = _moons()
+    y_semi = np.where(np.arange(len(y)) % 10 == 0, y, -1)
+    apart = clone(head).fit(X[y_semi >= 0], y[y_semi >= 0], X[y_semi < 0])
+    together = clone(head).fit(X, y_semi)
+    np.testing.assert_allclose(together.predict_proba(X), apart.predict_proba(X), atol=1e-6)
+    assert set(together.classes_) == {0, 1}  # -1 is not a class
+    pipe = make_pipeline(Normalizer(), clone(head)).fit(X, y_semi)
+    assert pipe.predict(X).shape == (len(X),) and pipe[-1].report_["n_unlabeled"] == int((y_semi < 0).sum())
+
+
 def test_pseudo_label_caps_hold_per_class_and_keep_the_most_confident():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(500, 5)) * 3

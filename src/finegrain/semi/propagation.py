@@ -54,6 +54,20 @@ class PseudoLabelMixin:
         }
 
 
+UNLABELED = -1  # scikit-learn's semi-supervised convention: the label of a row nobody labelled
+
+
+def split_unlabeled(X, y, X_unlab=None) -> tuple:
+    """(labelled X, their y, unlabeled X): `X_unlab` given apart, or (scikit-learn's convention, as `LabelSpreading`
+    and `SelfTrainingClassifier` take it, so the heads sit in a `Pipeline`) the rows of X whose y is -1."""
+    if X_unlab is not None:
+        return X, y, X_unlab
+    y = np.asarray(y)
+    unlabeled = (y == UNLABELED) if y.dtype.kind in "iuf" else np.zeros(len(y), bool)
+    X = np.asarray(X)
+    return X[~unlabeled], y[~unlabeled], X[unlabeled]
+
+
 def check_inputs(X_lab, y, X_unlab) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(X_lab [L, D], X_unlab [M, D] float32, classes [C], codes [L] in 0..C-1, labels y)."""
     X_lab = as_matrix(X_lab, name="X_lab")
@@ -75,7 +89,8 @@ def balancing(codes: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
-    """fit(X_lab [L, D], y [L], X_unlab [M, D]): a k-NN graph over all L + M embeddings, class scores diffused
+    """fit(X_lab [L, D], y [L], X_unlab [M, D]) or fit(X, y) with y = -1 on the unlabeled rows (scikit-learn's
+    convention): a k-NN graph over all L + M embeddings, class scores diffused
     from the labelled images, each unlabeled image pseudo-labelled with its best class and weighted by its
     certainty (1 - entropy / log C) x its class's balancing weight (N / C / images of that class), then a
     `WeightedProbe` on labelled (weight 1 x class weight) + pseudo-labelled images.
@@ -99,9 +114,9 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
         if self.guard not in ("auto", "none"):
             raise ValueError(f"guard must be one of auto, none; got {self.guard!r}")
 
-    def fit(self, X_lab: np.ndarray, y: np.ndarray, X_unlab: np.ndarray) -> LabelPropagationProbe:
+    def fit(self, X_lab: np.ndarray, y: np.ndarray, X_unlab: np.ndarray | None = None) -> LabelPropagationProbe:
         self._check_params()
-        X_lab, X_unlab, classes, codes, y = check_inputs(X_lab, y, X_unlab)
+        X_lab, X_unlab, classes, codes, y = check_inputs(*split_unlabeled(X_lab, y, X_unlab))
         L, C = len(X_lab), len(classes)
         P, mass, keep = self._propagate(X_lab, codes, X_unlab, C)
         conf = certainty(P[L:])

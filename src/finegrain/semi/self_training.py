@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from finegrain.semi.guard import guard_mask
 from finegrain.semi.probe import SEMI_C, WeightedProbe
-from finegrain.semi.propagation import PseudoLabelMixin, balancing, check_inputs
+from finegrain.semi.propagation import PseudoLabelMixin, balancing, check_inputs, split_unlabeled
 
 
 def capped_pseudo_labels(proba: np.ndarray, *, threshold: float, cap: int) -> np.ndarray:
@@ -28,23 +28,24 @@ def capped_pseudo_labels(proba: np.ndarray, *, threshold: float, cap: int) -> np
 
 
 class SelfTrainingProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
-    """fit(X_lab [L, D], y [L], X_unlab [M, D]): `rounds` rounds of pseudo-labelling by the current probe
-    (top probability >= threshold; at most `cap` a class, None: the pool's even share, ceil(M / C)) and a
-    `WeightedProbe` refit, each pseudo-label weighted by its probability x its class's balancing weight.
-    guard "auto": images outside the labelled classes' region (`guard.guard_mask`) are never pseudo-labelled;
-    "none": all may be. After fit: pseudo_labels_ [M] (-1: not used), pseudo_weights_ [M], report_."""
+    """fit(X_lab [L, D], y [L], X_unlab [M, D]) or fit(X, y) with y = -1 on the unlabeled rows: `rounds` rounds
+    of pseudo-labelling by the current probe (top probability >= threshold; at most `cap` a class, None: the
+    pool's even share, ceil(M / C)) and a `WeightedProbe` refit, each pseudo-label weighted by its probability x
+    its class's balancing weight. guard "auto": images outside the labelled classes' region (`guard.guard_mask`)
+    are never pseudo-labelled; "none": all may be. After fit: pseudo_labels_ [M] (-1: not used), pseudo_weights_
+    [M], report_."""
 
     def __init__(self, *, threshold: float = 0.5, cap: int | None = None, rounds: int = 3, C: float = SEMI_C,
                  guard: str = "auto", random_state: int | None = 0) -> None:  # fmt: skip
         self.threshold, self.cap, self.rounds = threshold, cap, rounds
         self.C, self.guard, self.random_state = C, guard, random_state
 
-    def fit(self, X_lab: np.ndarray, y: np.ndarray, X_unlab: np.ndarray) -> SelfTrainingProbe:
+    def fit(self, X_lab: np.ndarray, y: np.ndarray, X_unlab: np.ndarray | None = None) -> SelfTrainingProbe:
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be a probability in [0, 1]; got {self.threshold!r}")
         if self.guard not in ("auto", "none"):
             raise ValueError(f"guard must be one of auto, none; got {self.guard!r}")
-        X_lab, X_unlab, classes, codes, y = check_inputs(X_lab, y, X_unlab)
+        X_lab, X_unlab, classes, codes, y = check_inputs(*split_unlabeled(X_lab, y, X_unlab))
         C = len(classes)
         cap = self.cap if self.cap is not None else max(1, math.ceil(len(X_unlab) / C))
         seed = self.random_state or 0
