@@ -267,40 +267,54 @@ def save_config(cfg: Any, out_dir: str, name: str = "config.yaml", extra: dict |
     return path
 
 
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-    data: str = ""
-    out: str = ""
-    backbone: str = "efficientnet_lite0"
-    checkpoint: str | None = None
-    pooling: tuple[str, ...] = ("gem", "gap")
-    flip: bool = False
-    image_size: int | None = None  # None: the weights' own resolution
-    crop_pct: float | None = None  # None: the weights' own crop
-    batch_size: int = 32
-    workers: int | None = None
-    precision: str = "auto"
-    channels_last: bool = True
-    device: str = "auto"  # cuda when available, else cpu
-    overwrite: bool = False
+    """`finegrain extract`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    data: str = option("", "folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
+    out: str = option("", "store folder")
+    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (offline), any timm name, hf-hub:..., or a "
+                           "finegrain model/run folder (its trained trunk and preprocessing)")  # fmt: skip
+    checkpoint: str | None = option(None, "local .safetensors/.pth weights for the backbone (a finegrain model's too)")
+    pooling: tuple[str, ...] = option(("gem", "gap"), "comma list of gap, gem, gem:P, max, stages")
+    flip: bool = option(False, "average with the mirrored image (2x compute)")
+    image_size: int | None = option(None, "input resolution (default: the weights' own)")
+    crop_pct: float | None = option(None, "center-crop fraction (default: the weights' own)")
+    batch_size: int = option(32, "images a batch")
+    workers: int | None = option(None, "decoding processes (default: cores / 2)")
+    precision: str = option("auto", "auto: bf16 where the CPU has it, else fp32", choices=("auto", "fp32", "bf16"))
+    channels_last: bool = option(True, "keep the NCHW memory layout", flag="--no-channels-last")
+    device: str = option("auto", DEVICE_HELP)
+    overwrite: bool = option(False, "replace a store made with other settings")
+    runtime: str = option("auto", "auto: the fastest engine that keeps accuracy, measured here (torch or ONNX "
+                          "Runtime)", choices=("auto", "torch", "onnx"))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    store: str = ""
-    out: str | None = None
-    classifier: str = "probe"  # probe | knn | ncm
-    pooling: str | None = None  # None: the store's first pooling
-    norm: str = "l2"
-    k: int = 10
-    metric: str = "cosine"
-    weights: str = "temperature"
-    temperature: float = 0.07
-    train_split: str = "train"
-    test_split: str | None = None
-    test_size: float = 0.2
-    seed: int = 0
-    solver: str = "auto"  # probe: auto | lbfgs | stream (auto: stream above 2 GiB of training features)
+    """`finegrain knn`, `ncm` and `probe`'s options on a feature store, each declared once (each command shows the
+    ones it reads: cli/main.py)."""
+
+    store: str = option("", "a feature store made by `finegrain extract`")
+    out: str | None = option(None, "output folder (default: STORE/eval/<classifier>-<norm>-<pooling>)")
+    classifier: str = option("probe", "set by the command", choices=("probe", "knn", "ncm"))
+    pooling: str | None = option(None, "which stored pooling to use (default: the first one extracted)")
+    norm: str = option("l2", "none | l2 | cl2n | pca-whiten[:K] (fitted on the train split)",
+                       choices=("none", "l2", "cl2n", "pca-whiten", "pca-whiten:K"))  # fmt: skip
+    k: int = option(10, "neighbours (1 = 1-NN)")
+    metric: str = option("cosine", "", choices=("cosine", "l2"))
+    weights: str = option("temperature", "how neighbours vote", choices=("temperature", "distance", "uniform"))
+    temperature: float = option(0.07, "of the temperature vote")
+    train_split: str = option("train", "the split the classifier learns from")
+    test_split: str | None = option(None, "default: test, else val; a flat folder gets a seeded holdout")
+    test_size: float = option(0.2, "the seeded holdout of a flat folder")
+    seed: int = option(0, "fixes the holdout and the probe's validation carve")
+    solver: str = option("auto", "lbfgs: full batch in memory; stream: mini-batches over the memory-mapped store "
+                         "(DDP under torchrun); auto: stream above 2 GiB of training features",
+                         choices=("auto", "lbfgs", "stream"))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,20 +11,12 @@ import dataclasses
 import os
 
 from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_answer, say_engines, say_sets  # noqa: F401
-from finegrain.config import EvalConfig, ExtractConfig, build_config
+from finegrain.config import EvalConfig, ExtractConfig, build_config, config_choices
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.store_eval import evaluate_store
 from finegrain.runtime.settings import resolve_device  # noqa: F401 - serve_cmd and suggest_cmd import it here
 
 CLI_DEFAULTS = {"device": "auto"}  # under the YAML file and the command line, over the dataclass defaults
-PRECISIONS = ("auto", "fp32", "bf16")
-EVAL_CHOICES = {
-    "classifier": ("probe", "knn", "ncm"),
-    "norm": ("none", "l2", "cl2n", "pca-whiten", "pca-whiten:K"),
-    "metric": ("cosine", "l2"),
-    "weights": ("temperature", "distance", "uniform"),
-    "solver": ("auto", "lbfgs", "stream"),
-}
 
 
 def _overrides(args: argparse.Namespace, cls) -> dict:
@@ -45,8 +37,8 @@ def _cli_config(cls, args: argparse.Namespace, overrides: dict, choices: dict):
 def cmd_extract(args: argparse.Namespace) -> int:
     from finegrain.embed.folder import extract_folder
 
-    cfg = _cli_config(ExtractConfig, args, _overrides(args, ExtractConfig), {"precision": PRECISIONS})
-    done = extract_folder(cfg, progress=not args.no_progress, runtime=getattr(args, "runtime", "torch"))
+    cfg = _cli_config(ExtractConfig, args, _overrides(args, ExtractConfig), config_choices(ExtractConfig))
+    done = extract_folder(cfg, progress=not args.no_progress)
     if done.line:
         print(done.line)
     if done.result.skipped and done.line:
@@ -57,7 +49,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def _eval_cfg(args: argparse.Namespace, classifier: str) -> EvalConfig:
     over = _overrides(args, EvalConfig)
     over["classifier"] = classifier
-    return build_config(EvalConfig, yaml_path=args.config, overrides=over, choices=EVAL_CHOICES)
+    return build_config(EvalConfig, yaml_path=args.config, overrides=over, choices=config_choices(EvalConfig))
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -211,7 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         values[name] = getattr(args, name)
     values["device"] = resolve_device(args.device)
     values["runtime"] = getattr(args, "runtime", "torch")
-    cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": PRECISIONS})
+    precisions = config_choices(ExtractConfig)["precision"]  # the same engines score as extract
+    cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": precisions})
     if args.sweep:
         return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)

@@ -44,16 +44,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _show_config_defaults(p: argparse.ArgumentParser, cls: type) -> None:
-    """Options left None on the command line fall back to `cls`'s defaults: say which in their help."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    for action in p._actions:
-        value = defaults.get(action.dest)
-        if action.default is None and value is not None and "default" not in (action.help or ""):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            action.help = f"{action.help or ''} (default: {shown})".strip()
-
-
 def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) -> None:
     """One `--name VALUE` option per field of `cls` (also written `name=VALUE`), checked later by build_config."""
     group = p.add_argument_group(f"{cls.__name__} options (--name VALUE, or name=VALUE)")
@@ -69,21 +59,6 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[s
         group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=f"(default: {default})", **extra)
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _add_common_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", help="a feature store made by `finegrain extract`")
-    p.add_argument("--out", help="output folder (default: STORE/eval/<classifier>-<norm>-<pooling>)")
-    p.add_argument("--pooling", help="which stored pooling to use (default: the first one extracted)")
-    p.add_argument("--norm", default=None, help="none | l2 | cl2n | pca-whiten[:K] (fitted on the train split)")
-    p.add_argument("--train-split", default=None)
-    p.add_argument("--test-split", default=None, help="default: test, else val; a flat folder gets a seeded holdout")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--config", help="YAML file of options (command-line values win)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="finegrain", description="Fine-grained image recognition from small data.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('finegrain').__version__}")
@@ -96,54 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("extract", help="images -> feature store (resumable)")
-    p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
-    p.add_argument("--out", required=True, help="store folder")
-    p.add_argument(
-        "--backbone",
-        default=None,
-        help="efficientnet_lite0 (default, offline), any timm name, hf-hub:..., or a finegrain model/run folder "
-        "(its trained trunk and preprocessing)",
-    )
-    p.add_argument(
-        "--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone (a finegrain model's too)"
-    )
-    p.add_argument("--pooling", type=_csv_list, default=None, help="comma list of gap, gem, gem:P, max")
-    p.add_argument("--flip", action="store_true", default=None, help="average with the mirrored image (2x compute)")
-    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the weights' own)")
-    p.add_argument("--crop-pct", type=float, default=None, help="center-crop fraction (default: the weights' own)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / 2)")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a store made with other settings")
-    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
+    add_config_options(p, ExtractConfig)  # every option declared once, in config.ExtractConfig
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", help="YAML file of options (command-line values win)")
-    _show_config_defaults(p, ExtractConfig)
 
-    p = add("knn", help="k-nearest-neighbour classifier on a store")
-    _add_common_eval(p)
-    p.add_argument("-k", "--k", type=int, default=None, help="neighbours (1 = 1-NN; default 10)")
-    p.add_argument("--metric", default=None, choices=["cosine", "l2"])
-    p.add_argument("--weights", default=None, choices=["temperature", "distance", "uniform"])
-    p.add_argument("--temperature", type=float, default=None)
-    _show_config_defaults(p, EvalConfig)
-
-    p = add("ncm", help="nearest class mean classifier on a store")
-    _add_common_eval(p)
-    p.add_argument("--metric", default=None, choices=["cosine", "l2"])
-    _show_config_defaults(p, EvalConfig)
-
-    p = add("probe", help="logistic-regression probe on a store (C chosen on a validation split)")
-    _add_common_eval(p)
-    p.add_argument(
-        "--solver",
-        default=None,
-        choices=["auto", "lbfgs", "stream"],
-        help="lbfgs: full batch in memory; stream: mini-batches over the memory-mapped store (DDP under torchrun); "
-        "auto: stream above 2 GiB of training features",
-    )
-    _show_config_defaults(p, EvalConfig)
+    common = ("out", "pooling", "norm", "train_split", "test_split", "seed")  # config.EvalConfig's, for every store
+    for name, text, own in (
+        ("knn", "k-nearest-neighbour classifier on a store", ("k", "metric", "weights", "temperature")),
+        ("ncm", "nearest class mean classifier on a store", ("metric",)),
+        ("probe", "logistic-regression probe on a store (C chosen on a validation split)", ("solver",)),
+    ):
+        p = add(name, help=text)
+        add_config_options(p, EvalConfig, positional=("store",), required=(), only=("store", *common, *own),
+                           aliases={"k": "-k"})  # fmt: skip
+        p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("search", help="nearest images of a query image in a store")
     p.add_argument("store", nargs="?", default=None, help="a feature store made by `finegrain extract`")

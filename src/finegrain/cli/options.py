@@ -11,14 +11,23 @@ import dataclasses
 import typing
 
 
-def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("data",), required=("out",)) -> None:
-    """One argument per field of `cls`: `positional` ones by name, the others `--field-name` (a bool: its
-    declared flag, e.g. `--no-finetune`, or `--name`), each defaulting to None so that `--config` and the class's
-    defaults apply under it; types, choices and help from the declaration."""
+def csv_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("data",), required=("out",),
+                       only: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> None:  # fmt: skip
+    """One argument per field of `cls` (or of the fields in `only`): `positional` ones by name, the others
+    `--field-name` (a bool: its declared flag, e.g. `--no-finetune`, or `--name`; a tuple: a comma list), each
+    defaulting to None so that `--config` and the class's defaults apply under it; types, choices and help from the
+    declaration. `aliases`: a short spelling of a field's option (`{"k": "-k"}`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         meta, hint = f.metadata, hints[f.name]
         tp = next((t for t in typing.get_args(hint) or (hint,) if t is not type(None)), str)
+        tp = typing.get_origin(tp) or tp
         text = meta.get("help", "")
         if f.name in positional:
             p.add_argument(f.name, help=text)
@@ -29,7 +38,12 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
                            help=text)  # fmt: skip
             continue
         if f.default not in (None, "") and "default" not in text:
-            text = f"{text} (default: {f.default})"
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
-                       type=tp if tp in (int, float) else str, choices=meta.get("choices"),
+            shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            text = f"{text} (default: {shown})".strip()
+        choices = meta.get("choices")
+        if choices and any(":" in c for c in choices):  # `pca-whiten:K`: any K; build_config checks the pattern
+            choices = None
+        names = [*([aliases[f.name]] if aliases and f.name in aliases else []), "--" + f.name.replace("_", "-")]
+        kind = csv_list if tp is tuple else tp if tp in (int, float) else str
+        p.add_argument(*names, dest=f.name, default=None, help=text, type=kind, choices=choices,
                        required=f.name in required)  # fmt: skip

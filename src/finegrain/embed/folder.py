@@ -40,7 +40,7 @@ def _trained_backbone(path: str, checkpoint: str | None):
     return backbone
 
 
-def extract_folder(cfg: ExtractConfig, *, progress: bool = True, runtime: str = "torch") -> FolderExtraction:
+def extract_folder(cfg: ExtractConfig, *, progress: bool = True) -> FolderExtraction:
     """`finegrain extract`: the images of cfg.data through cfg.backbone (a timm name or a finegrain model) into the
     feature store cfg.out, with its resolved config beside it; under torchrun each rank extracts its shard and rank 0
     merges (embed/shard.py). FinegrainError when no image could be read."""
@@ -75,7 +75,7 @@ def extract_folder(cfg: ExtractConfig, *, progress: bool = True, runtime: str = 
         device=cfg.device if dist is None else str(dist.device),  # torchrun on GPUs: cuda:LOCAL_RANK
         overwrite=cfg.overwrite,
         progress=progress,
-        runtime=runtime,
+        runtime=cfg.runtime,
     )
     if dist is not None:
         dist.close()  # an orderly gloo / nccl shutdown: exiting with the group alive can abort a rank
