@@ -281,6 +281,8 @@ class ExtractConfig:
     checkpoint: str | None = option(None, "local .safetensors/.pth weights for the backbone (a finegrain model's too)")
     pooling: tuple[str, ...] = option(("gem", "gap"), "comma list of gap, gem, gem:P, max, stages")
     flip: bool = option(False, "average with the mirrored image (2x compute)")
+    zoom: bool = option(False, "look closer: a second pass on the box the first pass attends to, decoded at twice "
+                        "the side; each pooling stores both descriptors (2x compute)")  # fmt: skip
     image_size: int | None = option(None, "input resolution (default: the weights' own)")
     crop_pct: float | None = option(None, "center-crop fraction (default: the weights' own)")
     batch_size: int = option(32, "images a batch")

@@ -215,3 +215,52 @@ def test_a_calibrated_model_page_says_one_of_these_or_none_of_my_classes(chromiu
             assert answer["text"].startswith("Not one of the 10 classes I know")
     finally:
         browser.close()
+
+
+def test_a_look_closer_model_page_draws_its_zoom_box_over_the_photo(chromium, tmp_path):
+    """A zoom model (the bundled birds through lite0 at 96 px, decoded at 192, `extract --zoom`, a probe): the page
+    draws the box where it looked closer over the photo, where /predict says it is."""
+    from finegrain.cli.main import main
+    from finegrain.embed import FeatureStore, create_normalizer
+    from finegrain.heads import create_classifier
+    from finegrain.heads.to_model import save_store_model
+    from tests.unit.test_serve import BIRDS
+
+    store = str(tmp_path / "store")
+    common = ["--workers", "0", "--no-progress", "--image-size", "96", "--crop-pct", "1.0", "--pooling", "gap"]
+    assert main(["extract", BIRDS, "--out", store, "--zoom", *common]) == 0
+    fs = FeatureStore.open(store)
+    X, y, _ = fs.split("train", "gap")
+    model = save_store_model(fs, create_classifier("probe", Cs=(1.0,)).fit(X, y), create_normalizer("none"),
+                             str(tmp_path / "model"), pooling="gap", train_X=X, train_y=y)  # fmt: skip
+    browser = PipeBrowser(chromium)
+    try:
+        with live_server(create_app(model)) as url:
+            browser.page("Page.navigate", url=url + "/")
+            browser.wait_for("document.readyState === 'complete' && document.body.dataset.state === 'idle'")
+            path, _ = bird_test_images()[1]
+            browser.choose_file("#file", path)
+            assert browser.wait_for(SETTLED) == "done", browser.eval("document.getElementById('error').textContent")
+            browser.wait_for("document.getElementById('preview').complete")
+            box = json.loads(
+                browser.eval("""JSON.stringify((() => {
+              const z = document.getElementById('zoombox').getBoundingClientRect();
+              const p = document.getElementById('preview').getBoundingClientRect();
+              return {shown: getComputedStyle(document.getElementById('zoombox')).display,
+                      caption: document.getElementById('photo-caption').textContent,
+                      z: [z.left, z.top, z.right, z.bottom], p: [p.left, p.top, p.right, p.bottom]};
+            })())""")
+            )
+            assert box["shown"] == "block" and "looked closer" in box["caption"]
+            (zl, zt, zr, zb), (pl, pt, pr, pb) = box["z"], box["p"]
+            assert pl - 1 <= zl < zr <= pr + 1 and pt - 1 <= zt < zb <= pb + 1  # inside the photo
+            import httpx
+
+            with open(path, "rb") as f:  # the box the API gives for that photo, drawn where it says
+                api = httpx.post(url + "/predict", files={"image": f}, data={"cam": "true"}, timeout=60).json()
+            x0, y0, x1, y1 = api["zoom"]["box"]
+            w, h = pr - pl, pb - pt
+            drawn = [(zl - pl) / w, (zt - pt) / h, (zr - pl) / w, (zb - pt) / h]
+            assert drawn == pytest.approx([x0, y0, x1, y1], abs=4 / min(w, h))
+    finally:
+        browser.close()

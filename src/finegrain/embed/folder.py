@@ -54,6 +54,10 @@ def extract_folder(cfg: ExtractConfig, *, progress: bool = True) -> FolderExtrac
     else:
         backbone = create_backbone(cfg.backbone, checkpoint=cfg.checkpoint)
     backbone.preprocess = backbone.preprocess.with_geometry(cfg.image_size, cfg.crop_pct)
+    if cfg.zoom:  # look closer: decoded at twice the side the trunk runs at (models/zoom.py)
+        from finegrain.models.zoom import ZOOM_FACTOR
+
+        backbone.preprocess = backbone.preprocess.with_size(backbone.preprocess.input_size * ZOOM_FACTOR)
     dist = torchrun_context(cfg.device)  # torchrun: each rank extracts its shard, rank 0 merges (embed/shard.py)
     if dist is not None:
         from functools import partial
@@ -68,6 +72,7 @@ def extract_folder(cfg: ExtractConfig, *, progress: bool = True) -> FolderExtrac
         cfg.out,
         poolings=cfg.pooling,
         flip=cfg.flip,
+        zoom=cfg.zoom,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         precision=cfg.precision,
