@@ -399,15 +399,22 @@ def test_late_higher_resolution_views_come_after_the_others_best_backbone_first(
     names = ["efficientnet_lite0", "mobilenetv2_100"]
     views = views_for(names, 400)
     late = [v for v in views if views[v].get("late")]
-    assert late == ["full320-flip", "mobilenetv2-full288-flip"] and views["full320-flip"]["image_size"] == 320
-    assert not any(v.get("late") for v in views_for(names, 32).values())
+    assert late == ["full320-flip", "mobilenetv2-full288-flip", "zoom256-flip"]
+    assert views["full320-flip"]["image_size"] == 320 and views["zoom256-flip"]["zoom"]  # look closer: late too
+    assert not any(v.get("late") or v.get("zoom") for v in views_for(names, 32).values())
     stage = FrozenStage.__new__(FrozenStage)
     stage.views = views
     mnv2 = Candidate("mobilenetv2-full224-flip/gem/probe-l2", "frozen", 0.9, 0.9, 1.0, {"backbone": names[1]})
     lite0 = Candidate("eval/gem/probe-l2", "frozen", 0.8, 0.8, 1.0, {"backbone": names[0]})
     stage.state = SimpleNamespace(candidates={c.name: c for c in (mnv2, lite0)})
     assert not set(late) & set(stage._order(late=False))
-    assert stage._order(late=True)[-2:] == ["mobilenetv2-full288-flip", "full320-flip"]
+    assert stage._order(late=True)[-3:] == ["mobilenetv2-full288-flip", "full320-flip", "zoom256-flip"]
+    # the zoom view decodes at twice its side and runs its trunk twice: priced as 2 passes of 256 px (+ flip)
+    from finegrain.recipe.costs import CostModel
+
+    assert stage.backbone("zoom256-flip").preprocess.input_size == 512 and stage.passes("zoom256-flip")["zoom"]
+    costs = CostModel(None, views, 100, stage.backbone)
+    assert costs._cost_units("zoom256-flip") == pytest.approx(2 * costs._cost_units("full256-flip"))
 
 
 def test_the_reason_states_the_validation_only_candidates_margin_with_its_sign():
