@@ -16,6 +16,7 @@ from bench.common import RESULTS, ROOT
 from bench.scale import scale_section
 from bench.speed import speed_section
 from bench.unlabeled import report_section as unlabeled_section
+from bench.zoom import zoom_section
 
 NORMS = ["raw", "L2", "CL2N", "PCA-whiten+L2"]
 CLASSIFIERS = ["1-NN", "10-NN", "NCM", "probe"]
@@ -699,6 +700,7 @@ def main() -> None:
     lines += serve_section(_load("serve.json"))
     lines += scale_section(_load("scale.json"))
     lines += abstain_section(_load("abstain.json"))
+    lines += zoom_section(_load("zoom.json"))
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print("wrote BENCHMARKS.md")

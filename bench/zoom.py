@@ -21,6 +21,7 @@ class-agnostic map on the same split.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -175,8 +176,6 @@ def main(argv=None) -> None:
 
 
 def _headline() -> None:
-    import json
-
     from bench.common import RESULTS
 
     with open(os.path.join(RESULTS, "zoom.json")) as f:
@@ -192,6 +191,46 @@ def _headline() -> None:
         "zoom_inference_cost_ratio": best["inference"]["cost_ratio"],
         "best": f"{best['backbone']} {rep}",
     })  # fmt: skip
+
+
+def zoom_section(data: dict) -> list[str]:
+    """BENCHMARKS.md's table of `python -m bench.zoom`."""
+    rows = [v for k, v in data.items() if "/" in k]
+    if not rows:
+        return []
+    out = [
+        "## Look closer: the zoom view (issue 25)",
+        "",
+        "One extraction per data set and backbone of the zoom view (models/zoom.py): the image decoded at twice the "
+        "view's side, the full view (first pass, GeM, full frame + flip) and the box of its class-agnostic "
+        "attention map cut from the full-resolution decode (second pass). finegrain's probe (L2, `LogisticProbe`) "
+        "on each; seed 0 is the data set's split, seeds 1-2 stratified re-draws of the same sizes. Gains are "
+        "paired, over the full view of the same pass, in points.",
+        "",
+        "| data | backbone | full | zoom | full + zoom (concat) | full + zoom (proba) | gain concat (mean ± std) "
+        "| gain proba | inference cost (zoom / plain, images/s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for r in rows:
+        m, g, inf = r["mean"], r["gain_points"], r["inference"]
+        gains = [f"{g[k]['mean']:+.2f} ± {g[k]['std']:.2f}" for k in ("full+zoom concat", "full+zoom proba")]
+        pace = f"{inf['cost_ratio']:.2f}x ({inf['plain_images_per_s']:.1f} / {inf['zoom_images_per_s']:.1f})"
+        cells = [r["dataset"], r["backbone"], *(f"{m[k]:.4f}" for k in REPS), *gains, pace]
+        out.append("| " + " | ".join(cells) + " |")
+        if r.get("cam"):
+            c, a = r["cam"]["cam_oof"], r["cam"]["class_agnostic"]
+            notes.append(
+                f"{r['dataset']}, {r['backbone']}, seed 0: the box from the CAM of the class an out-of-fold probe "
+                f"predicts against the class-agnostic map: full + zoom (concat) {c['full+zoom concat']:.4f} vs "
+                f"{a['full+zoom concat']:.4f}, zoom alone {c['zoom']:.4f} vs {a['zoom']:.4f}."
+            )
+    out += ["", *notes] if notes else []
+    head = data.get("headline")
+    if head:
+        shown = {k: v for k, v in head.items() if k not in ("command", "machine")}
+        out += ["", f"Headline: `{json.dumps(shown)}`. Command: `{head.get('command', 'python -m bench.zoom')}`"]
+    return out + [""]
 
 
 if __name__ == "__main__":
