@@ -45,17 +45,20 @@ class Embedder(torch.nn.Module):
     `flip=True` also embeds the mirrored image and averages the two descriptors (test-time augmentation:
     twice the compute, a steadier descriptor for classes told apart by fine detail).
     `zoom=True` (models/zoom.py): the input is decoded at twice the view's side; each pooling gives the full view's
-    descriptor and the zoomed region's, concatenated [B, 2D]. `zoom_head`: (weights [K, C], bias [K]) of a linear
-    head on the map's average, whose predicted class's CAM places the box (else the class-agnostic map).
+    descriptor and the zoomed region's, concatenated [B, 2D]. A (weights [K, C], bias [K]) pair instead of True:
+    the CAM of that linear head's predicted class (on the map's average) places the box, not the class-agnostic map
+    (bench/zoom.py measures which).
     """
 
-    def __init__(self, backbone: Backbone, poolings: Sequence[str], *, flip: bool = False, zoom: bool = False,
+    def __init__(self, backbone: Backbone, poolings: Sequence[str], *, flip: bool = False, zoom: bool | tuple = False,
                  zoom_head: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.names = list(poolings)
         self.pools = torch.nn.ModuleList([create_pooling(p) for p in poolings])
         self.stage_maps = max((stage_maps_needed(p) for p in self.pools), default=0)
+        if isinstance(zoom, tuple):
+            zoom_head = tuple(torch.as_tensor(a).float() for a in zoom)
         self.zoom = bool(zoom or zoom_head is not None)
         width = 2 if self.zoom else 1
         self.dims = {name: pooled_dim(backbone, pool) * width for name, pool in zip(self.names, self.pools)}
@@ -104,17 +107,12 @@ def extract_to_store(
     Images already in the store (same file content, backbone, preprocessing, precision, poolings) are reused,
     so an interrupted run resumes where it stopped. Undecodable files are skipped and listed in skipped.csv.
     runtime: torch | onnx | auto (runtime/engine.py; ONNX Runtime computes fp32 features, recorded as fp32).
-    zoom: the look-closer view (models/zoom.py): the backbone's preprocess decodes at twice the side the trunk runs
-    at; each pooling stores the full view's descriptor and the zoomed region's, concatenated. A (weights, bias)
-    pair instead of True: the CAM of that linear head's predicted class places the box (bench/zoom.py measures it).
-    """
+    zoom: look closer (`Embedder`; the backbone's preprocess decodes at twice the side the trunk runs at)."""
     rt = Runtime(str(device), precision, channels_last, num_workers)
     backbone = backbone.to(rt.torch_device).eval()
-    head = tuple(torch.as_tensor(a).float() for a in zoom) if isinstance(zoom, tuple) else None
-    embedder = Embedder(backbone, poolings, flip=flip, zoom=bool(zoom), zoom_head=head)
+    embedder = Embedder(backbone, poolings, flip=flip, zoom=zoom)
     engine = _engine(embedder, runtime, rt, out_dir, overwrite, len(image_set.samples))
-    meta = _store_meta(image_set, backbone, poolings, engine.runtime.resolved_precision, flip, dims=embedder.dims,
-                       zoom=bool(zoom))  # fmt: skip
+    meta = _store_meta(image_set, embedder, engine.runtime.resolved_precision)
     rt, embedder, meta["runtime"] = engine.runtime, engine.module, engine.name
     store = FeatureStore.create_or_resume(out_dir, meta, overwrite=overwrite)
     t0 = time.perf_counter()
@@ -197,19 +195,17 @@ def _extract_new(embedder, pre, todo_items, store, done, skipped, rt: Runtime, b
     return n_done, bad_sha
 
 
-def _store_meta(
-    image_set: ImageSet,
-    backbone: Backbone,
-    poolings: Sequence[str],
-    precision: str,
-    flip: bool,
-    *,
-    dims: dict,
-    zoom: bool = False,
-) -> dict:
+def _store_meta(image_set: ImageSet, embedder: Embedder, precision: str) -> dict:
     """dim: the backbone's width (every plain pooling's); dims: each pooling's, recorded where one differs."""
     import json
 
+    backbone, poolings, flip, zoom, dims = (
+        embedder.backbone,
+        embedder.names,
+        embedder.flip,
+        embedder.zoom,
+        embedder.dims,
+    )
     key = {
         "backbone": backbone.name,
         "source": backbone.source,

@@ -364,6 +364,13 @@ def _train_pass(predictor, data, max_train, seed, progress):
     return [tp[i] for i in tidx], ty[tidx], train_feats
 
 
+def _by_class(paths: list[str], y: np.ndarray) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for p, c in zip(paths, y):
+        out.setdefault(int(c), []).append(p)
+    return out
+
+
 # ---- the report ----------------------------------------------------------------------------------------------------
 def _subtitle(fit: dict | None, predictor, split: str, n: int, m: dict) -> str:
     what = f"fit chose {fit['chosen']}" if fit else (
@@ -411,14 +418,12 @@ def build_run_report(
     counts = predictor.meta.get("train_counts")
     train_counts = np.asarray(counts) if counts is not None else data_counts
     summary = summarize(proba, y, classes, train_counts=train_counts, n_boot=bootstrap, seed=seed)
-    summary["tta"], summary["scored_images"] = tta, scored
-    summary["prediction_sets"] = set_coverage([predictor], proba, y, train_counts)
+    sets = set_coverage([predictor], proba, y, train_counts)
+    summary |= {"tta": tta, "scored_images": scored, "prediction_sets": sets}
     train_paths, train_y, train_feats = [], np.zeros(0, int), None
     if data_counts is not None:
         train_paths, train_y, train_feats = _train_pass(predictor, data, max_train, seed, progress)
-    train_by_class: dict[int, list[str]] = {}
-    for p, c in zip(train_paths, train_y):
-        train_by_class.setdefault(int(c), []).append(p)
+    train_by_class = _by_class(train_paths, train_y)
 
     sections = [_fit_section(fit, run)] if fit else []
     sections += [
