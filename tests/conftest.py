@@ -22,6 +22,7 @@ SLOW_MODULES = {
     "test_fit_longtail", "test_model_kinds", "test_runtime_onnx", "test_semi", "test_serve", "test_shard",
     "test_sklearn_checks", "test_stage_pooling", "test_stream_probe", "test_train", "test_train_manifold_mixup",
     "test_real_weights", "test_report_browser", "test_run_report", "test_serve_browser", "test_stream_probe_ddp",
+    "test_zoom",
 }  # fmt: skip
 
 

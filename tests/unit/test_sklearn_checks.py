@@ -13,6 +13,7 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from finegrain.heads import CLASSIFIERS
+from finegrain.heads.decoupled import LinearHead
 from finegrain.heads.knn import KNNClassifier
 from finegrain.heads.ncm import NearestClassMean
 from finegrain.heads.probe import LogisticProbe
@@ -24,18 +25,20 @@ EXPECTED = {
     "LogisticProbe": {"check_methods_subset_invariance": FLOAT32},
 }
 HEADS = [KNNClassifier(n_neighbors=3), NearestClassMean(), LogisticProbe(Cs=(1.0,))]
+# the long-tail heads: cRT's LinearHead (the base of LWS) is a scikit-learn classifier in its own right
+CHECKED = [*HEADS, LinearHead()]
 
 
 def test_every_registered_head_is_checked():
     assert {type(h) for h in HEADS} == {CLASSIFIERS.get(n) for n in CLASSIFIERS.names()}
 
 
-@parametrize_with_checks(HEADS, expected_failed_checks=lambda est: EXPECTED.get(type(est).__name__, {}))
+@parametrize_with_checks(CHECKED, expected_failed_checks=lambda est: EXPECTED.get(type(est).__name__, {}))
 def test_sklearn_compatible_head(estimator, check):
     check(estimator)
 
 
-@pytest.mark.parametrize("head", HEADS, ids=lambda h: type(h).__name__)
+@pytest.mark.parametrize("head", CHECKED, ids=lambda h: type(h).__name__)
 def test_a_binary_decision_function_is_one_score_a_row_consistent_with_predict(head):
     import numpy as np
 

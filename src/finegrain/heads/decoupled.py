@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
 
+from finegrain.heads.checks import fit_data, predict_data
 from finegrain.heads.select import select_on_validation
 
 SAMPLING = ("instance", "class-balanced", "sqrt")
@@ -32,14 +34,24 @@ def class_weights_for_sampling(codes: np.ndarray, sampler: str) -> np.ndarray:
 
 
 class _Linear(ClassifierMixin, BaseEstimator):
+    """logits = X coef_^T + intercept_ over classes_ (coef_ [C, D], two rows for two classes); inputs checked by
+    scikit-learn (heads/checks.py)."""
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        return predict_data(self, X) @ self.coef_.T + self.intercept_
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.intercept_
+        """[M, C] logits; with two classes scikit-learn's one score a row, > 0 for classes_[1]."""
+        d = self._logits(X)
+        return d[:, 1] - d[:, 0] if d.shape[1] == 2 else d
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax(self.decision_function(X), axis=1)
+        return softmax(self._logits(X), axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
 
 
 class LinearHead(_Linear):
@@ -76,10 +88,12 @@ class LinearHead(_Linear):
         """X [N, D] features, y [N] labels."""
         if self.scales_only and self.init is None:
             raise ValueError("scales_only (LWS) needs init= a fitted linear classifier")
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        X, y = fit_data(self, X, y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"a linear head needs at least 2 classes; y has {len(self.classes_)} class")
         p = torch.as_tensor(class_weights_for_sampling(codes, self.sampler))
         g = torch.Generator().manual_seed(self.random_state)
-        X = np.asarray(X, np.float32)
         mean, std = (X.mean(0), X.std(0) + 1e-6) if self.init is None else (np.zeros(X.shape[1]), np.ones(X.shape[1]))
         Xt, yt = torch.as_tensor((X - mean) / std, dtype=torch.float32), torch.as_tensor(codes)
         c, d = len(self.classes_), Xt.shape[1]
