@@ -73,7 +73,8 @@ def l2_normalize(X: np.ndarray) -> np.ndarray:
     """[N, D] -> a new [N, D] float32 array of unit rows (zero rows stay zero): scikit-learn's `normalize`."""
     from sklearn.preprocessing import normalize
 
-    return normalize(np.asarray(X, dtype=np.float32))
+    X = np.asarray(X, dtype=np.float32)
+    return normalize(X) if len(X) else X.copy()  # scikit-learn refuses 0 rows; an empty search query is valid
 
 
 def _check_k(k: int, ntotal: int) -> int:
