@@ -23,6 +23,7 @@ EXPECTED = {
     "KNNClassifier": {"check_methods_subset_invariance": FLOAT32},
     "NearestClassMean": {"check_methods_subset_invariance": FLOAT32},
     "LogisticProbe": {"check_methods_subset_invariance": FLOAT32},
+    "LinearHead": {"check_methods_subset_invariance": FLOAT32},
 }
 HEADS = [KNNClassifier(n_neighbors=3), NearestClassMean(), LogisticProbe(Cs=(1.0,))]
 # the long-tail heads: cRT's LinearHead (the base of LWS) is a scikit-learn classifier in its own right

@@ -82,7 +82,7 @@ def test_the_zoom_store_holds_the_full_and_the_zoomed_descriptor_and_no_label_re
                              precision="fp32", num_workers=0, progress=False)  # fmt: skip
     X2, _, paths2 = again.store.split("test", "gem")
     order = [paths2.index(p) for p in paths]
-    np.testing.assert_allclose(X2[order], X, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(X2[order], X, rtol=1e-4, atol=1e-5)  # other batches: BLAS may round apart
 
 
 def test_a_saved_zoom_model_predicts_from_files_what_the_store_path_predicts(zoom_store, tmp_path):
