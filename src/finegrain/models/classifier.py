@@ -195,10 +195,9 @@ class ImageClassifier(nn.Module):
     @torch.no_grad()
     def zoom_boxes(self, x: torch.Tensor) -> torch.Tensor:
         """A zoom model's attention boxes [B, 4] (fractions of the view) for images x decoded at its input size."""
-        from finegrain.models.zoom import ZOOM_FACTOR, attention_box, attention_map
+        from finegrain.models.zoom import first_pass
 
-        fmap = self.backbone.forward_features(torch.nn.functional.avg_pool2d(x, ZOOM_FACTOR))
-        return attention_box(attention_map(fmap))
+        return first_pass(lambda t: backbone_maps(self.backbone, t, 0), x)[1]
 
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         """Feature map -> the vector the head sees (pooled, then normalized)."""

@@ -60,13 +60,17 @@ def crop_boxes(x_hi: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
     return roi_align(x_hi, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
+def first_pass(maps, x_hi: torch.Tensor, *, weights=None, bias=None):
+    """The full view's pass: `maps(x)` -> (final map, stage maps) of the trunk on the halved decode. Returns (its
+    maps, the boxes [B, 4] as fractions of the image)."""
+    full = maps(F.avg_pool2d(x_hi, ZOOM_FACTOR))
+    return full, attention_box(attention_map(full[0], weights, bias))
+
+
 def zoom_maps(maps, x_hi: torch.Tensor, *, weights=None, bias=None):
-    """Both passes: `maps(x)` -> (final map, stage maps) of the trunk. Returns (the full view's maps, the zoom's maps,
-    the boxes [B, 4] as fractions of the image)."""
-    x = F.avg_pool2d(x_hi, ZOOM_FACTOR)
-    full = maps(x)
-    boxes = attention_box(attention_map(full[0], weights, bias))
-    zoom = maps(crop_boxes(x_hi, boxes, x.shape[-1]))
+    """Both passes. Returns (the full view's maps, the zoom's maps, the boxes [B, 4] as fractions of the image)."""
+    full, boxes = first_pass(maps, x_hi, weights=weights, bias=bias)
+    zoom = maps(crop_boxes(x_hi, boxes, x_hi.shape[-1] // ZOOM_FACTOR))
     return full, zoom, boxes
 
 
@@ -80,4 +84,4 @@ def box_in_photo(box, photo_size: tuple[int, int], crop_pct: float) -> list[floa
     return [(left + x0 * side) / w, (top + y0 * side) / h, (left + x1 * side) / w, (top + y1 * side) / h]
 
 
-__all__ = ["ZOOM_FACTOR", "attention_box", "attention_map", "box_in_photo", "crop_boxes", "zoom_maps"]
+__all__ = ["ZOOM_FACTOR", "attention_box", "attention_map", "box_in_photo", "crop_boxes", "first_pass", "zoom_maps"]
