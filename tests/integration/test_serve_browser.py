@@ -6,7 +6,6 @@ on file descriptors 3 and 4), so no browser driver or websocket package is neede
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import select
@@ -147,8 +146,6 @@ def test_the_page_classifies_an_uploaded_photo_and_shows_upload_errors(chromium,
         assert shown["widths"] == sorted(shown["widths"], reverse=True) and shown["widths"][0] > 30
         assert shown["cam"] == 128  # the CAM overlay decoded: the 128 px view the model saw
         assert len(shown["neighbours"]) == 6 and shown["thumbs"] == 6  # similar training images, loaded
-        shot = base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"])
-        (tmp_path / "page.png").write_bytes(shot)
 
         text = tmp_path / "notes.txt"
         text.write_text("a shopping list, not a photo\n")
