@@ -432,3 +432,34 @@ def test_the_reason_states_the_validation_only_candidates_margin_with_its_sign()
     )
     assert _margin(oof, ft, state, y).startswith("validation-only minus out-of-fold candidate: -20.0 points")
     assert _margin(ft, oof, state, y).startswith("validation-only minus out-of-fold candidate: -20.0 points")
+
+
+def test_a_later_views_heads_leave_its_ensemble_with_the_leader_a_test_pass(train_data, tmp_path):
+    """While a later view's heads are scored, fit keeps the test pass of that view's ensemble with the leader (and
+    the refit) free: a head that would eat into it is skipped, saying why (issue 23: a slow view's heads took the
+    time, and every ensemble with it was dropped as unaffordable)."""
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import HEADS, Candidate
+    from finegrain.recipe.fit import CandidateStore, Clock
+    from finegrain.recipe.frozen import FrozenStage
+
+    cfg = _fit_cfg(train_data, tmp_path / "fit")
+    t = [0.0]
+    clock = Clock(1.0, now=lambda: t[0])
+    stage = FrozenStage(cfg, load_image_set(cfg.data), CandidateStore(cfg.out, cfg), clock, progress=False)
+    first, later = list(stage.views)[:2]
+    for v in (first, later):
+        stage.costs.setup[v], stage.costs.spi[v] = 1.0, 0.1
+    assert stage._pair_reserve(later, 100) == 0.0  # no leader yet: the first view's heads keep the usual reserve
+    leader = Candidate(f"{first}/gem/probe-l2", "frozen", 0.9, 0.9, 1.0, {"view": first, "backbone": "x"})
+    stage.state.add(leader, np.zeros((2, 3)))
+    keep = stage._pair_reserve(later, 100)
+    assert keep == pytest.approx(2 * (1.0 + 100 * 0.1) + 20.0)  # both test passes and the refit
+    assert stage._pair_reserve(first, 100) == pytest.approx(1.0 + 100 * 0.1 + 20.0)  # the leader's own view: once
+
+    stage._keep = keep
+    assert stage.reserve(100) == keep
+    t[0] = 60.0 - (keep + 4.0)  # 4 s over the kept time: under it, with the 5 s margin
+    stage._score(later, "gem", HEADS[0], None, np.zeros(2, int), 100, None)
+    assert f"{later}/gem/probe-l2" not in stage.state.candidates
+    assert "ensemble with the leader" in stage.skipped[-1]["why"]

@@ -29,6 +29,7 @@ from finegrain.recipe.candidates import (
     views_for,
 )
 from finegrain.recipe.costs import CostModel
+from finegrain.recipe.costs import trunks as costs_trunks
 from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
@@ -44,6 +45,7 @@ class FrozenStage:
         self.costs = CostModel(cfg, self.views, self.n_trainval, self.backbone)
         # what the cost model measured, per view: seconds an image, engine set-up, scoring every head
         self.spi, self.setup, self.head_seconds = self.costs.spi, self.costs.setup, self.costs.head_seconds
+        self._keep = 0.0  # seconds kept free while a view's heads are scored (`_pair_reserve`)
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
@@ -66,7 +68,20 @@ class FrozenStage:
         return self.costs.test_cost(view, n_test)
 
     def reserve(self, n_test: int) -> float:
-        return self.costs.reserve(n_test)
+        """Seconds kept for the end: the cheapest test pass and the refit, or while a later view's heads are scored,
+        the test pass of that view's ensemble with the leader (`_pair_reserve`)."""
+        return max(self.costs.reserve(n_test), self._keep)
+
+    def _pair_reserve(self, view: str, n_test: int) -> float:
+        """Seconds to keep free while the heads of `view` are scored: the test pass of the leader so far and of
+        `view` (their ensemble is what a later view is worth most in), and the refit. Without it the heads of a
+        slow view took the time that pass needed (issue 23, cub100 at 10 minutes, seed 1: the lite2 view's heads
+        ran ~196 s against the ~102 s the last view's took, and every ensemble with it was dropped as unaffordable)."""
+        leader = self._leader(n_test)
+        if leader is None:
+            return 0.0
+        trunks = {v for _, v in costs_trunks(leader, self.state.candidates)} | {view}
+        return sum(self.test_cost(v, n_test) for v in trunks) + 20.0
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         return self.costs.candidate_cost(cand, candidates, n_test)
@@ -74,13 +89,15 @@ class FrozenStage:
     def view_cost(self, view: str, n_test: int) -> float:
         return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test))
 
+    def _leader(self, n_test: int) -> Candidate | None:
+        """The best frozen candidate so far (None before any)."""
+        frozen = [c for c in self.state.candidates.values() if c.kind == "frozen"]
+        return max(frozen, key=lambda c: (c.score[0], c.name)) if frozen else None
+
     def _leader_cost(self, n_test: int) -> float | None:
         """The test pass of the best frozen candidate so far (None before any): what a new view's ensemble adds to."""
-        frozen = [c for c in self.state.candidates.values() if c.kind == "frozen"]
-        if not frozen:
-            return None
-        leader = max(frozen, key=lambda c: (c.score[0], c.name))
-        return self.candidate_cost(leader, self.state.candidates, n_test)
+        leader = self._leader(n_test)
+        return None if leader is None else self.candidate_cost(leader, self.state.candidates, n_test)
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
@@ -166,12 +183,16 @@ class FrozenStage:
         val_paths = [s.path for s in self.data.samples if s.split == "val"]
         store = self._store(view)
         t0 = time.perf_counter()
-        for pooling in POOLINGS:
-            Xtr, ytr = _features(store, "train", pooling)
-            Xva = _aligned(store, "val", pooling, val_paths)
-            Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
-            for head in HEADS:
-                self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
+        self._keep = self._pair_reserve(view, n_test)
+        try:
+            for pooling in POOLINGS:
+                Xtr, ytr = _features(store, "train", pooling)
+                Xva = _aligned(store, "val", pooling, val_paths)
+                Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
+                for head in HEADS:
+                    self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
+        finally:
+            self._keep = 0.0
         self.head_seconds[view] = time.perf_counter() - t0
 
     def _done(self, name: str, folds: Folds | None) -> bool:
@@ -184,7 +205,10 @@ class FrozenStage:
         if self._done(name, folds):
             return
         if self.clock.remaining() < self.reserve(n_test) + 5 and self.state.candidates:  # the first always runs
-            self.skipped.append({"candidate": name, "why": "no time left in the budget"})
+            why = "no time left in the budget"
+            if self._keep > self.costs.reserve(n_test):
+                why = f"the time left is kept for the test pass of this view's ensemble with the leader (~{self._keep:.0f} s)"
+            self.skipped.append({"candidate": name, "why": why})
             return
         Xtr, ytr, Xva, Xall = feats
         t0 = time.perf_counter()
