@@ -207,8 +207,8 @@ class FrozenStage:
         if self.clock.remaining() < self.reserve(n_test) + 5 and self.state.candidates:  # the first always runs
             why = "no time left in the budget"
             if self._keep > self.costs.reserve(n_test):
-                why = f"the time left is kept for the test pass of this view's ensemble with the leader (~{self._keep:.0f}"
-                why += " s)"
+                why = "the time left is kept for the test pass of this view's ensemble with the leader"
+                why += f" (~{self._keep:.0f} s)"
             self.skipped.append({"candidate": name, "why": why})
             return
         Xtr, ytr, Xva, Xall = feats
