@@ -320,6 +320,37 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """`finegrain evaluate`'s options, each declared once (its command line is generated from them:
+    cli/options.py);
+    `extra` is the caller's (recorded in metrics.json), not an option."""
+
+    models: tuple[str, ...] = option((), "run or model folder(s): several are averaged as an ensemble")
+    data: str = option("", "the labelled dataset folder or CSV manifest (its --split is evaluated)")
+    out: str | None = option(None, "output folder (default: MODEL/eval-<split>-<tta>)")
+    split: str = option("test", "the split to score (a flat folder: the run's recorded test)")
+    tta: str = option("none", "none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
+    sizes: tuple[int, ...] = option((), "test resolutions to average, e.g. 224,256,288 (multi-scale)")
+    batch_size: int = option(32, "images a batch")
+    workers: int | None = option(None, "decoding processes (default: cores / 2)")
+    precision: str = option("auto", "auto: bf16 where the CPU has it, else fp32", choices=("auto", "fp32", "bf16"))
+    device: str = option("auto", DEVICE_HELP)
+    runtime: str = option("auto", "auto: the fastest engine that keeps accuracy, measured here (torch or ONNX "
+                          "Runtime)", choices=("auto", "torch", "onnx"))  # fmt: skip
+    bootstrap: int = option(1000, "resamples for the confidence intervals (0: none)")
+    seed: int = option(0, "of the bootstrap resamples")
+    many: int = option(100, "many-shot: more than this many training images")
+    few: int = option(20, "few-shot: fewer than this many training images")
+    allow_train_images: bool = option(False, "score images the model trained or validated on (its run's "
+                                      "splits.json); marked in metrics.json")  # fmt: skip
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+# the fields above that are command-line options (`extra` is not)
+EVALUATE_OPTIONS = tuple(f for f in EvaluateConfig.__dataclass_fields__ if f != "extra")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str = ""
     out: str = ""

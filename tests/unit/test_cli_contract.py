@@ -111,6 +111,7 @@ TABLE = [
     ("key", "knn {store} --config {unknown}", 2, E + "unknown option(s) bogus for EvalConfig"),
     ("key", "extract {data} --out {out}/x --config {unknown}", 2, E + "unknown option(s) bogus for ExtractConfig"),
     ("key", "predict {run} {image} --bogus 1", 2, E + "unrecognized arguments: --bogus 1"),
+    ("key", "evaluate {run} {flat} --config {unknown}", 2, E + "unknown option(s) bogus for EvaluateConfig"),
     # unknown choice
     ("choice", "train {flat} --out {out}/t loss=foo", 2, E + "loss must be one of balanced-softmax, cb, ce, focal"),
     ("choice", "train {flat} --out {out}/t --regime bogus", 2, E + "regime must be one of auto, head, last:K, full"),
@@ -118,6 +119,7 @@ TABLE = [
     ("choice", "train {flat} --out {out}/t pooling=avg", 2, E + "pooling must be one of attn, gap, gem, max, gem:P"),
     ("choice", "knn {store} --norm bogus", 2, E + "norm must be one of none, l2, cl2n, pca-whiten, pca-whiten:K"),
     ("choice", "extract {data} --out {out}/x --precision fp64", 2, E + "argument --precision: invalid choice"),
+    ("choice", "evaluate {run} {flat} --runtime gpu", 2, E + "argument --runtime: invalid choice"),
     ("choice", "bogus", 2, E + "argument command: invalid choice: 'bogus'"),
     # one class
     ("one class", "train {one} --out {out}/t", 2, E + "{one} holds one class (red): training needs at least 2"),
@@ -209,6 +211,27 @@ def test_fit_options_are_declared_once_in_fitconfig(capsys, tmp_path):
     assert code == 2 and first == E + "runtime must be one of auto, torch, onnx, got 'gpu'"
     with pytest.raises(FinegrainError, match="^runtime must be one of auto, torch, onnx, got 'gpu'$"):
         finegrain.fit(str(tmp_path), out=str(tmp_path / "o"), runtime="gpu")
+
+
+def test_evaluate_options_are_declared_once_in_evaluateconfig(capsys):
+    """`finegrain evaluate`'s command line is generated from EvaluateConfig: one or more models then the data, every
+    option with its declared help and default; Python callers get the same defaults (runtime and device auto)."""
+    import dataclasses
+
+    from finegrain.cli.main import parse_args
+    from finegrain.config import EVALUATE_OPTIONS, EvaluateConfig
+
+    assert main(["evaluate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in EVALUATE_OPTIONS[2:]:  # models and data are positional
+        field = EvaluateConfig.__dataclass_fields__[name]
+        assert "--" + name.replace("_", "-") in text and field.metadata["help"].split()[0] in text, name
+    args = parse_args(["evaluate", "a", "b", "data", "--sizes", "224,256", "--allow-train-images"])
+    assert args.models == ["a", "b"] and args.data == "data" and args.sizes == ("224", "256")
+    assert args.allow_train_images is True and args.bootstrap is None  # unset: the config's default applies
+    cfg = EvaluateConfig(models=("m",), data="d")
+    assert (cfg.runtime, cfg.device) == ("auto", "auto")
+    assert "extra" not in EVALUATE_OPTIONS and dataclasses.fields(EvaluateConfig)[-1].name == "extra"
 
 
 def test_both_option_syntaxes_and_the_yaml_file_build_the_same_config(fx, tmp_path):

@@ -230,12 +230,19 @@ def test_a_time_budget_bounds_the_trunk_cache_and_reserves_the_test_pass(data, t
 
 
 def test_time_budget_shortens_the_plan_and_ends_the_schedule(data, tmp_path):
+    """On a driven clock (each reading 1 s later; an epoch reads it 3 times, whatever this machine's pace), a 20 s
+    budget plans and runs far fewer than the 50 epochs asked for, and ends the schedule with them."""
+    import itertools
+
     from finegrain.train.engine import Trainer
 
-    trainer = Trainer(_cfg(data, tmp_path / "b", regime="head", epochs=50, time_budget_min=0.05), progress=False)
+    ticks = itertools.count()
+    cfg = _cfg(data, tmp_path / "b", regime="head", epochs=50, time_budget_min=20 / 60)
+    trainer = Trainer(cfg, progress=False, now=lambda: float(next(ticks)))
     r = trainer.fit()
-    assert len(r.history) < 50 and trainer.planned_epochs == len(r.history)
-    # the cosine was re-planned to end with the last planned step (how many fit depends on this machine's pace)
+    assert 3 <= len(r.history) <= 10 and trainer.planned_epochs == len(r.history)
+    assert [row["seconds"] for row in r.history[:2]] == [2.0, 5.0]  # the driven clock, not the wall clock
+    # the cosine was re-planned to end with the last planned step
     assert trainer.schedule.total_steps == trainer.planned_epochs * trainer.steps_per_epoch
     last = trainer.schedule.total_steps - 1
     assert trainer.schedule.lr_factor(last) < trainer.schedule.lr_factor(trainer.schedule.warmup_steps)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 
 from finegrain.cli.output import _print_json, _say_scored, _skipped_summary, _stderr, say_answer, say_engines, say_sets  # noqa: F401
-from finegrain.config import EvalConfig, ExtractConfig, build_config, config_choices
+from finegrain.config import EvalConfig, EvaluateConfig, ExtractConfig, build_config, config_choices
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.store_eval import evaluate_store
 from finegrain.runtime.settings import resolve_device  # noqa: F401 - serve_cmd and suggest_cmd import it here
@@ -192,19 +192,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from finegrain.evaluate.evaluation import EvaluateConfig, evaluate_models
+    from finegrain.evaluate.evaluation import evaluate_models
     from finegrain.evaluate.tta import TTA
 
-    tta = TTA.parse(args.tta, args.sizes)
-    first = args.model[0].rstrip("/")
-    out = args.out or os.path.join(first, f"eval-{args.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
-    values = dict(models=tuple(args.model), data=args.data, out=out, split=args.split, tta=args.tta, sizes=tta.sizes)
-    for name in ("batch_size", "workers", "precision", "bootstrap", "many", "few", "allow_train_images"):
-        values[name] = getattr(args, name)
-    values["device"] = resolve_device(args.device)
-    values["runtime"] = getattr(args, "runtime", "torch")
-    precisions = config_choices(ExtractConfig)["precision"]  # the same engines score as extract
-    cfg = build_config(EvaluateConfig, overrides=values, choices={"precision": precisions})
+    cfg = _cli_config(EvaluateConfig, args, _overrides(args, EvaluateConfig), config_choices(EvaluateConfig))
+    if not cfg.models or not cfg.data:
+        raise FinegrainError("evaluate needs a model and a dataset: finegrain evaluate MODEL [MODEL...] DATA")
+    tta = TTA.parse(cfg.tta, list(cfg.sizes) or None)
+    first = cfg.models[0].rstrip("/")
+    out = cfg.out or os.path.join(first, f"eval-{cfg.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
+    cfg = dataclasses.replace(cfg, out=out, sizes=tta.sizes)
     if args.sweep:
         return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)

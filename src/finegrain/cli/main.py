@@ -17,7 +17,7 @@ import warnings
 
 from finegrain.cli.options import add_config_options
 from finegrain.cli.suggest_cmd import add_suggest_parser
-from finegrain.config import EvalConfig, ExtractConfig, FitConfig, TrainConfig
+from finegrain.config import EVALUATE_OPTIONS, EvalConfig, EvaluateConfig, ExtractConfig, FitConfig, TrainConfig
 from finegrain.errors import FinegrainError
 
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
@@ -132,27 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
 
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
-    p.add_argument("model", nargs="+", help="run or model folder(s): several are averaged as an ensemble")
-    p.add_argument("data", help="the labelled dataset folder or CSV manifest (its --split is evaluated)")
-    p.add_argument("--out", default=None, help="output folder (default: MODEL/eval-<split>-<tta>)")
-    p.add_argument("--split", default="test", help="the split to score (a flat folder: the run's recorded test)")
-    p.add_argument("--tta", default="none", help="none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
-    p.add_argument("--sizes", default=None, help="test resolutions to average, e.g. 224,256,288 (multi-scale)")
+    # every option declared once, in evaluate.evaluation.EvaluateConfig
+    add_config_options(p, EvaluateConfig, positional=("models", "data"), required=(), only=EVALUATE_OPTIONS)
     p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the confidence intervals (0: none)")
-    p.add_argument("--many", type=int, default=100, help="many-shot: more than this many training images")
-    p.add_argument("--few", type=int, default=20, help="few-shot: fewer than this many training images")
-    p.add_argument(
-        "--allow-train-images",
-        action="store_true",
-        help="score images the model trained or validated on (its run's splits.json); marked in metrics.json",
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
     p.add_argument("--no-progress", action="store_true")
 
     p = add("explain", help="CAM / Grad-CAM / attention heatmaps and boxes for images")
@@ -234,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose options are a typed config (build_config reads --config itself, with the same validation)
-CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train"}
+CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train", "evaluate"}
 
 
 def _config_everywhere(sub: argparse._SubParsersAction) -> None:

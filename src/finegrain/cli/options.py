@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 
 
@@ -26,11 +27,12 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
         if only is not None and f.name not in only:
             continue
         meta, hint = f.metadata, hints[f.name]
-        tp = next((t for t in typing.get_args(hint) or (hint,) if t is not type(None)), str)
-        tp = typing.get_origin(tp) or tp
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # `int | None`: int
+        tp = next((t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)), str)
+        tp = typing.get_origin(tp) or tp  # `tuple[int, ...]`: tuple (a comma list)
         text = meta.get("help", "")
-        if f.name in positional:
-            p.add_argument(f.name, help=text)
+        if f.name in positional:  # a tuple: one or more words
+            p.add_argument(f.name, help=text, **({"nargs": "+"} if tp is tuple else {}))
             continue
         if tp is bool:
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")

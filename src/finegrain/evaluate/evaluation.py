@@ -12,12 +12,12 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 from finegrain.atomic import atomic_write, atomic_write_json, atomic_write_text
-from finegrain.config import load_splits
+from finegrain.config import EvaluateConfig, load_splits
 from finegrain.data import load_image_set
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.inference import predict_paths
@@ -25,27 +25,6 @@ from finegrain.evaluate.plots import reliability_figure
 from finegrain.evaluate.predictor import load
 from finegrain.evaluate.summary import summarize
 from finegrain.evaluate.tta import TTA
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    models: tuple[str, ...]
-    data: str
-    out: str | None = None
-    split: str = "test"
-    tta: str = "none"
-    sizes: tuple[int, ...] = ()
-    batch_size: int = 32
-    workers: int | None = None
-    precision: str = "auto"
-    device: str = "auto"  # cuda when available, else cpu
-    runtime: str = "torch"  # torch | onnx | auto (runtime/engine.py)
-    bootstrap: int = 1000
-    seed: int = 0
-    many: int = 100
-    few: int = 20
-    allow_train_images: bool = False  # score images a model trained or validated on (marked in metrics.json)
-    extra: dict = field(default_factory=dict)
 
 
 def samples_for_model(data: str, split: str, classes: Sequence[str], *, unknowns: list | None = None):

@@ -169,15 +169,15 @@ class TimeBudget(Callback):
     images at the measured evaluation pace) and the trunk cache may take at most half of it (steps.py).
     Timing-dependent by nature; the plan is saved in the checkpoint, so a resumed run keeps it."""
 
-    def __init__(self, minutes: float) -> None:
-        self.seconds, self.epoch_start = 60 * minutes, 0.0
+    def __init__(self, minutes: float, *, now=time.perf_counter) -> None:
+        self.seconds, self.epoch_start, self.now = 60 * minutes, 0.0, now
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = self.now()
 
     def on_epoch_end(self, trainer: Trainer, state: FitState, epoch: int, row: dict) -> bool:
         # the pace of this epoch alone: one-off work before it (the trunk cache) is in `seconds`, not in the pace
-        pace = time.perf_counter() - self.epoch_start
+        pace = self.now() - self.epoch_start
         reserve = (trainer.steps.eval_pace() or 0.0) * len(trainer.splits.test)
         remaining = self.seconds - reserve - row["seconds"]
         fits = epoch + 1 + int(max(remaining, 0) // max(pace, 1e-9))

@@ -84,11 +84,12 @@ class Trainer:
     builds the run (splits, model, regime=auto's choice, optimizer, schedule, step source; once); `fit()` sets it
     up if needed, then runs or resumes it."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True, image_set=None) -> None:
-        """`image_set`: an ImageSet to train on instead of loading `cfg.data` (Python API, benchmarks)."""
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, image_set=None, now=time.perf_counter) -> None:
+        """`image_set`: an ImageSet to train on instead of loading `cfg.data` (Python API, benchmarks); `now`: the
+        time source (seconds) of the run's clock and its time budget, which tests replace to drive the budget."""
         check_train_options(cfg)
         cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-        self.cfg, self.progress, self.image_set = cfg, progress, image_set
+        self.cfg, self.progress, self.image_set, self.now = cfg, progress, image_set, now
         self.dist: DistContext | None = None
         self.probe_info: dict | None = None  # the LP-FT probe's L2 and val scores, once fitted
         self.skipped: dict[str, str] = {}  # path -> why it could not be decoded
@@ -270,7 +271,7 @@ class Trainer:
         cfg, state, callbacks = self.cfg, FitState(), self._callbacks()
         for cb in callbacks:
             cb.on_fit_start(self, state)
-        t0 = time.perf_counter()
+        t0 = self.now()
         self.steps.prepare()
         if cfg.head_init == "probe" and state.start_epoch == 0:
             self.probe_init_head()
@@ -283,19 +284,19 @@ class Trainer:
             for cb in callbacks:
                 cb.on_epoch_start(self, epoch)
             row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self._val_row()}
-            row["seconds"] = seconds_before + time.perf_counter() - t0
+            row["seconds"] = seconds_before + self.now() - t0
             state.history.append(row)
             stop = [cb.on_epoch_end(self, state, epoch, row) for cb in callbacks]
             self.dist.barrier()
             kill_point("epoch", epoch + 1)  # tests of resume (finegrain/faults.py)
             if any(stop):
                 break
-        return self._finish(state, callbacks, time.perf_counter() - t0)
+        return self._finish(state, callbacks, self.now() - t0)
 
     def _callbacks(self) -> list[Callback]:
         """In hook order: the budget re-plans and the best model is judged before the checkpoint saves them."""
         cfg, out = self.cfg, self.cfg.out
-        stops = [TimeBudget(cfg.time_budget_min)] if cfg.time_budget_min is not None else []
+        stops = [TimeBudget(cfg.time_budget_min, now=self.now)] if cfg.time_budget_min is not None else []
         stops += [MaxSteps(cfg.max_steps)] if cfg.max_steps is not None else []
         patience = [EarlyStopping(cfg.early_stop)] if cfg.early_stop is not None else []
         return [*stops, BestModel(out), *patience, Checkpointer(out), MetricsLogger(out, progress=self.progress)]
