@@ -77,6 +77,13 @@ def _longtailed_manifest() -> str:
 
 def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     """Test top-1 of every candidate of a finished fit (bench only), all in the test split's order."""
+    probas, y = hindsight_probas(cfg, result)
+    return {name: float(np.mean(p.argmax(1) == y)) for name, p in probas.items()}
+
+
+def hindsight_probas(cfg: FitConfig, result) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({candidate: test probabilities [N, C]}, test labels [N]) of every candidate of a finished fit (bench only),
+    all in the test split's order."""
     image_set = load_image_set(cfg.data)
     test = [s for s in image_set.samples if s.split == "test"]
     paths, y, n_classes = [s.path for s in test], np.array([s.label for s in test]), len(image_set.classes)
@@ -97,7 +104,8 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
         store = FeatureStore.open(os.path.join(cfg.out, "features", view))
         test_store = extract_to_store(
             test_set, stage.backbone(view), os.path.join(cfg.out, "features-test", view), poolings=POOLINGS,
-            flip=stage.views[view]["flip"], progress=False, runtime=cfg.runtime,
+            flip=stage.views[view]["flip"], zoom=bool(stage.views[view].get("zoom")), progress=False,
+            runtime=cfg.runtime,
         ).store  # fmt: skip
         for pooling in POOLINGS:
             X, yy = _features(store, ("train", "val"), pooling)
@@ -121,7 +129,7 @@ def _hindsight(cfg: FitConfig, result) -> dict[str, float]:
     for c in result.leaderboard:
         if c.members:
             probas[c.name] = sum(probas[m] for m in c.members) / len(c.members)
-    return {name: float(np.mean(p.argmax(1) == y)) for name, p in probas.items()}
+    return probas, y
 
 
 def main() -> None:

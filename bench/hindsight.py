@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
+
 from bench.common import record
-from bench.fit import CACHE, _hindsight
+from bench.fit import CACHE, hindsight_probas
 from bench.suite import resolve
 
 
@@ -56,6 +59,44 @@ def run_result(out: str, data: str) -> tuple[object, SimpleNamespace]:
     return cfg, SimpleNamespace(leaderboard=[board[n] for n in order if n in board], chosen=chosen)
 
 
+def near_tie_union(out: str, cfg, result, y_test: np.ndarray, probas: dict[str, np.ndarray], cap: int = 6) -> dict:
+    """What averaging the near-tied leaders would have given: the cross-validated candidates (ensembles included)
+    whose out-of-fold top-1 is within one paired standard error of the out-of-fold leader's, their members pooled
+    (the leader's first, at most `cap`), averaged; its out-of-fold and test top-1 beside the leader's."""
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import paired_difference
+    from finegrain.recipe.fit import _folds
+    from finegrain.train.data import make_splits
+
+    splits = make_splits(load_image_set(cfg.data), val_fraction=cfg.val_fraction, seed=cfg.seed)
+    y = _folds(splits, cfg.seed).y
+    state = os.path.join(out, "fit-state")
+    board = {c.name: c for c in result.leaderboard}
+
+    def oof(name: str) -> np.ndarray:
+        c = board[name]
+        if c.members:
+            return sum(oof(m) for m in c.members) / len(c.members)
+        key = hashlib.sha1(name.encode()).hexdigest()[:16]
+        return np.load(os.path.join(state, f"{key}-oof.npy"))
+
+    cross = [c for c in result.leaderboard if c.estimate.startswith("oof")]
+    leader = cross[0]
+    ties = [c for c in cross if (lambda d: d[0] <= d[1])(paired_difference(oof(leader.name), oof(c.name), y))]
+    members: list[str] = []
+    for c in ties:
+        for m in c.members or [c.name]:
+            if m not in members and len(members) < cap:
+                members.append(m)
+    union_oof = sum(oof(m) for m in members) / len(members)
+    union_test = sum(probas[m] for m in members) / len(members)
+    return {
+        "near_ties": [c.name for c in ties], "union_members": members,
+        "union_oof_top1": float(np.mean(union_oof.argmax(1) == y)), "leader_oof_top1": leader.oof_top1,
+        "union_test_top1": float(np.mean(union_test.argmax(1) == y_test)),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="folders under bench/cache/suite-fit (e.g. flowers17-10min-seed0)")
@@ -67,7 +108,8 @@ def main() -> None:
             print(f"hindsight: skipping {name}: {why}")
             continue
         cfg, result = run_result(out, data)
-        scores = _hindsight(cfg, result)
+        probas, y = hindsight_probas(cfg, result)
+        scores = {n: float(np.mean(p.argmax(1) == y)) for n, p in probas.items()}
         oof = [c for c in result.leaderboard if c.estimate.startswith("oof")]
         leader = oof[0].name if oof else None
         best = max(scores, key=scores.get)
@@ -77,12 +119,15 @@ def main() -> None:
             "oof_leader": leader, "oof_leader_test_top1": scores.get(leader),
             "best_in_hindsight": best, "best_in_hindsight_top1": scores[best],
             "loss_to_best_points": round(100 * (scores[best] - scores.get(result.chosen.name, 0.0)), 2),
+            **(near_tie_union(out, cfg, result, y, probas) if leader else {}),
             "command": f"python -m bench.hindsight {name}",
             "test_top1": dict(sorted(scores.items(), key=lambda kv: -kv[1])),
         }  # fmt: skip
         record("hindsight.json", name, row)
         print(f"{name}: chosen {row['chosen']} ({row['chosen_estimate']}) {row['chosen_test_top1']:.4f}; "
-              f"out-of-fold leader {leader} {row['oof_leader_test_top1']:.4f}; best {best} {scores[best]:.4f}",
+              f"out-of-fold leader {leader} {row['oof_leader_test_top1']:.4f}; best {best} {scores[best]:.4f}; "
+              f"near-tie union of {len(row.get('union_members', []))}: oof {row.get('union_oof_top1', 0):.4f} "
+              f"(leader {row.get('leader_oof_top1') or 0:.4f}), test {row.get('union_test_top1', 0):.4f}",
               flush=True)  # fmt: skip
 
 
