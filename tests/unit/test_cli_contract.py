@@ -379,12 +379,11 @@ def test_every_command_takes_a_config_file_checked_like_the_command_line(built, 
     for text, first in (
         ("k: many\n", "k in {}: invalid int value 'many'"),
         ("bogus: 1\n", "unknown option(s) bogus in {}; valid: "),
-        ("precision: fp64\n", "precision in {} must be one of auto, fp32, bf16"),
+        ("runtime: gpu\n", "runtime in {} must be one of auto, torch, onnx"),
     ):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
-        command = "evaluate" if "precision" in text else "predict"
-        argv = [command, built["run"], built["image"], "--config", str(bad)]
+        argv = ["predict", built["run"], built["image"], "--config", str(bad)]
         code, _, line = _run(argv, capsys)
         assert code == 2 and line.startswith(E + first.format(bad)), line
 

@@ -85,8 +85,7 @@ class Trainer:
     up if needed, then runs or resumes it."""
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True, image_set=None, now=time.perf_counter) -> None:
-        """`image_set`: an ImageSet to train on instead of loading `cfg.data` (Python API, benchmarks); `now`: the
-        time source (seconds) of the run's clock and its time budget, which tests replace to drive the budget."""
+        """`image_set`: an ImageSet to train on instead of `cfg.data`; `now`: the clock of the time budget (tests)."""
         check_train_options(cfg)
         cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
         self.cfg, self.progress, self.image_set, self.now = cfg, progress, image_set, now
