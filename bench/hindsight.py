@@ -82,7 +82,11 @@ def near_tie_union(out: str, cfg, result, y_test: np.ndarray, probas: dict[str, 
 
     cross = [c for c in result.leaderboard if c.estimate.startswith("oof")]
     leader = cross[0]
-    ties = [c for c in cross if (lambda d: d[0] <= d[1])(paired_difference(oof(leader.name), oof(c.name), y))]
+    ties = []
+    for c in cross:
+        diff, se = paired_difference(oof(leader.name), oof(c.name), y)
+        if diff <= se:
+            ties.append(c)
     members: list[str] = []
     for c in ties:
         for m in c.members or [c.name]:

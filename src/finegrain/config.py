@@ -321,8 +321,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """`finegrain evaluate`'s options, each declared once (its command line is generated from them:
-    cli/options.py);
+    """`finegrain evaluate`'s options, each declared once (the command line is generated: cli/options.py);
     `extra` is the caller's (recorded in metrics.json), not an option."""
 
     models: tuple[str, ...] = option((), "run or model folder(s): several are averaged as an ensemble")
@@ -347,7 +346,7 @@ class EvaluateConfig:
 
 
 # the fields above that are command-line options (`extra` is not)
-EVALUATE_OPTIONS = tuple(f for f in EvaluateConfig.__dataclass_fields__ if f != "extra")
+EVALUATE_OPTIONS = tuple(f.name for f in dataclasses.fields(EvaluateConfig) if f.name != "extra")
 
 
 @dataclasses.dataclass(frozen=True)

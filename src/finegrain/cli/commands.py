@@ -196,8 +196,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from finegrain.evaluate.tta import TTA
 
     cfg = _cli_config(EvaluateConfig, args, _overrides(args, EvaluateConfig), config_choices(EvaluateConfig))
-    if not cfg.models or not cfg.data:
-        raise FinegrainError("evaluate needs a model and a dataset: finegrain evaluate MODEL [MODEL...] DATA")
     tta = TTA.parse(cfg.tta, list(cfg.sizes) or None)
     first = cfg.models[0].rstrip("/")
     out = cfg.out or os.path.join(first, f"eval-{cfg.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
 
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
-    # every option declared once, in evaluate.evaluation.EvaluateConfig
+    # every option declared once, in config.EvaluateConfig
     add_config_options(p, EvaluateConfig, positional=("models", "data"), required=(), only=EVALUATE_OPTIONS)
     p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")

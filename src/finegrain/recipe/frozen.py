@@ -28,8 +28,7 @@ from finegrain.recipe.candidates import (
     val_scores,
     views_for,
 )
-from finegrain.recipe.costs import CostModel
-from finegrain.recipe.costs import trunks as costs_trunks
+from finegrain.recipe.costs import CostModel, trunks
 from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
@@ -77,11 +76,11 @@ class FrozenStage:
         `view` (their ensemble is what a later view is worth most in), and the refit. Without it the heads of a
         slow view took the time that pass needed (issue 23, cub100 at 10 minutes, seed 1: the lite2 view's heads
         ran ~196 s against the ~102 s the last view's took, and every ensemble with it was dropped as unaffordable)."""
-        leader = self._leader(n_test)
+        leader = self._leader()
         if leader is None:
             return 0.0
-        trunks = {v for _, v in costs_trunks(leader, self.state.candidates)} | {view}
-        return sum(self.test_cost(v, n_test) for v in trunks) + 20.0
+        views = {v for _, v in trunks(leader, self.state.candidates)} | {view}
+        return sum(self.test_cost(v, n_test) for v in views) + 20.0
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         return self.costs.candidate_cost(cand, candidates, n_test)
@@ -89,14 +88,14 @@ class FrozenStage:
     def view_cost(self, view: str, n_test: int) -> float:
         return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test))
 
-    def _leader(self, n_test: int) -> Candidate | None:
+    def _leader(self) -> Candidate | None:
         """The best frozen candidate so far (None before any)."""
         frozen = [c for c in self.state.candidates.values() if c.kind == "frozen"]
         return max(frozen, key=lambda c: (c.score[0], c.name)) if frozen else None
 
     def _leader_cost(self, n_test: int) -> float | None:
         """The test pass of the best frozen candidate so far (None before any): what a new view's ensemble adds to."""
-        leader = self._leader(n_test)
+        leader = self._leader()
         return None if leader is None else self.candidate_cost(leader, self.state.candidates, n_test)
 
     def _store(self, view: str) -> FeatureStore:
