@@ -32,6 +32,12 @@ RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "early_stop": (1, True, None, False),
     "bootstrap": (0, True, None, False),
     "many": (0, True, None, False),
+    "gallery": (0, True, None, False),
+    "head_epochs": (0, True, None, False),
+    "max_images": (1, True, None, False),
+    "size": (8, True, None, False),
+    "head_lr": (0, False, None, False),
+    "threshold": (0, False, 1, True),
     "few": (0, True, None, False),
     "lr": (0, False, None, False),
     "temperature": (0, False, None, False),
@@ -347,6 +353,70 @@ class EvaluateConfig:
 
 # the fields above that are command-line options (`extra` is not)
 EVALUATE_OPTIONS = tuple(f.name for f in dataclasses.fields(EvaluateConfig) if f.name != "extra")
+
+RUNTIMES = ("auto", "torch", "onnx")
+RUNTIME_HELP = "auto: the fastest engine that keeps accuracy, measured here (torch or ONNX Runtime)"
+MODEL_HELP = "a model folder saved by finegrain (fit's, train's, probe's, an ensemble) or its run folder"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """`finegrain predict`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    model: str = option("", MODEL_HELP)
+    images: tuple[str, ...] = option((), "image file(s)")
+    k: int = option(3, "classes to show per image")
+    coverage: float | None = option(None, "instead of the top k: the set of classes that holds the true one with "
+                                    "this probability, e.g. 0.9 (a model made by `finegrain fit`, calibrated on "
+                                    "images it did not train on)")  # fmt: skip
+    json: bool = option(False, "one JSON document on stdout (for scripts) instead of text")
+    device: str = option("auto", DEVICE_HELP)
+    runtime: str = option("auto", RUNTIME_HELP, choices=RUNTIMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainConfig:
+    """`finegrain explain`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    model: str = option("", MODEL_HELP)
+    images: tuple[str, ...] = option((), "image file(s)")
+    out: str = option("", "folder for the overlays (PNG) and explanations.json (required)")
+    method: str = option("auto", "the map", choices=("auto", "cam", "gradcam", "attention"))
+    layer: str | None = option(None, "Grad-CAM target layer (default: the last spatial layer)")
+    target: str | None = option(None, "class to explain (default: the predicted one)")
+    threshold: float = option(0.2, "box: fraction of the map's peak")
+    device: str = option("auto", DEVICE_HELP)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixresConfig:
+    """`finegrain fixres`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    model: str = option("", MODEL_HELP)
+    data: str = option("", "dataset whose train split re-estimates the statistics")
+    size: int | None = option(None, "the new test resolution, e.g. 288 (required)")
+    out: str = option("", "folder for the adapted model (required)")
+    head_epochs: int = option(5, "classifier fine-tuning epochs (0: BatchNorm only)")
+    head_lr: float = option(0.01, "the classifier's learning rate")
+    max_images: int | None = option(None, "use a seeded subset of this many train images")
+    bn_layers: str = option("last", "BatchNorm layers to re-estimate", choices=("last", "all"))
+    split: str = option("train", "the split the statistics come from (never test)")
+    seed: int = option(0, "of the subset")
+    device: str = option("auto", DEVICE_HELP)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """`finegrain report`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    run: str = option("", "a run folder of `finegrain fit` or `finegrain train`")
+    data: str | None = option(None, "dataset (default: the one in the run's config.yaml)")
+    out: str | None = option(None, "HTML file (default: RUN/report.html)")
+    split: str = option("test", "the split to score")
+    tta: str = option("none", "none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
+    gallery: int = option(12, "images in the CAM and mistakes galleries")
+    allow_train_images: bool = option(False, "score images the model trained or validated on (its run's "
+                                      "splits.json); marked in metrics.json")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

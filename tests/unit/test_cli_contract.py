@@ -234,6 +234,28 @@ def test_evaluate_options_are_declared_once_in_evaluateconfig(capsys):
     assert "extra" not in EVALUATE_OPTIONS and dataclasses.fields(EvaluateConfig)[-1].name == "extra"
 
 
+@pytest.mark.parametrize("command", ["predict", "explain", "fixres", "report"])
+def test_the_model_commands_options_are_declared_once_in_their_typed_config(command, capsys):
+    """predict, explain, fixres and report: the command line is generated from config.PredictConfig (and
+    ExplainConfig, FixresConfig, ReportConfig): every field is an option (or a positional) with its declared help,
+    unset options stay None so the --config file and the class's defaults apply under them."""
+    import dataclasses
+
+    from finegrain.cli.main import parse_args
+    from finegrain.config import ExplainConfig, FixresConfig, PredictConfig, ReportConfig
+
+    cls = {"predict": PredictConfig, "explain": ExplainConfig, "fixres": FixresConfig, "report": ReportConfig}[command]
+    positional = {"predict": ("model", "images"), "explain": ("model", "images"), "fixres": ("model", "data"),
+                  "report": ("run",)}[command]  # fmt: skip
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(cls):
+        shown = f.name if f.name in positional else (f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+        assert shown in text and f.metadata["help"].split()[0] in text, (command, f.name)
+    args = parse_args([command, *(["a", "b"] if len(positional) == 2 else ["a"])])
+    assert all(getattr(args, f.name) is None for f in dataclasses.fields(cls) if f.name not in positional)
+
+
 def test_both_option_syntaxes_and_the_yaml_file_build_the_same_config(fx, tmp_path):
     import argparse
 
@@ -374,12 +396,22 @@ def test_every_command_takes_a_config_file_checked_like_the_command_line(built, 
     assert parse_args(["predict", "m", "x.jpg", "--config", str(good), "-k", "4"]).k == 4  # the command line wins
     explain = tmp_path / "explain.yaml"
     explain.write_text(f"out: {tmp_path / 'e'}\nthreshold: 0.3\n")  # a required option from the file
-    args = parse_args(["explain", "m", "x.jpg", "--config", str(explain)])
-    assert args.out == str(tmp_path / "e") and args.threshold == 0.3
-    for text, first in (
-        ("k: many\n", "k in {}: invalid int value 'many'"),
-        ("bogus: 1\n", "unknown option(s) bogus in {}; valid: "),
-        ("runtime: gpu\n", "runtime in {} must be one of auto, torch, onnx"),
+    assert main(["explain", built["run"], built["image"], "--config", str(explain)]) == 0
+    assert (tmp_path / "e" / "explanations.json").is_file()
+    from finegrain.cli.commands import _overrides
+    from finegrain.config import ExplainConfig, build_config
+
+    args = parse_args(["explain", "m", "x.jpg", "--config", str(explain), "--method", "cam"])
+    cfg = build_config(ExplainConfig, yaml_path=args.config, overrides=_overrides(args, ExplainConfig))
+    assert (cfg.out, cfg.threshold, cfg.method, cfg.images) == (str(tmp_path / "e"), 0.3, "cam", ("x.jpg",))
+    no_out = tmp_path / "no-out.yaml"
+    no_out.write_text("threshold: 0.3\n")
+    code, _, line = _run(["explain", built["run"], built["image"], "--config", str(no_out)], capsys)
+    assert code == 2 and line == E + "explain needs --out FOLDER (or out: in --config) for the overlays"
+    for text, first in (  # predict's options are its typed config (config.PredictConfig), checked by build_config
+        ("k: many\n", "k must be an integer >= 1, got 'many'"),
+        ("bogus: 1\n", "unknown option(s) bogus for PredictConfig; valid: "),
+        ("runtime: gpu\n", "runtime must be one of auto, torch, onnx, got 'gpu'"),
     ):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from finegrain.evaluate.conformal import Conformal, UnknownScore, coverage_report
+from finegrain.evaluate.conformal import Conformal, UnknownScore, count_bands, coverage_report
 
 
 def _draw(rng, n: int, n_classes: int = 8, sharp: float = 2.0, counts=None):
@@ -59,6 +59,41 @@ def test_classwise_calibration_covers_a_rare_class_that_marginal_calibration_mis
             sets = Conformal("lac", classwise=classwise).fit(p_cal, y_cal).predict_set(p, 0.9)
             rare_cov[classwise].append(coverage_report(sets, y)["per_class"][0])
     assert np.mean(rare_cov[True]) >= 0.88 and np.mean(rare_cov[False]) < np.mean(rare_cov[True]) - 0.03
+
+
+def test_count_bands_calibrate_the_rare_classes_together_where_each_alone_has_too_few_images():
+    """A long tail: 20 head classes and 40 rare ones, 8 calibration images each (too few for 90% class by class:
+    they fall back to the marginal threshold, which the head classes set); the rare classes are harder. Calibrated
+    by bands of training counts, the rare classes are covered at the nominal 90%; marginally (and class by class)
+    they are not. The bands survive saving."""
+    rng = np.random.default_rng(4)
+    train_counts = np.r_[np.full(20, 300), np.full(40, 12)]
+    assert np.unique(count_bands(train_counts)).tolist() == [3, 8]
+    assert count_bands([0, 1, 2, 3, 4]).tolist() == [0, 0, 1, 1, 2]
+    cal_counts = np.r_[np.full(20, 150), np.full(40, 8)]
+
+    def draw(counts):
+        y = np.repeat(np.arange(60), counts)
+        logits = rng.normal(size=(len(y), 60))
+        logits[np.arange(len(y)), y] += np.where(y < 20, 4.0, 2.5)  # the rare classes are harder
+        return y, softmax(logits, axis=1)
+
+    rare_cov = {"marginal": [], "class": [], "bands": []}
+    for _ in range(20):
+        y_cal, p_cal = draw(cal_counts)
+        y, p = draw(cal_counts * 4)
+        for name, kw in (
+            ("marginal", {}),
+            ("class", {"classwise": True}),
+            ("bands", {"groups": count_bands(train_counts)}),
+        ):
+            conf = Conformal("lac", **kw).fit(p_cal, y_cal)
+            hit = conf.predict_set(p, 0.9)[np.arange(len(y)), y]
+            rare_cov[name].append(hit[y >= 20].mean())
+    assert abs(np.mean(rare_cov["bands"]) - 0.9) < 0.02, rare_cov
+    assert np.mean(rare_cov["marginal"]) < 0.85 and np.mean(rare_cov["class"]) < 0.85
+    again = Conformal.from_dict(Conformal("lac", groups=count_bands(train_counts)).fit(p_cal, y_cal).to_dict())
+    assert (again.thresholds(0.9) == conf.thresholds(0.9)).all() and again.calibration == "by 2 groups of classes"
 
 
 def test_bad_coverage_and_method_are_one_line_errors():

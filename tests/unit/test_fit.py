@@ -74,6 +74,8 @@ def test_fit_writes_the_model_leaderboard_and_reason_and_scores_test_once(train_
     at90 = ev["prediction_sets"]["0.9"]  # evaluate reports the sets' empirical coverage and size on the test split
     assert 0 <= at90["coverage"] <= 1 and 1 <= at90["mean_set_size"] <= 3 and ev["n"] == 12
     assert set(at90["per_class"]) == {"blue", "green", "red"} and at90["shot_bands"]["few_shot"]["n"] == 12
+    fit_at90 = summary["test"]["prediction_sets"]["0.9"]  # fit's own test pass records them too (its engine's)
+    assert fit_at90["coverage"] == pytest.approx(at90["coverage"], abs=1 / 12 + 1e-9)
     unknown = ev["unknown_classes"]  # the grey images: scored for the unknown flag only, not in the accuracy
     assert unknown["n_images"] == 5 and 0 <= unknown["auroc"] <= 1 and 0 <= unknown["flag"]["unknown_flagged"] <= 1
     assert np.allclose(result.predict_proba(sorted(paths)), proba, atol=1e-4)
@@ -463,3 +465,36 @@ def test_a_later_views_heads_leave_its_ensemble_with_the_leader_a_test_pass(trai
     stage._score(later, "gem", HEADS[0], None, np.zeros(2, int), 100, None)
     assert f"{later}/gem/probe-l2" not in stage.state.candidates
     assert "ensemble with the leader" in stage.skipped[-1]["why"]
+
+
+@pytest.mark.parametrize("rank_by", ["mean_per_class", "top1"])
+def test_a_long_tailed_fit_calibrates_its_sets_by_bands_of_training_counts(rank_by, tmp_path):
+    """fit's conformal.json (recipe/fit.py `_save_calibration`) from the chosen candidate's out-of-fold
+    probabilities: on long-tailed data (ranked by mean per-class accuracy) classes are calibrated in bands of
+    training counts (evaluate/conformal.py `count_bands`), so the 6 rare classes share a threshold of their own;
+    on balanced data one marginal threshold."""
+    from types import SimpleNamespace as NS
+
+    from scipy.special import softmax
+
+    from finegrain.evaluate.conformal import Conformal
+    from finegrain.recipe.candidates import Candidate
+    from finegrain.recipe.fit import Choice, _save_calibration
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(9), np.r_[np.full(3, 40), np.full(6, 5)])
+    proba = softmax(rng.normal(size=(len(y), 9)) + 3 * np.eye(9)[y], axis=1)
+    samples = [NS(label=int(c)) for c in y]
+    chosen = Candidate("a", "frozen", 0.9, 0.9, 1.0, oof_top1=0.9, oof_mean_per_class=0.9, estimate="oof-5",
+                       rank_by=rank_by)  # fmt: skip
+    ctx = NS(store=NS(oof={"a": proba}, probas={}), splits=NS(train=samples[::2], val=samples[1::2]))
+    _save_calibration(ctx, Choice([chosen], chosen, "best", NS(y=y)), str(tmp_path))
+    saved = json.loads((tmp_path / "conformal.json").read_text())
+    conf = Conformal.from_dict(saved)
+    assert saved["calibrated_on"] == "out-of-fold" and len(saved["scores"]) == len(y)
+    if rank_by == "mean_per_class":
+        assert saved["groups"] == [5] * 3 + [2] * 6 and conf.calibration == "by 2 groups of classes"
+        levels = conf.thresholds(0.9)
+        assert len(set(levels[:3])) == len(set(levels[3:])) == 1 and levels[0] != levels[3]
+    else:
+        assert saved["groups"] is None and conf.calibration == "marginal"

@@ -152,13 +152,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from finegrain.config import PredictConfig
     from finegrain.data import ImageDecodeError
     from finegrain.data.decode import unreadable
     from finegrain.evaluate.predictor import load
 
-    if args.k < 1:
-        raise FinegrainError(f"k must be an integer >= 1, got {args.k}")
-    predictor = load(args.model, device=resolve_device(args.device), runtime=args.runtime)
+    args = _cli_config(PredictConfig, args, _overrides(args, PredictConfig), config_choices(PredictConfig))
+    predictor = load(args.model, device=args.device, runtime=args.runtime)
     skipped, predictions = [], []
     for path in args.images:
         reason, answer = unreadable(path), {}
@@ -243,10 +243,14 @@ def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from finegrain.config import ExplainConfig
     from finegrain.evaluate.predictor import load
     from finegrain.explain.files import explain_files
 
-    predictor = load(args.model, device=resolve_device(args.device))
+    args = _cli_config(ExplainConfig, args, _overrides(args, ExplainConfig), config_choices(ExplainConfig))
+    if not args.out:
+        raise FinegrainError("explain needs --out FOLDER (or out: in --config) for the overlays")
+    predictor = load(args.model, device=args.device)
     _, skipped = explain_files(predictor, args.images, args.out, method=args.method, target=args.target,
                                layer=args.layer, threshold=args.threshold)  # fmt: skip
     listed = os.path.join(args.out, "explanations.json")
@@ -258,15 +262,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_fixres(args: argparse.Namespace) -> int:
+    from finegrain.config import FixresConfig
     from finegrain.evaluate.fixres import fix_resolution, fixres_samples, save_predictor
     from finegrain.evaluate.predictor import load
 
+    args = _cli_config(FixresConfig, args, _overrides(args, FixresConfig), config_choices(FixresConfig))
+    if args.size is None or not args.out:
+        raise FinegrainError("fixres needs --size (the new test resolution, e.g. 288) and --out FOLDER")
     if args.split in ("test", "all"):
         raise FinegrainError(
             f"fixres fits BatchNorm statistics and the head on --split {args.split}, whose images must stay unseen "
             "for an honest test score: use --split train (the default) or val"
         )
-    predictor = load(args.model, device=resolve_device(args.device))
+    predictor = load(args.model, device=args.device)
     paths, labels = fixres_samples(args.model, args.data, args.split, predictor.classes)
     fixed = fix_resolution(
         predictor,
@@ -289,11 +297,13 @@ def cmd_fixres(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from finegrain.config import ReportConfig
     from finegrain.report.run_report import build_run_report
 
-    path = build_run_report(args.run, data=args.data, out=args.out, split=args.split, tta=args.tta,
-                            gallery=args.gallery, progress=not args.no_progress,
-                            allow_train_images=args.allow_train_images)  # fmt: skip
+    cfg = build_config(ReportConfig, yaml_path=args.config, overrides=_overrides(args, ReportConfig),
+                       choices=config_choices(ReportConfig))  # fmt: skip
+    path = build_run_report(cfg.run, data=cfg.data, out=cfg.out, split=cfg.split, tta=cfg.tta, gallery=cfg.gallery,
+                            progress=not args.no_progress, allow_train_images=cfg.allow_train_images)  # fmt: skip
     print(f"report -> {path}")
     return 0
 

@@ -17,12 +17,20 @@ import warnings
 
 from finegrain.cli.options import add_config_options
 from finegrain.cli.suggest_cmd import add_suggest_parser
-from finegrain.config import EVALUATE_OPTIONS, EvalConfig, EvaluateConfig, ExtractConfig, FitConfig, TrainConfig
+from finegrain.config import (
+    DEVICE_HELP,
+    EVALUATE_OPTIONS,
+    EvalConfig,
+    EvaluateConfig,
+    ExplainConfig,
+    ExtractConfig,
+    FitConfig,
+    FixresConfig,
+    PredictConfig,
+    ReportConfig,
+    TrainConfig,
+)
 from finegrain.errors import FinegrainError
-
-DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N"
-RUNTIME_CHOICES = ["auto", "torch", "onnx"]
-RUNTIME_HELP = "auto: the fastest engine that keeps accuracy, measured here (torch or ONNX Runtime)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -119,17 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "Every option is also key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 
     p = add("predict", help="classify images with a trained model")
-    p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
-    p.add_argument("images", nargs="+")
-    p.add_argument("-k", "--k", type=int, default=3, help="classes to show per image")
-    p.add_argument(
-        "--coverage", type=float, default=None,
-        help="instead of the top k: the set of classes that holds the true one with this probability, e.g. 0.9 "
-        "(a model made by `finegrain fit`, calibrated on images it did not train on)",
-    )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help=RUNTIME_HELP)
+    add_config_options(p, PredictConfig, positional=("model", "images"), required=(), aliases={"k": "-k"})
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
     # every option declared once, in config.EvaluateConfig
@@ -139,41 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = add("explain", help="CAM / Grad-CAM / attention heatmaps and boxes for images")
-    p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="folder for the overlays (PNG) and explanations.json")
-    p.add_argument("--method", default="auto", help="auto | cam | gradcam | attention")
-    p.add_argument("--layer", default=None, help="Grad-CAM target layer (default: the last spatial layer)")
-    p.add_argument("--target", default=None, help="class to explain (default: the predicted one)")
-    p.add_argument("--threshold", type=float, default=0.2, help="box: fraction of the map's peak (default 0.2)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_config_options(p, ExplainConfig, positional=("model", "images"), required=())
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("fixres", help="adapt a model to a higher test resolution (BatchNorm statistics + head)")
-    p.add_argument("model", help="a run folder of `finegrain train` (or its model/ folder)")
-    p.add_argument("data", help="dataset whose train split re-estimates the statistics")
-    p.add_argument("--size", type=int, required=True, help="the new test resolution, e.g. 288")
-    p.add_argument("--out", required=True, help="folder for the adapted model")
-    p.add_argument("--head-epochs", type=int, default=5, help="classifier fine-tuning epochs (0: BatchNorm only)")
-    p.add_argument("--head-lr", type=float, default=0.01)
-    p.add_argument("--max-images", type=int, default=None, help="use a seeded subset of this many train images")
-    p.add_argument("--bn-layers", default="last", choices=["last", "all"], help="BatchNorm layers to re-estimate")
-    p.add_argument("--split", default="train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_config_options(p, FixresConfig, positional=("model", "data"), required=())
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
-    p = add("report", help="one self-contained HTML report of a training run")
-    p.add_argument("run", help="a run folder of `finegrain train`")
-    p.add_argument("--data", default=None, help="dataset (default: the one in the run's config.yaml)")
-    p.add_argument("--out", default=None, help="HTML file (default: RUN/report.html)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--tta", default="none")
-    p.add_argument("--gallery", type=int, default=12, help="images in the CAM and mistakes galleries")
-    p.add_argument(
-        "--allow-train-images",
-        action="store_true",
-        help="score images the model trained or validated on (its run's splits.json); marked in metrics.json",
-    )
+    p = add("report", help="one self-contained HTML report of a run (fit's leads with its leaderboard)")
+    add_config_options(p, ReportConfig, positional=("run",), required=())
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("demo", help="fit (2 minutes) on the bundled 10-species bird sample, then predict with the model")
     p.add_argument("--data", default=None, help="default: the bundled sample (finegrain/_demo/birds10)")
@@ -217,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose options are a typed config (build_config reads --config itself, with the same validation)
-CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train", "evaluate"}
+CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train", "evaluate", "predict", "explain", "fixres",
+                   "report"}  # fmt: skip
 
 
 def _config_everywhere(sub: argparse._SubParsersAction) -> None:

@@ -538,9 +538,10 @@ def _build_final(ctx: FitContext, chosen: Candidate) -> str:
 def _save_calibration(ctx: FitContext, choice: Choice, model_dir: str) -> None:
     """<model>/conformal.json: the chosen candidate's probabilities on images it did not train on (out-of-fold over
     every training image where it has them, else the validation split) calibrate its prediction sets
-    (evaluate/conformal.py; class by class on long-tailed data). The saved model is refitted on train + val, so
-    the calibration is the cross-validated approximation (CV+), not exact split conformal."""
-    from finegrain.evaluate.conformal import Conformal
+    (evaluate/conformal.py; on long-tailed data by bands of training counts, so the rare classes keep their
+    coverage). The saved model is refitted on train + val, so the calibration is the cross-validated approximation
+    (CV+), not exact split conformal."""
+    from finegrain.evaluate.conformal import Conformal, count_bands
 
     store, chosen = ctx.store, choice.chosen
     names = chosen.members or [chosen.name]
@@ -550,12 +551,18 @@ def _save_calibration(ctx: FitContext, choice: Choice, model_dir: str) -> None:
         proba, y, on = store.probas[chosen.name], ctx.y_val, "validation split"
     else:
         return  # nothing held out to calibrate on (one image a class)
-    conf = Conformal("lac", classwise=chosen.rank_by == "mean_per_class").fit(proba, y)
+    groups = None
+    if chosen.rank_by == "mean_per_class":  # long-tailed
+        train = ctx.splits.train + ctx.splits.val
+        groups = count_bands(np.bincount([s.label for s in train], minlength=proba.shape[1]))
+    conf = Conformal("lac", groups=groups).fit(proba, y)
     atomic_write_json(os.path.join(model_dir, "conformal.json"), {**conf.to_dict(), "calibrated_on": on})
 
 
 def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, progress: bool) -> dict:
-    """The saved model on the test split, once: the summary with bootstrap intervals and shot groups."""
+    """The saved model on the test split, once: the summary with bootstrap intervals and shot groups, and the
+    coverage and size of its prediction sets (evaluate.evaluation.set_coverage)."""
+    from finegrain.evaluate.evaluation import set_coverage
     from finegrain.evaluate.inference import predict_paths
     from finegrain.evaluate.predictor import load
     from finegrain.evaluate.summary import summarize
@@ -566,7 +573,9 @@ def _score_test(cfg: FitConfig, model_dir: str, splits, image_set: ImageSet, *, 
     pred = predict_paths(predictor, paths, precision=cfg.precision, workers=cfg.workers, progress=progress)
     counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(image_set.classes))
     summary = summarize(pred.proba, y[pred.index], image_set.classes, train_counts=counts, n_boot=cfg.bootstrap)
-    return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index))}
+    sets = set_coverage([predictor], pred.proba, y[pred.index], counts)
+    return {"metrics": summary["metrics"], "intervals": summary.get("intervals"), "n": int(len(pred.index)),
+            "prediction_sets": sets}  # fmt: skip
 
 
 def _test_note(cfg: FitConfig, test, splits) -> str:

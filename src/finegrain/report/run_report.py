@@ -196,7 +196,8 @@ def _sets_section(sets: dict) -> Section:
         for band, b in row.get("shot_bands", {}).items():
             rows.append([f"{float(nominal):.0%}", band.replace("_", "-"), b["coverage"], b["mean_set_size"], b["n"]])
     html = ("<p>The set a calibrated model gives holds the true class with the stated probability (split-conformal, "
-            "calibrated by fit on out-of-fold probabilities): what it held on these images.</p>")  # fmt: skip
+            "calibrated by fit on out-of-fold probabilities; on long-tailed data by bands of training counts): "
+            "what it held on these images.</p>")  # fmt: skip
     html += table(["nominal coverage", "classes", "coverage", "mean set size", "images"], rows)
     worst = sorted(sets["0.9"]["per_class"].items(), key=lambda kv: (kv[1]["coverage"], kv[0]))[:10]
     html += "<h3>Classes least covered at 90%</h3>" + table(
