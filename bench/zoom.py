@@ -227,10 +227,12 @@ def zoom_section(data: dict) -> list[str]:
                 f"{a['full+zoom concat']:.4f}, zoom alone {c['zoom']:.4f} vs {a['zoom']:.4f}."
             )
     out += ["", *notes] if notes else []
+    commands = sorted({r["command"] for r in rows if r.get("command")})
+    out += ["", "Rows measured by: " + "; ".join(f"`{c}`" for c in commands)] if commands else []
     head = data.get("headline")
     if head:
         shown = {k: v for k, v in head.items() if k not in ("command", "machine")}
-        out += ["", f"Headline: `{json.dumps(shown)}`. Command: `{head.get('command', 'python -m bench.zoom')}`"]
+        out += ["", f"Headline (the best combination over every row above): `{json.dumps(shown)}`"]
     return out + [""]
 
 

@@ -406,6 +406,35 @@ class FixresConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`finegrain serve`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    model: str = option("", MODEL_HELP)
+    host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port (0: any free one)")
+    runtime: str = option("auto", "inference path", choices=RUNTIMES)
+    device: str = option("auto", DEVICE_HELP)
+    max_batch: str = option("auto", "images run together at most: N (1: one at a time) or auto (measured)")
+    max_wait_ms: float = option(5.0, "how long a request may wait to fill a batch")
+    max_upload_mb: float = option(20.0, "larger uploads get 413")
+    k: int = option(5, "classes returned when a request does not say")
+    log_level: str = option("info", "uvicorn's", choices=("critical", "error", "warning", "info", "debug"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`finegrain export`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    model: str = option("", "a model folder (or run folder) saved by finegrain; not an ensemble")
+    format: str = option("onnx", "onnx, or timm: safetensors in timm's key layout", choices=("onnx", "timm"))
+    out: str | None = option(None, "the .onnx file (default: MODEL/model.onnx; int8: beside, .int8.onnx)")
+    quantize: str | None = option(None, "also a static int8 graph, calibrated", choices=("int8",))
+    calibration: str | None = option(None, "labelled data: its train split calibrates int8, its test split checks "
+                                     "(default: the model's records)")  # fmt: skip
+    max_images: int = option(200, "images to check on (and to calibrate with)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportConfig:
     """`finegrain report`'s options, each declared once (the command line is generated: cli/options.py)."""
 

@@ -234,19 +234,27 @@ def test_evaluate_options_are_declared_once_in_evaluateconfig(capsys):
     assert "extra" not in EVALUATE_OPTIONS and dataclasses.fields(EvaluateConfig)[-1].name == "extra"
 
 
-@pytest.mark.parametrize("command", ["predict", "explain", "fixres", "report"])
+@pytest.mark.parametrize("command", ["predict", "explain", "fixres", "report", "serve", "export"])
 def test_the_model_commands_options_are_declared_once_in_their_typed_config(command, capsys):
-    """predict, explain, fixres and report: the command line is generated from config.PredictConfig (and
-    ExplainConfig, FixresConfig, ReportConfig): every field is an option (or a positional) with its declared help,
-    unset options stay None so the --config file and the class's defaults apply under them."""
+    """predict, explain, fixres, report, serve and export: the command line is generated from their typed configs
+    (config.PredictConfig, ExplainConfig, FixresConfig, ReportConfig, ServeConfig, ExportConfig): every field is an
+    option (or a positional) with its declared help; unset options stay None so that the --config file and the
+    class's defaults apply under them."""
     import dataclasses
 
+    from finegrain import config
     from finegrain.cli.main import parse_args
-    from finegrain.config import ExplainConfig, FixresConfig, PredictConfig, ReportConfig
 
-    cls = {"predict": PredictConfig, "explain": ExplainConfig, "fixres": FixresConfig, "report": ReportConfig}[command]
+    cls = {
+        "predict": config.PredictConfig,
+        "explain": config.ExplainConfig,
+        "fixres": config.FixresConfig,
+        "report": config.ReportConfig,
+        "serve": config.ServeConfig,
+        "export": config.ExportConfig,
+    }[command]
     positional = {"predict": ("model", "images"), "explain": ("model", "images"), "fixres": ("model", "data"),
-                  "report": ("run",)}[command]  # fmt: skip
+                  "report": ("run",), "serve": ("model",), "export": ("model",)}[command]  # fmt: skip
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(cls):

@@ -11,11 +11,13 @@ from finegrain.errors import FinegrainError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from finegrain.cli.commands import _overrides
+    from finegrain.config import ExportConfig, build_config, config_choices
     from finegrain.export import export_model
     from finegrain.runtime.engine import INT8_MIN_AGREEMENT
 
-    if args.max_images < 1:
-        raise FinegrainError(f"--max-images must be >= 1, got {args.max_images}")
+    args = build_config(ExportConfig, yaml_path=args.config, overrides=_overrides(args, ExportConfig),
+                        choices=config_choices(ExportConfig))  # fmt: skip
     if not os.path.exists(args.model):
         raise FinegrainError(f"no model at {args.model}: give a model folder (or run folder) saved by finegrain")
     if args.format == "timm":
@@ -32,7 +34,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_timm(args: argparse.Namespace) -> int:
+def _export_timm(args) -> int:
     """--format timm: the trunk (and a plain linear head) in the backbone's own key layout, as safetensors."""
     from finegrain.evaluate.predictor import load
     from finegrain.models import find_model_folder, save_timm_weights

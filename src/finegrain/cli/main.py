@@ -23,11 +23,13 @@ from finegrain.config import (
     EvalConfig,
     EvaluateConfig,
     ExplainConfig,
+    ExportConfig,
     ExtractConfig,
     FitConfig,
     FixresConfig,
     PredictConfig,
     ReportConfig,
+    ServeConfig,
     TrainConfig,
 )
 from finegrain.errors import FinegrainError
@@ -156,34 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = add("serve", help="serve a model over HTTP: POST /predict, GET /model, /health, and a page at /")
-    p.add_argument("model", help="a finegrain model folder (fit's, train's, probe's, knn's, an ensemble) or run folder")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="inference path")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument(
-        "--max-batch", default="auto", help="images run together at most: N (1: one at a time) or auto (measured)"
-    )
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request may wait to fill a batch")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
-    p.add_argument("-k", "--k", type=int, default=5, help="classes returned when a request does not say")
-    p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's"
-    )
+    add_config_options(p, ServeConfig, positional=("model",), required=(), aliases={"k": "-k"})
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("export", help="a model -> ONNX (dynamic batch, classes + preprocessing inside), checked vs PyTorch")
-    p.add_argument("model", help="a model folder (or run folder) saved by finegrain; not an ensemble")
-    p.add_argument(
-        "--format", default="onnx", choices=["onnx", "timm"], help="onnx, or timm: safetensors in timm's key layout"
-    )
-    p.add_argument("--out", default=None, help="the .onnx file (default: MODEL/model.onnx; int8: beside, .int8.onnx)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="also a static int8 graph, calibrated")
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="labelled data: its train split calibrates int8, its test split checks (default: the model's records)",
-    )
-    p.add_argument("--max-images", type=int, default=200, help="images to check on (and to calibrate with)")
+    add_config_options(p, ExportConfig, positional=("model",), required=())
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     add_suggest_parser(add)
     add("backbones", help="list the backbones that work offline")
@@ -193,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose options are a typed config (build_config reads --config itself, with the same validation)
 CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train", "evaluate", "predict", "explain", "fixres",
-                   "report"}  # fmt: skip
+                   "report", "serve", "export"}  # fmt: skip
 
 
 def _config_everywhere(sub: argparse._SubParsersAction) -> None:

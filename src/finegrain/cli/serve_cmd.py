@@ -41,8 +41,10 @@ def _batch_size(text) -> int | str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from finegrain.cli.commands import resolve_device
+    from finegrain.cli.commands import _cli_config, _overrides
+    from finegrain.config import ServeConfig, config_choices
 
+    args = _cli_config(ServeConfig, args, _overrides(args, ServeConfig), config_choices(ServeConfig))
     if not os.path.exists(args.model):
         raise FinegrainError(f"no model at {args.model}: give a model folder (or a run folder) saved by finegrain")
     if not 0 <= args.port < 65536:
@@ -55,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_app(
         args.model,
-        device=resolve_device(args.device),
+        device=args.device,
         runtime=args.runtime,
         max_batch=max_batch,
         max_wait_ms=args.max_wait_ms,
