@@ -17,6 +17,7 @@ from finegrain.heads.decoupled import LinearHead
 from finegrain.heads.knn import KNNClassifier
 from finegrain.heads.ncm import NearestClassMean
 from finegrain.heads.probe import LogisticProbe
+from finegrain.heads.stream_probe import StreamingProbe
 
 FLOAT32 = "float32 features: a batch and its slice round differently in BLAS (1.8e-7 measured; 1e-7 asked)"
 EXPECTED = {
@@ -24,10 +25,12 @@ EXPECTED = {
     "NearestClassMean": {"check_methods_subset_invariance": FLOAT32},
     "LogisticProbe": {"check_methods_subset_invariance": FLOAT32},
     "LinearHead": {"check_methods_subset_invariance": FLOAT32},
+    "StreamingProbe": {"check_methods_subset_invariance": FLOAT32},
 }
 HEADS = [KNNClassifier(n_neighbors=3), NearestClassMean(), LogisticProbe(Cs=(1.0,))]
-# the long-tail heads: cRT's LinearHead (the base of LWS) is a scikit-learn classifier in its own right
-CHECKED = [*HEADS, LinearHead()]
+# the long-tail heads: cRT's LinearHead (the base of LWS) is a scikit-learn classifier in its own right; the
+# out-of-core probe (heads/stream_probe.py: minibatch passes over a store's chunks) is one too
+CHECKED = [*HEADS, LinearHead(), StreamingProbe(Cs=(1.0,), epochs=10, chunk_rows=64)]
 
 
 def test_every_registered_head_is_checked():

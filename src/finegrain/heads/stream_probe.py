@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from finegrain.data.splits import stratified_split
 from finegrain.errors import FinegrainError
+from finegrain.heads.checks import fit_data, predict_data
 from finegrain.heads.index import dense_fits
 from finegrain.heads.knn import check_labels
 from finegrain.heads.probe import DEFAULT_CS
@@ -99,13 +100,17 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
     def fit(self, X, y: np.ndarray) -> StreamingProbe:
         """X [N, D] (an array, np.memmap or StoreRows; read in chunks), y [N] labels (at least two classes)."""
         Cs = self._check_params()
-        if getattr(X, "ndim", 0) != 2:
-            raise ValueError(f"X must be a 2-D array [N, D]; got shape {getattr(X, 'shape', None)}")
-        y = check_labels(y, len(X))
+        if _on_disk(X):  # read in chunks, never whole
+            if getattr(X, "ndim", 0) != 2:
+                raise ValueError(f"X must be a 2-D array [N, D]; got shape {getattr(X, 'shape', None)}")
+            y = check_labels(y, len(X))
+            self.n_features_in_ = X.shape[1]
+        else:  # in memory: scikit-learn's input checks (heads/checks.py)
+            X, y = fit_data(self, X, y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"a logistic probe needs at least 2 classes; y has {len(self.classes_)}")
-        self.n_features_in_, self.max_rows_held_ = X.shape[1], 0
+            raise ValueError(f"a logistic probe needs at least 2 classes; y has {len(self.classes_)} class")
+        self.max_rows_held_ = 0
         self.mean_, self.scale_ = self._moments(X)
         train, val = stratified_split(codes, test_size=self.val_size, seed=self.random_state, min_test=0)
         if len(Cs) > 1 and len(val):
@@ -213,23 +218,32 @@ class StreamingProbe(ClassifierMixin, BaseEstimator):
         return (correct / len(rows)).tolist()
 
     # ---- predict ------------------------------------------------------------------------------------------------
-    def decision_function(self, X) -> np.ndarray:
+    def logits(self, X) -> np.ndarray:
         """X [M, D] -> logits [M, C], computed chunk by chunk."""
         check_is_fitted(self, "coef_")
-        if X.shape[1] != self.n_features_in_:
+        if not _on_disk(X):
+            X = predict_data(self, X)
+        elif X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the probe was fitted on {self.n_features_in_}")
         out = np.empty((len(X), len(self.classes_)), np.float64)
         for pos, block in self._chunks(X, np.arange(len(X))):
             out[pos] = block.astype(np.float64) @ self.coef_.T + self.intercept_
         return out
 
+    def decision_function(self, X) -> np.ndarray:
+        """`logits` as scikit-learn's classifiers give them: with two classes one score a row [M], > 0 for the
+        second class."""
+        logits = self.logits(X)
+        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+
     def predict_proba(self, X) -> np.ndarray:
         """X [M, D] -> class probabilities [M, C], columns in the order of classes_."""
-        return softmax(self.decision_function(X), axis=1)
+        return softmax(self.logits(X), axis=1)
 
     def predict(self, X) -> np.ndarray:
         """X [M, D] -> predicted labels [M]."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        scores = self.logits(X)  # first, so an unfitted probe raises NotFittedError
+        return self.classes_[np.argmax(scores, axis=1)]
 
 
 class _Linear(torch.nn.Module):
@@ -242,6 +256,11 @@ class _Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bd,kdc->kbc", x, self.weight) + self.bias[:, None]
+
+
+def _on_disk(X) -> bool:
+    """A store's rows or a memory map: read chunk by chunk; anything else is checked and held in memory."""
+    return isinstance(X, StoreRows | np.memmap)
 
 
 def _release_pages(X) -> None:
