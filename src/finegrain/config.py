@@ -33,6 +33,7 @@ RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "bootstrap": (0, True, None, False),
     "many": (0, True, None, False),
     "gallery": (0, True, None, False),
+    "n": (1, True, None, False),
     "head_epochs": (0, True, None, False),
     "max_images": (1, True, None, False),
     "size": (8, True, None, False),
@@ -63,11 +64,13 @@ RULES: dict[str, tuple[float | None, bool, float | None, bool]] = {
 _NONE = type(None)
 
 
-def option(default: Any, help: str = "", *, choices: Iterable[str] | None = None, flag: str | None = None):
+def option(default: Any, help: str = "", *, choices: Iterable[str] | None = None, flag: str | None = None,
+           words: bool = False):  # fmt: skip
     """A config field declared once: its default, the help the command line shows, its valid names (checked by
-    `build_config` from every source: command line, YAML, Python keywords) and, for a bool, the flag that flips it
-    (`--no-finetune`). The command line is generated from these (cli/options.py)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+    `build_config` from every source: command line, YAML, Python keywords), for a bool the flag that flips it
+    (`--no-finetune`), for a tuple `words`: given as several words (`--query a.jpg b.jpg`) rather than a comma list.
+    The command line is generated from these (cli/options.py)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "words": words}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -432,6 +435,44 @@ class ExportConfig:
     calibration: str | None = option(None, "labelled data: its train split calibrates int8, its test split checks "
                                      "(default: the model's records)")  # fmt: skip
     max_images: int = option(200, "images to check on (and to calibrate with)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """`finegrain search`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    store: str | None = option(None, "a feature store made by `finegrain extract`")
+    index: str | None = option(None, "the store, as an option (the older spelling)")
+    query: tuple[str, ...] = option((), "query image file(s) (required)", words=True)
+    k: int = option(10, "nearest images a query")
+    pooling: str | None = option(None, "the store's pooling to search (default: its first)")
+    norm: str = option("l2", "normalizer fitted on the gallery (l2: cosine similarity)")
+    json: bool = option(False, "one JSON document on stdout (for scripts) instead of text")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuggestConfig:
+    """`finegrain suggest`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    data: str = option("", "the labelled images: folder (root/class/img, root/train/class/img) or CSV manifest")
+    unlabeled: str = option("", "folder of images without labels, any depth (required)")
+    n: int = option(50, "how many images to suggest")
+    out: str = option("", "output folder: suggestions.csv, suggest.json, feature stores (required)")
+    backbone: str = option("efficientnet_lite0", "the frozen backbone")
+    view: str = option("eval", "extraction view (fit's)", choices=("eval", "full256-flip"))
+    seed: int = option(0, "the ranking is the same for the same seed")
+    batch_size: int = option(32, "images a batch")
+    workers: int | None = option(None, "decoding processes (default: cores / 2)")
+    precision: str = option("auto", "auto: bf16 where the CPU has it, else fp32", choices=("auto", "fp32", "bf16"))
+    device: str = option("auto", DEVICE_HELP)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`finegrain demo`'s options, each declared once (the command line is generated: cli/options.py)."""
+
+    data: str | None = option(None, "default: the bundled sample (finegrain/_demo/birds10)")
+    out: str = option("runs/demo", "output folder")
 
 
 @dataclasses.dataclass(frozen=True)

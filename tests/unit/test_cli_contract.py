@@ -234,34 +234,32 @@ def test_evaluate_options_are_declared_once_in_evaluateconfig(capsys):
     assert "extra" not in EVALUATE_OPTIONS and dataclasses.fields(EvaluateConfig)[-1].name == "extra"
 
 
-@pytest.mark.parametrize("command", ["predict", "explain", "fixres", "report", "serve", "export"])
+@pytest.mark.parametrize(
+    "command", ["predict", "explain", "fixres", "report", "serve", "export", "search", "suggest", "demo"]
+)
 def test_the_model_commands_options_are_declared_once_in_their_typed_config(command, capsys):
-    """predict, explain, fixres, report, serve and export: the command line is generated from their typed configs
-    (config.PredictConfig, ExplainConfig, FixresConfig, ReportConfig, ServeConfig, ExportConfig): every field is an
-    option (or a positional) with its declared help; unset options stay None so that the --config file and the
-    class's defaults apply under them."""
+    """Every command but fit, extract, train, evaluate and the store heads (tests of their own): the command line is
+    generated from its typed config (config.PredictConfig, ExplainConfig, ...): every field is an option (or a
+    positional) with its declared help; unset options stay None so that the --config file and the class's defaults
+    apply under them; search's --query takes several words."""
     import dataclasses
 
     from finegrain import config
     from finegrain.cli.main import parse_args
 
-    cls = {
-        "predict": config.PredictConfig,
-        "explain": config.ExplainConfig,
-        "fixres": config.FixresConfig,
-        "report": config.ReportConfig,
-        "serve": config.ServeConfig,
-        "export": config.ExportConfig,
-    }[command]
+    cls = getattr(config, command.capitalize() + "Config")  # PredictConfig, ..., DemoConfig
     positional = {"predict": ("model", "images"), "explain": ("model", "images"), "fixres": ("model", "data"),
-                  "report": ("run",), "serve": ("model",), "export": ("model",)}[command]  # fmt: skip
+                  "report": ("run",), "serve": ("model",), "export": ("model",), "search": ("store",),
+                  "suggest": ("data",), "demo": ()}[command]  # fmt: skip
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(cls):
         shown = f.name if f.name in positional else (f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
         assert shown in text and f.metadata["help"].split()[0] in text, (command, f.name)
-    args = parse_args([command, *(["a", "b"] if len(positional) == 2 else ["a"])])
+    args = parse_args([command, *["a", "b"][: len(positional)]])
     assert all(getattr(args, f.name) is None for f in dataclasses.fields(cls) if f.name not in positional)
+    if command == "search":
+        assert parse_args(["search", "s", "--query", "a.jpg", "b.jpg", "-k", "3"]).query == ["a.jpg", "b.jpg"]
 
 
 def test_both_option_syntaxes_and_the_yaml_file_build_the_same_config(fx, tmp_path):

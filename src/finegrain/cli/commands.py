@@ -71,23 +71,20 @@ def _print_eval(result) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from finegrain.config import SearchConfig
     from finegrain.heads.search import search_store
 
+    args = build_config(SearchConfig, yaml_path=args.config, overrides=_overrides(args, SearchConfig))
     if args.store and args.index and args.store != args.index:
         raise FinegrainError(f"two stores given ({args.store} and --index {args.index}): give one")
     store = args.store or args.index
-    if not store:
-        raise FinegrainError("give the store: finegrain search STORE --query IMAGE")
-    results = search_store(store, args.query, k=args.k, pooling=args.pooling, norm=args.norm)
+    if not store or not args.query:
+        raise FinegrainError("give the store and the query image(s): finegrain search STORE --query IMAGE")
+    results = search_store(store, list(args.query), k=args.k, pooling=args.pooling, norm=args.norm)
     if args.json:
-        queries = [
-            {
-                "query": q,
-                "hits": [{"rank": r, "score": s, "path": p, "label": lab} for r, (s, p, lab) in enumerate(h, 1)],
-            }
-            for q, h in results.items()
-        ]
-        _print_json({"store": store, "queries": queries})
+        hits = {q: [{"rank": r, "score": s, "path": p, "label": lab} for r, (s, p, lab) in enumerate(h, 1)]
+                for q, h in results.items()}  # fmt: skip
+        _print_json({"store": store, "queries": [{"query": q, "hits": h} for q, h in hits.items()]})
         return 0
     for query, hits in results.items():
         print(query)
@@ -310,12 +307,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`fit` on the bundled sample (2 minutes), then the chosen model predicts three of its test images."""
+    from finegrain.config import DemoConfig
     from finegrain.evaluate.predictor import load
     from finegrain.recipe import FitConfig, fit
 
+    progress = not args.no_progress
+    args = build_config(DemoConfig, yaml_path=args.config, overrides=_overrides(args, DemoConfig))
     data = args.data or _default_demo_data()
     out = os.path.join(args.out, "fit")
-    result = fit(FitConfig(data=data, out=out, budget_min=2.0, workers=0), progress=not args.no_progress)
+    result = fit(FitConfig(data=data, out=out, budget_min=2.0, workers=0), progress=progress)
     model = load(os.path.join(out, "model"))
     test_dir = os.path.join(data, "test")
     examples = sorted(os.path.join(d, f) for d, _, files in os.walk(test_dir) for f in files if f.endswith(".jpg"))

@@ -20,6 +20,7 @@ from finegrain.cli.suggest_cmd import add_suggest_parser
 from finegrain.config import (
     DEVICE_HELP,
     EVALUATE_OPTIONS,
+    DemoConfig,
     EvalConfig,
     EvaluateConfig,
     ExplainConfig,
@@ -29,6 +30,7 @@ from finegrain.config import (
     FixresConfig,
     PredictConfig,
     ReportConfig,
+    SearchConfig,
     ServeConfig,
     TrainConfig,
 )
@@ -97,13 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("search", help="nearest images of a query image in a store")
-    p.add_argument("store", nargs="?", default=None, help="a feature store made by `finegrain extract`")
-    p.add_argument("--index", default=None, help="the store, as an option (the older spelling)")
-    p.add_argument("--query", required=True, nargs="+", help="query image file(s)")
-    p.add_argument("-k", "--k", type=int, default=10)
-    p.add_argument("--pooling", default=None)
-    p.add_argument("--norm", default="l2", help="normalizer fitted on the gallery (default l2: cosine similarity)")
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
+    add_config_options(p, SearchConfig, positional=("store",), required=(), aliases={"k": "-k"})
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
     p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
@@ -153,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("demo", help="fit (2 minutes) on the bundled 10-species bird sample, then predict with the model")
-    p.add_argument("--data", default=None, help="default: the bundled sample (finegrain/_demo/birds10)")
-    p.add_argument("--out", default="runs/demo")
+    add_config_options(p, DemoConfig, positional=(), required=())
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("serve", help="serve a model over HTTP: POST /predict, GET /model, /health, and a page at /")
     add_config_options(p, ServeConfig, positional=("model",), required=(), aliases={"k": "-k"})
@@ -173,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose options are a typed config (build_config reads --config itself, with the same validation)
 CONFIG_COMMANDS = {"fit", "extract", "knn", "ncm", "probe", "train", "evaluate", "predict", "explain", "fixres",
-                   "report", "serve", "export"}  # fmt: skip
+                   "report", "serve", "export", "search", "suggest", "demo"}  # fmt: skip
 
 
 def _config_everywhere(sub: argparse._SubParsersAction) -> None:

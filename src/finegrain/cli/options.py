@@ -19,7 +19,8 @@ def csv_list(text: str) -> tuple[str, ...]:
 def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("data",), required=("out",),
                        only: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> None:  # fmt: skip
     """One argument per field of `cls` (or of the fields in `only`): `positional` ones by name, the others
-    `--field-name` (a bool: its declared flag, e.g. `--no-finetune`, or `--name`; a tuple: a comma list), each
+    `--field-name` (a bool: its declared flag, e.g. `--no-finetune`, or `--name`; a tuple: a comma list, or several
+    words where declared so), each
     defaulting to None so that `--config` and the class's defaults apply under it; types, choices and help from the
     declaration. `aliases`: a short spelling of a field's option (`{"k": "-k"}`)."""
     hints = typing.get_type_hints(cls)
@@ -31,8 +32,9 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
         tp = next((t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)), str)
         tp = typing.get_origin(tp) or tp  # `tuple[int, ...]`: tuple (a comma list)
         text = meta.get("help", "")
-        if f.name in positional:  # a tuple: one or more words
-            p.add_argument(f.name, help=text, **({"nargs": "+"} if tp is tuple else {}))
+        if f.name in positional:  # a tuple: one or more words; None by default: may be left out
+            nargs = "+" if tp is tuple else "?" if f.default is None else None
+            p.add_argument(f.name, help=text, **({"nargs": nargs} if nargs else {}))
             continue
         if tp is bool:
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")
@@ -47,5 +49,6 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
             choices = None
         names = [*([aliases[f.name]] if aliases and f.name in aliases else []), "--" + f.name.replace("_", "-")]
         kind = csv_list if tp is tuple else tp if tp in (int, float) else str
-        p.add_argument(*names, dest=f.name, default=None, help=text, type=kind, choices=choices,
-                       required=f.name in required)  # fmt: skip
+        words = {"nargs": "+", "type": str} if tp is tuple and meta.get("words") else {"type": kind}
+        p.add_argument(*names, dest=f.name, default=None, help=text, choices=choices, required=f.name in required,
+                       **words)  # fmt: skip

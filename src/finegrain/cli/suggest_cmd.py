@@ -9,29 +9,29 @@ import sys
 
 def add_suggest_parser(add) -> None:
     """Register the command on the subparsers' `add` (cli/main.py's build_parser)."""
+    from finegrain.cli.options import add_config_options
+    from finegrain.config import SuggestConfig
+
     p = add("suggest", help="which unlabeled images to label next (uncertain and diverse): a CSV to open")
-    p.add_argument("data", help="the labelled images: folder (root/class/img, root/train/class/img) or CSV manifest")
-    p.add_argument("--unlabeled", required=True, help="folder of images without labels (any depth)")
-    p.add_argument("-n", "--n", type=int, default=50, help="how many images to suggest")
-    p.add_argument("--out", required=True, help="output folder: suggestions.csv, suggest.json, feature stores")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--view", default="eval", choices=["eval", "full256-flip"], help="extraction view (fit's)")
-    p.add_argument("--seed", type=int, default=0, help="the ranking is the same for the same seed")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    add_config_options(p, SuggestConfig, positional=("data",), required=(), aliases={"n": "-n"})
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML file of options (command-line values win)")
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from finegrain.cli.commands import resolve_device
+    from finegrain.cli.commands import _cli_config, _overrides
+    from finegrain.config import SuggestConfig, config_choices
+    from finegrain.errors import FinegrainError
     from finegrain.recipe.unlabeled import suggest
 
+    progress = not args.no_progress
+    args = _cli_config(SuggestConfig, args, _overrides(args, SuggestConfig), config_choices(SuggestConfig))
+    if not args.unlabeled or not args.out:
+        raise FinegrainError("suggest needs --unlabeled FOLDER (the images without labels) and --out FOLDER")
     summary = suggest(
         args.data, args.unlabeled, out=args.out, n=args.n, backbone=args.backbone, view=args.view, seed=args.seed,
         batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-        device=resolve_device(args.device), progress=not args.no_progress,
+        device=args.device, progress=progress,
     )  # fmt: skip
     from finegrain.report.suggest_report import suggestion_gallery
 
