@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -325,20 +324,21 @@ def _fake_trainer(val: list | None = None, *, test_seconds: float = 0.0) -> Simp
 
 
 def test_time_budget_plans_the_epochs_that_fit_and_stops_when_spent():
-    trainer, budget = _fake_trainer(), TimeBudget(1.0)  # 60 s
+    clock = [0.0]  # a driven clock: no wall time in this test
+    trainer, budget = _fake_trainer(), TimeBudget(1.0, now=lambda: clock[0])  # 60 s
     budget.on_epoch_start(trainer, 0)
-    budget.epoch_start -= 10.0  # an epoch of 10 s
+    clock[0] += 10.0  # an epoch of 10 s
     assert not budget.on_epoch_end(trainer, FitState(), 0, {"seconds": 15.0})  # 45 s left: 4 more epochs
     assert trainer.planned_epochs == 5
     assert not budget.on_epoch_end(trainer, FitState(), 1, {"seconds": 20.0})  # a plan is never raised again
     assert trainer.planned_epochs == 5
-    budget.epoch_start = time.perf_counter()
+    budget.on_epoch_start(trainer, 4)
     assert budget.on_epoch_end(trainer, FitState(), 4, {"seconds": 60.0})
     assert MaxSteps(8).on_epoch_end(trainer, FitState(), 1, {}) and not MaxSteps(9).on_epoch_end(trainer, None, 1, {})
     # the final test pass (here 20 s at its measured pace) is reserved: 25 s left for epochs of 10 s -> 2 more
-    trainer, budget = _fake_trainer(test_seconds=20.0), TimeBudget(1.0)
+    trainer, budget = _fake_trainer(test_seconds=20.0), TimeBudget(1.0, now=lambda: clock[0])
     budget.on_epoch_start(trainer, 0)
-    budget.epoch_start -= 10.0
+    clock[0] += 10.0
     assert not budget.on_epoch_end(trainer, FitState(), 0, {"seconds": 15.0}) and trainer.planned_epochs == 3
     assert budget.on_epoch_end(trainer, FitState(), 2, {"seconds": 41.0})  # 41 + 20 s of test: spent
 
