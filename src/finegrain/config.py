@@ -473,6 +473,7 @@ class DemoConfig:
 
     data: str | None = option(None, "default: the bundled sample (finegrain/_demo/birds10)")
     out: str = option("runs/demo", "output folder")
+    budget_min: float = option(2.0, "fit's time budget, minutes")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,9 +98,10 @@ def test_backbones_lists_offline_names(capsys):
 def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
     out = str(tmp_path / "demo")
     sample = os.path.join(ROOT, "src", "finegrain", "_demo", "birds10")
-    assert main(["demo", "--data", sample, "--out", out, "--no-progress"]) == 0
+    # the demo's own budget is 2 minutes; one is enough to check it end to end (and keeps `make test` under 10)
+    assert main(["demo", "--data", sample, "--out", out, "--no-progress", "--budget-min", "1"]) == 0
     summary = _json(os.path.join(out, "fit", "fit.json"))
-    assert summary["test"]["n"] == 40 and summary["test"]["metrics"]["top1"] >= 0.75
+    assert summary["test"]["n"] == 40 and summary["test"]["metrics"]["top1"] >= 0.75 and summary["budget_min"] == 1.0
     printed = capsys.readouterr().out
     assert f"demo: fit chose {summary['chosen']}: test top-1" in printed
     assert printed.count(" -> ") == 3  # three test images predicted by the saved model

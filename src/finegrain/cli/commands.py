@@ -315,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args = build_config(DemoConfig, yaml_path=args.config, overrides=_overrides(args, DemoConfig))
     data = args.data or _default_demo_data()
     out = os.path.join(args.out, "fit")
-    result = fit(FitConfig(data=data, out=out, budget_min=2.0, workers=0), progress=progress)
+    result = fit(FitConfig(data=data, out=out, budget_min=args.budget_min, workers=0), progress=progress)
     model = load(os.path.join(out, "model"))
     test_dir = os.path.join(data, "test")
     examples = sorted(os.path.join(d, f) for d, _, files in os.walk(test_dir) for f in files if f.endswith(".jpg"))
