@@ -487,7 +487,9 @@ def test_a_long_tailed_fit_calibrates_its_sets_by_bands_of_training_counts(rank_
     samples = [NS(label=int(c)) for c in y]
     chosen = Candidate("a", "frozen", 0.9, 0.9, 1.0, oof_top1=0.9, oof_mean_per_class=0.9, estimate="oof-5",
                        rank_by=rank_by)  # fmt: skip
-    ctx = NS(store=NS(oof={"a": proba}, probas={}), splits=NS(train=samples[::2], val=samples[1::2]))
+    splits = NS(train=samples[::2], val=samples[1::2])
+    counts = np.bincount([s.label for s in splits.train + splits.val])  # FitContext.train_counts: train + val
+    ctx = NS(store=NS(oof={"a": proba}, probas={}), splits=splits, train_counts=counts)
     _save_calibration(ctx, Choice([chosen], chosen, "best", NS(y=y)), str(tmp_path))
     saved = json.loads((tmp_path / "conformal.json").read_text())
     conf = Conformal.from_dict(saved)

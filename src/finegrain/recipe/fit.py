@@ -125,6 +125,11 @@ class FitContext:
     def n_test(self) -> int:
         return len(self.splits.test)
 
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Training images a class [C] of the model fit saves (train + val: it is refitted on both)."""
+        return np.bincount([s.label for s in self.splits.train + self.splits.val], minlength=len(self.data.classes))
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -304,8 +309,7 @@ def _choose(ctx: FitContext) -> Choice:
         if balanced:
             from finegrain.recipe.longtail import add_logit_adjusted
 
-            counts = np.bincount([s.label for s in splits.train + splits.val], minlength=len(data.classes))
-            add_logit_adjusted(state, counts, y_val, folds)
+            add_logit_adjusted(state, ctx.train_counts, y_val, folds)
     rank_by = "mean_per_class" if balanced else "top1"
     state.candidates = {name: replace(c, rank_by=rank_by) for name, c in state.candidates.items()}
     pool = list(state.candidates.values())
@@ -551,10 +555,7 @@ def _save_calibration(ctx: FitContext, choice: Choice, model_dir: str) -> None:
         proba, y, on = store.probas[chosen.name], ctx.y_val, "validation split"
     else:
         return  # nothing held out to calibrate on (one image a class)
-    groups = None
-    if chosen.rank_by == "mean_per_class":  # long-tailed
-        train = ctx.splits.train + ctx.splits.val
-        groups = count_bands(np.bincount([s.label for s in train], minlength=proba.shape[1]))
+    groups = count_bands(ctx.train_counts) if chosen.rank_by == "mean_per_class" else None  # long-tailed
     conf = Conformal("lac", groups=groups).fit(proba, y)
     atomic_write_json(os.path.join(model_dir, "conformal.json"), {**conf.to_dict(), "calibrated_on": on})
 
