@@ -8,7 +8,11 @@ import shutil
 # Tests run offline: make huggingface_hub fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The machine's engine cache (ONNX conversions, races) in a folder of the test session's own, not the user's home.
-os.environ.setdefault("FINEGRAIN_CACHE", __import__("tempfile").mkdtemp(prefix="finegrain-cache-"))
+if "FINEGRAIN_CACHE" not in os.environ:
+    _SESSION_CACHE = __import__("tempfile").mkdtemp(prefix="finegrain-cache-")
+    os.environ["FINEGRAIN_CACHE"] = _SESSION_CACHE
+    # ~150 MB a run (ONNX conversions): removed when the session ends, or repeated runs fill the disk.
+    __import__("atexit").register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 import numpy as np
 import pytest
