@@ -106,7 +106,8 @@ def test_the_budget_is_driven_by_the_injected_clock_not_the_wall_clock(train_dat
     first = next(iter(summary["views"]))
     assert {c.params.get("view") for c in result.leaderboard if c.kind == "frozen"} == {first}
     skipped = {s["view"] for s in summary["skipped_candidates"] if "view" in s}
-    assert skipped == set(summary["views"]) - {first} - {v for v, g in summary["views"].items() if g.get("late")}
+    later = {v for v, g in summary["views"].items() if g.get("late") or g.get("fallback_of")}  # tried in their place
+    assert skipped == set(summary["views"]) - {first} - later
     assert result.test["n"] == 12 and (tmp_path / "fit" / "model").is_dir()
 
 
@@ -465,6 +466,74 @@ def test_a_later_views_heads_leave_its_ensemble_with_the_leader_a_test_pass(trai
     stage._score(later, "gem", HEADS[0], None, np.zeros(2, int), 100, None)
     assert f"{later}/gem/probe-l2" not in stage.state.candidates
     assert "ensemble with the leader" in stage.skipped[-1]["why"]
+
+
+def test_a_view_that_does_not_fit_gives_way_to_its_cheaper_variant(train_data, tmp_path):
+    """A view after the first that costs more than the time left is replaced by its first cheaper variant that fits
+    (small images: the same backbone at the low-resolution side, then without its flip); the variants are never
+    tried for themselves, and a view whose variant ran is done (issue 23: cifar10-500 used 55-59% of 5 minutes)."""
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import views_for
+    from finegrain.recipe.fit import CandidateStore, Clock
+    from finegrain.recipe.frozen import FrozenStage
+
+    views = views_for(["efficientnet_lite0", "mobilenetv2_100"], 32)
+    assert views["mobilenetv2-low112-flip"] == {"backbone": "mobilenetv2_100", "image_size": 112, "crop_pct": 1.0,
+                                                "flip": True, "fallback_of": "mobilenetv2-full224-flip"}  # fmt: skip
+    assert not views["mobilenetv2-full224"]["flip"] and "low112-flip" in views and "fallback_of" not in views["eval"]
+    assert [v for v in views if views[v].get("fallback_of") == "mobilenetv2-full224-flip"] == [
+        "mobilenetv2-low112-flip", "mobilenetv2-full224"]  # fmt: skip
+
+    cfg = _fit_cfg(train_data, tmp_path / "fit")
+    t = [0.0]
+    stage = FrozenStage(cfg, load_image_set(cfg.data), CandidateStore(cfg.out, cfg), Clock(1.0, now=lambda: t[0]),
+                        progress=False)  # fmt: skip
+    stage.views = views
+    stage.costs.views = views
+    stage.head_seconds["low112-flip"] = 0.0  # the first view: done
+    stage.costs.setup["low112-flip"], stage.costs.spi["low112-flip"] = 0.0, 0.01
+    assert "mobilenetv2-low112-flip" not in stage._order(late=True)
+    big = stage.view_cost("mobilenetv2-full224-flip", 100)
+    low = stage.view_cost("mobilenetv2-low112-flip", 100)
+    assert low < big / 2  # a quarter of the pixels (the partner's test pass is the same in both)
+    t[0] = 60.0 - 20.0 - (low + big) / 2  # between the two prices
+    assert stage._fallback("mobilenetv2-full224-flip", 100) == "mobilenetv2-low112-flip"
+    assert "mobilenetv2-full224-flip" in stage.untried(100) and not stage._ran("mobilenetv2-full224-flip")
+    stage.head_seconds["mobilenetv2-low112-flip"] = 1.0
+    assert stage._ran("mobilenetv2-full224-flip") and "mobilenetv2-full224-flip" not in stage.untried(100)
+    t[0] = 60.0 - 20.0 - low / 2  # nothing fits
+    assert stage._fallback("lite0-none", 100) is None and stage._fallback("full256-flip", 100) is None
+
+
+def test_a_later_view_scores_only_the_heads_within_noise_of_the_best_so_far(train_data, tmp_path):
+    """The (pooling, head) pairs rank alike across views: after the first view, only those within 2 standard errors
+    of the best pair's estimate (at least 1 point, at least 3 pairs) are scored, and the view is priced with their
+    time; a view whose heads are not all scored yet (a resumed run) informs nothing."""
+    from finegrain.data import load_image_set
+    from finegrain.recipe.candidates import HEADS, POOLINGS, Candidate
+    from finegrain.recipe.fit import CandidateStore, Clock
+    from finegrain.recipe.frozen import FrozenStage
+
+    cfg = _fit_cfg(train_data, tmp_path / "fit")
+    stage = FrozenStage(cfg, load_image_set(cfg.data), CandidateStore(cfg.out, cfg), Clock(1.0), progress=False)
+    every = {(p, h[0]) for p in POOLINGS for h in HEADS}
+    assert stage._kept_heads() == every and stage._heads_seconds() is None
+    stage.n_trainval = 2000
+    scores = {("gem", "probe-raw"): 0.90, ("gem", "probe-l2"): 0.895, ("gap", "probe-raw"): 0.89,
+              ("gem", "ncm-pcaw"): 0.885, ("stages", "knn10-l2"): 0.64}  # fmt: skip
+    for (pooling, head), top1 in scores.items():
+        params = {"view": "eval", "pooling": pooling, "head": head}
+        cand = Candidate(f"eval/{pooling}/{head}", "frozen", top1, top1, 10.0 if head.startswith("probe") else 2.0,
+                         params, oof_top1=top1, oof_mean_per_class=top1, estimate="oof-5")  # fmt: skip
+        stage.state.candidates[cand.name] = cand
+    assert stage._kept_heads() == every  # the eval view is not scored through (resumed): all of them
+    stage.head_seconds["eval"] = 50.0
+    within = 2 * np.sqrt(2 * 0.9 * 0.1 / 2000)  # 1.9 points
+    assert within > 0.015
+    assert stage._kept_heads() == {k for k, v in scores.items() if v >= 0.9 - within}  # 4 of 5; the kNN is dropped
+    assert stage._heads_seconds() == pytest.approx(3 * 10.0 + 2.0)
+    stage.n_trainval = 10**6  # a tight estimate: still at least 1 point and 3 pairs
+    assert stage._kept_heads() == {("gem", "probe-raw"), ("gem", "probe-l2"), ("gap", "probe-raw")}
 
 
 @pytest.mark.parametrize("rank_by", ["mean_per_class", "top1"])

@@ -88,14 +88,15 @@ class CostModel:
         the eval view's cost."""
         return sum(self.test_cost(view, n_test) for _, view in trunks(cand, candidates))
 
-    def view_cost(self, view: str, n_test: int, partner: float | None = None) -> float:
+    def view_cost(self, view: str, n_test: int, partner: float | None = None, heads: float | None = None) -> float:
         """Seconds a view's candidates take: its extraction (engine set-up included), a test pass on it, and
         scoring the heads (as long as the last view's did); another backbone's also counts a partner's test pass
         (it is worth most in an ensemble with the leader so far): `partner`, the leader's test pass, else the
         costliest extracted view's (pricing the cheapest one let fit extract a view whose ensemble with the leader
-        it could then not afford: issue 23, cub100 at 10 minutes)."""
+        it could then not afford: issue 23, cub100 at 10 minutes). `heads`: seconds its heads will take, when the
+        caller knows (fewer heads on a later view), else as long as the last view's took."""
         cost = self.estimate_setup(view) + self.n_trainval * self.estimate_spi(view)
-        cost += self.test_cost(view, n_test) + max(self.head_seconds.values(), default=0.0)
+        cost += self.test_cost(view, n_test) + (max(self.head_seconds.values(), default=0.0) if heads is None else heads)
         if self.views[view]["backbone"] != self.views[next(iter(self.views))]["backbone"]:
             if partner is None:
                 partner = max((self.test_cost(v, n_test) for v in self.spi), default=0.0)

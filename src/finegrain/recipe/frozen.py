@@ -33,11 +33,17 @@ from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
 
+# A later view scores only the (pooling, head) pairs within noise of the best so far (`FrozenStage._kept_heads`):
+KEEP_WITHIN = 1.0  # points, at least
+KEEP_LEAST = 3  # pairs, at least
+
+
 class FrozenStage:
     def __init__(self, cfg, data: ImageSet, state, clock, *, progress: bool = True) -> None:
         self.cfg, self.data, self.state, self.clock, self.progress = cfg, data, state, clock, progress
         self.skipped: list[dict] = []
         self.n_trainval = sum(s.split in ("train", "val") for s in data.samples)
+        self.n_val = sum(s.split == "val" for s in data.samples)
         paths = [s.path for s in data.samples if s.split in ("train", "val")]
         self.native = native_side(paths)  # the images' median short side: small images get a view of their size
         self.views = views_for(parse_backbones(getattr(cfg, "backbones", ""), cfg.backbone), self.native)
@@ -86,7 +92,38 @@ class FrozenStage:
         return self.costs.candidate_cost(cand, candidates, n_test)
 
     def view_cost(self, view: str, n_test: int) -> float:
-        return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test))
+        return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test), heads=self._heads_seconds())
+
+    def _heads_seconds(self) -> float | None:
+        """Seconds scoring the heads `_kept_heads` keeps takes on a view: each pair's mean measured time so far."""
+        seconds: dict[tuple[str, str], list[float]] = {}
+        for c in self.state.candidates.values():
+            if c.kind == "frozen" and "pooling" in c.params:
+                seconds.setdefault((c.params["pooling"], c.params["head"]), []).append(c.seconds)
+        if not seconds:
+            return None
+        return sum(float(np.mean(seconds[k])) for k in self._kept_heads() if k in seconds)
+
+    def _kept_heads(self) -> set[tuple[str, str]]:
+        """The (pooling, head) pairs scored on a new view: all of them on the first; after it, those whose best
+        estimate on the views so far lies within 2 standard errors of a difference of two estimates over those
+        images (at least KEEP_WITHIN points) of the best pair's, and at least KEEP_LEAST pairs. The pairs rank alike
+        across views (cub100, lite0: GeM probes lead on every view, the stages' kNN trails by 25 points), and scoring
+        all 12 took as long as extracting the view (~82 s of ~115 s, cub100 at 5 minutes): the time of a second view."""
+        best: dict[tuple[str, str], float] = {}
+        n = 0
+        for c in self.state.candidates.values():  # of the views whose heads were all scored (a resumed run's too)
+            if c.kind == "frozen" and "pooling" in c.params and c.params["view"] in self.head_seconds:
+                key = (c.params["pooling"], c.params["head"])
+                best[key] = max(best.get(key, -1.0), c.score[0])
+                n = max(n, self.n_trainval if c.estimate.startswith("oof") else self.n_val)
+        every = {(p, h[0]) for p in POOLINGS for h in HEADS}
+        if not best or n == 0:
+            return every
+        ranked = sorted(best, key=lambda k: -best[k])
+        top = best[ranked[0]]
+        within = max(KEEP_WITHIN / 100, 2 * float(np.sqrt(2 * top * (1 - top) / n)))
+        return {k for i, k in enumerate(ranked) if i < KEEP_LEAST or best[k] >= top - within}
 
     def _leader(self) -> Candidate | None:
         """The best frozen candidate so far (None before any)."""
@@ -136,8 +173,8 @@ class FrozenStage:
         (time left after a fine-tune), it tries the views it skipped, then the late ones (`late_views`); what was
         scored is kept."""
         for i, view in enumerate(self._order(late)):
-            if view in self.head_seconds:
-                continue  # done in an earlier call
+            if self._ran(view):
+                continue  # done in an earlier call (or a cheaper variant of it was)
             self.skipped = [s for s in self.skipped if s.get("view") != view]
             try:
                 cost = self.view_cost(view, n_test)
@@ -146,15 +183,39 @@ class FrozenStage:
                 continue
             if i > 0 and self.clock.remaining() - 20.0 < cost:
                 why = f"extraction and a test pass on it (~{cost:.0f} s) do not fit in the budget"
+                cheaper = self._fallback(view, n_test)
+                if cheaper is not None:
+                    print(f"fit: the {view} view does not fit (~{cost:.0f} s): its cheaper variant {cheaper} does")
+                    why += f"; its cheaper variant {cheaper} ran instead"
                 self.skipped.append({"view": view, "why": why})
                 print(f"fit: skipping the {view} view: {why}", flush=True)
+                if cheaper is not None:
+                    self._run_view(cheaper, y_val, n_test, folds)
                 continue
             self._run_view(view, y_val, n_test, folds)
+
+    def _variants(self, view: str) -> list[str]:
+        """The cheaper variants of a view (`fallback_views`), in the order they are tried."""
+        return [v for v, geo in self.views.items() if geo.get("fallback_of") == view]
+
+    def _ran(self, view: str) -> bool:
+        """Whether the view's heads were scored, or a cheaper variant's in its place."""
+        return any(v in self.head_seconds for v in [view, *self._variants(view)])
+
+    def _fallback(self, view: str, n_test: int) -> str | None:
+        """The first cheaper variant of `view` whose cost fits in what is left of the budget (None if none does)."""
+        for v in self._variants(view):
+            try:
+                if self.view_cost(v, n_test) <= self.clock.remaining() - 20.0:
+                    return v
+            except FinegrainError:
+                return None
+        return None
 
     def _order(self, late: bool) -> list[str]:
         """The views to try: those not late in their order, then (with `late`) the late ones, the backbone whose
         frozen candidates score best first."""
-        views = [v for v in self.views if not self.views[v].get("late")]
+        views = [v for v in self.views if not self.views[v].get("late") and not self.views[v].get("fallback_of")]
         if not late:
             return views
         best: dict[str, float] = {}
@@ -170,9 +231,9 @@ class FrozenStage:
         left = self.clock.remaining() - 20.0
         out = []
         for view in self._order(late=True):
-            if view not in self.head_seconds:
+            if not self._ran(view):
                 try:
-                    if self.view_cost(view, n_test) <= left:
+                    if self.view_cost(view, n_test) <= left or self._fallback(view, n_test) is not None:
                         out.append(view)
                 except FinegrainError:
                     continue
@@ -183,12 +244,18 @@ class FrozenStage:
         store = self._store(view)
         t0 = time.perf_counter()
         self._keep = self._pair_reserve(view, n_test)
+        kept = self._kept_heads()
+        if len(kept) < len(POOLINGS) * len(HEADS):
+            print(f"fit: on {view}, the heads that led so far: {', '.join('/'.join(k) for k in sorted(kept))}")
         try:
             for pooling in POOLINGS:
+                heads = [h for h in HEADS if (pooling, h[0]) in kept]
+                if not heads:
+                    continue
                 Xtr, ytr = _features(store, "train", pooling)
                 Xva = _aligned(store, "val", pooling, val_paths)
                 Xall = _aligned(store, ("train", "val"), pooling, folds.paths) if folds is not None else None
-                for head in HEADS:
+                for head in heads:
                     self._score(view, pooling, head, (Xtr, ytr, Xva, Xall), y_val, n_test, folds)
         finally:
             self._keep = 0.0
