@@ -96,7 +96,8 @@ class CostModel:
         it could then not afford: issue 23, cub100 at 10 minutes). `heads`: seconds its heads will take, when the
         caller knows (fewer heads on a later view), else as long as the last view's took."""
         cost = self.estimate_setup(view) + self.n_trainval * self.estimate_spi(view)
-        cost += self.test_cost(view, n_test) + (max(self.head_seconds.values(), default=0.0) if heads is None else heads)
+        heads = max(self.head_seconds.values(), default=0.0) if heads is None else heads
+        cost += self.test_cost(view, n_test) + heads
         if self.views[view]["backbone"] != self.views[next(iter(self.views))]["backbone"]:
             if partner is None:
                 partner = max((self.test_cost(v, n_test) for v in self.spi), default=0.0)

@@ -32,7 +32,6 @@ from finegrain.recipe.costs import CostModel, trunks
 from finegrain.recipe.oof import Folds, fixed_params, head_fit_predict, oof_loop
 from finegrain.runtime import Runtime
 
-
 # A later view scores only the (pooling, head) pairs within noise of the best so far (`FrozenStage._kept_heads`):
 KEEP_WITHIN = 1.0  # points, at least
 KEEP_LEAST = 3  # pairs, at least
