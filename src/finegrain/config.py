@@ -492,56 +492,73 @@ class ReportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    data: str = ""
-    out: str = ""
-    backbone: str = "efficientnet_lite0"
-    checkpoint: str | None = None
-    regime: str = "auto"  # auto | head | last:K | full | scratch (auto: from images a class and the time budget)
-    pretrained: bool = True  # False: random init, for tests and ablations (scratch is always random)
-    pooling: str = "gap"
-    drop_rate: float = 0.2
-    image_size: int | None = None  # None: the weights' own resolution
-    crop_pct: float | None = None  # eval center-crop fraction (1.0: the whole short side); None: the weights' own
-    feature_norm: bool = False  # L2-normalize the pooled features (scaled to sqrt(D)) before the head
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.01  # the head's learning rate; the backbone's is lr x backbone_lr_scale
-    backbone_lr_scale: float = 0.1
-    layer_decay: float | None = None
-    optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4  # never on norms and biases
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    loss: str = "ce"  # ce | focal | cb | ldam | logit-adjusted | balanced-softmax (long tail: counts come from train)
-    loss_options: dict | None = None  # e.g. {beta: 0.9999} for cb, {max_margin: 0.5, s: 30, drw_start: 0.8} for ldam
-    sampler: str = "instance"  # instance | class-balanced | sqrt | progressive
-    normed_head: bool = False  # cosine classifier (NormedLinear), as LDAM expects
-    shot_thresholds: tuple[int, int] = (100, 20)  # many-shot: > first; few-shot: < second (Kang et al., 2020)
-    augment: str = "crop-flip"  # none | crop-flip | autoaugment | randaugment | trivialaugment
-    crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range, as fractions of the image
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    # >0: manifold mixup (Verma et al., 2019), the Beta(α, α) of mixing the cached trunk output at the cut with the
-    # flipped batch, targets alike; needs the trunk cache (regime head or last:K, cache_views >= 1), no mixup/cutmix
-    manifold_mixup: float = 0.0
-    ema_decay: float | None = None
-    clip_grad: float | None = None
-    freeze_bn: bool = False
-    cache_views: int = 0  # >0: run the frozen trunk once over this many augmented views per image (head, last:K)
-    head_init: str = "msra"  # msra | probe: fit the new head on frozen features first (LP-FT, Kumar et al. 2022)
-    val_fraction: float = 0.1  # carved from train (stratified, seeded) when the data has no val split
-    early_stop: int | None = None  # patience in epochs on validation top-1
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU training
-    channels_last: bool = True
-    workers: int | None = None
-    device: str = "auto"  # cuda when available, else cpu (resolved by the Trainer)
-    seed: int = 0
-    resume: bool = False
-    max_steps: int | None = None  # stop after this many optimizer steps (tests, budgets); the schedule is unchanged
-    time_budget_min: float | None = None  # stop at the end of the epoch that passes this many minutes
+    """`finegrain train`'s options, declared once: the command line (`--name VALUE` or `name=VALUE`), `--config`
+    YAML keys and Python keywords are generated from these (cli/main.py)."""
+
+    data: str = option("", "folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
+    out: str = option("", "run folder (config, logs, checkpoints, model/)")
+    backbone: str = option("efficientnet_lite0", "timm name, an offline one, or hf-hub:org/name")
+    checkpoint: str | None = option(None, "start from these weights (a .pt or safetensors file)")
+    regime: str = option("auto", "auto | head | last:K | full | scratch (auto: chosen from the images a class and "
+                         "time_budget_min)")  # fmt: skip
+    pretrained: bool = option(True, "false: random init, for tests and ablations (scratch is always random)")
+    pooling: str = option("gap", "gap | gem | ... (models/pooling.py)")
+    drop_rate: float = option(0.2, "dropout before the head")
+    image_size: int | None = option(None, "input side (default: the weights' own resolution)")
+    crop_pct: float | None = option(None, "eval center-crop fraction (1.0: the whole short side; default: the "
+                                    "weights' own)")  # fmt: skip
+    feature_norm: bool = option(False, "L2-normalize the pooled features (scaled to sqrt(D)) before the head")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(32, "images a step (per process under torchrun)")
+    lr: float = option(0.01, "the head's learning rate; the backbone's is lr x backbone_lr_scale")
+    backbone_lr_scale: float = option(0.1, "the backbone's learning rate over the head's")
+    layer_decay: float | None = option(None, "layer-wise learning-rate decay (timm's param groups)")
+    optimizer: str = option("sgd", "sgd | adamw")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(1e-4, "never on norms and biases")
+    schedule: str = option("cosine", "cosine | step | constant")
+    warmup_epochs: float = option(1.0, "linear warm-up before the schedule")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    loss: str = option("ce", "ce | focal | cb | ldam | logit-adjusted | balanced-softmax (long tail: counts come "
+                       "from train)")  # fmt: skip
+    loss_options: dict | None = option(None, "e.g. {beta: 0.9999} for cb, {max_margin: 0.5, s: 30, drw_start: "
+                                       "0.8} for ldam")  # fmt: skip
+    sampler: str = option("instance", "instance | class-balanced | sqrt | progressive")
+    normed_head: bool = option(False, "cosine classifier (NormedLinear), as LDAM expects")
+    shot_thresholds: tuple[int, int] = option((100, 20), "many-shot: > first; few-shot: < second (Kang et al., 2020)")
+    augment: str = option("crop-flip", "none | crop-flip | autoaugment | randaugment | trivialaugment")
+    crop_scale: tuple[float, float] = option((0.25, 1.0), "RandomResizedCrop area range, as fractions of the image")
+    mixup: float = option(0.0, "mixup Beta(α, α); 0: off")
+    cutmix: float = option(0.0, "CutMix Beta(α, α); 0: off")
+    manifold_mixup: float = option(0.0, ">0: manifold mixup (Verma et al., 2019), the Beta(α, α) of mixing the "
+                                   "cached trunk output at the cut with the flipped batch, targets alike; needs the "
+                                   "trunk cache (regime head or last:K, cache_views >= 1), no mixup/cutmix",
+                                   )  # fmt: skip
+    ema_decay: float | None = option(None, "keep an exponential moving average of the weights (e.g. 0.999)")
+    clip_grad: float | None = option(None, "clip the gradient norm at this value")
+    freeze_bn: bool = option(False, "keep BatchNorm statistics frozen")
+    cache_views: int = option(0, ">0: run the frozen trunk once over this many augmented views per image (head, "
+                              "last:K)")  # fmt: skip
+    head_init: str = option("msra", "msra | probe: fit the new head on frozen features first (LP-FT, Kumar et al. "
+                            "2022)")  # fmt: skip
+    val_fraction: float = option(0.1, "carved from train (stratified, seeded) when the data has no val split")
+    early_stop: int | None = option(None, "patience in epochs on validation top-1")
+    precision: str = option("fp32", "fp32 | bf16 (CPU autocast) | amp (CUDA autocast); bf16 does not speed CPU "
+                            "training")  # fmt: skip
+    channels_last: bool = option(True, "channels-last memory format")
+    workers: int | None = option(None, "decoding processes (default: from the cores)")
+    device: str = option("auto", DEVICE_HELP)
+    seed: int = option(0, "seeds the split, the initialisation and the data order")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (tests, budgets); the schedule is "
+                                   "unchanged")  # fmt: skip
+    time_budget_min: float | None = option(None, "stop at the end of the epoch that passes this many minutes")
+    unlabeled: str | None = option(None, "folder of images without labels: the run is a student distilled from "
+                                   "label propagation's probe on its frozen features (regime head or last:K)",
+                                   )  # fmt: skip
+    distill_temperature: float = option(2.0, "with unlabeled: the softening temperature T")
+    distill_weight: float = option(1.0, "with unlabeled: the weight of the KL term")
 
 
 SPLITS_FILE = "splits.json"

@@ -183,10 +183,13 @@ def test_help_is_exit_0_and_train_help_lists_every_option_with_its_default(capsy
     from finegrain.config import TrainConfig
 
     assert main(["train", "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(TrainConfig)[1:]:  # data is the positional DATA
-        assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "--epochs INT (default: 10)" in text and "--lr FLOAT (default: 0.01)" in text
+    raw = capsys.readouterr().out
+    text = " ".join(raw.split())
+    listed = [line.split()[0] for line in raw.splitlines() if line.startswith("  --")]
+    for f in dataclasses.fields(TrainConfig)[1:]:  # data is the positional DATA; each option once, with its help
+        assert listed.count("--" + f.name.replace("_", "-")) == 1 and f.metadata["help"][:30] in text, f.name
+    assert "--epochs INT training epochs (default: 10)" in text and "--lr FLOAT the head's learning rate" in text
+    assert "--early-stop INT patience" in text  # `int | None`: an INT, no "(default: None)"
     assert main(["evaluate", "--help"]) == 0
     assert "(default: 1000)" in capsys.readouterr().out  # --bootstrap
 

@@ -112,11 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config(args)
     check_two_classes(cfg.data)
-    if getattr(args, "unlabeled", None):
+    if cfg.unlabeled:
         from finegrain.recipe.unlabeled import train_distilled_from_folder
 
-        result = train_distilled_from_folder(cfg, args.unlabeled, temperature=args.distill_temperature,
-                                             weight=args.distill_weight, progress=not args.no_progress)  # fmt: skip
+        result = train_distilled_from_folder(cfg, progress=not args.no_progress)
     else:
         result = train(cfg, progress=not args.no_progress)
     line = f"best epoch {result.best_epoch}: val top-1 {result.best_val_top1:.4f}"

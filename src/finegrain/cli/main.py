@@ -18,7 +18,6 @@ import warnings
 from finegrain.cli.options import add_config_options
 from finegrain.cli.suggest_cmd import add_suggest_parser
 from finegrain.config import (
-    DEVICE_HELP,
     EVALUATE_OPTIONS,
     DemoConfig,
     EvalConfig,
@@ -56,8 +55,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _field_help(cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) -> None:
-    """One `--name VALUE` option per field of `cls` (also written `name=VALUE`), checked later by build_config."""
+    """One `--name VALUE` option per field of `cls` (also written `name=VALUE`; a bool alone means true), its help
+    from the field's `option` declaration, checked later by build_config."""
     group = p.add_argument_group(f"{cls.__name__} options (--name VALUE, or name=VALUE)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -66,9 +70,13 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[s
         flag = "--" + f.name.replace("_", "-")
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         hint = hints[f.name]
+        if type(None) in typing.get_args(hint):  # `int | None`: INT
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
         extra = {"nargs": "?", "const": "true"} if hint is bool else {}
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
-        group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=f"(default: {default})", **extra)
+        text = f.metadata.get("help", "")
+        text = text if "default" in text or default is None else f"{text} (default: {default})".strip()
+        group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,26 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
-    p.add_argument("data", help="folder (root/class/img or root/{train,val,test}/class/img) or CSV manifest")
-    p.add_argument("--out", required=True, help="run folder (config, logs, checkpoints, model/)")
-    p.add_argument(
-        "--regime",
-        default=None,
-        help="auto | head | last:K | full | scratch (default auto: chosen from the data and time_budget_min)",
-    )
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint")
-    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: auto)")
+    p.add_argument("data", help=_field_help(TrainConfig, "data"))
+    p.add_argument("--out", required=True, help=_field_help(TrainConfig, "out"))
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--unlabeled",
-        default=None,
-        help="folder of images without labels: the run is a student distilled from label propagation's probe on its "
-        "frozen features (regime head or last:K)",
-    )
-    p.add_argument("--distill-temperature", type=float, default=2.0, help="with --unlabeled: softening T (default 2)")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="with --unlabeled: weight of the KL term")
-    _add_dataclass_options(p, TrainConfig, skip={"data", "out", "regime", "resume", "device"})
+    _add_dataclass_options(p, TrainConfig, skip={"data", "out"})  # every option declared once, in TrainConfig
     p.epilog = "Every option is also key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 
     p = add("predict", help="classify images with a trained model")

@@ -21,18 +21,11 @@ def add_suggest_parser(add) -> None:
 def cmd_suggest(args: argparse.Namespace) -> int:
     from finegrain.cli.commands import _cli_config, _overrides
     from finegrain.config import SuggestConfig, config_choices
-    from finegrain.errors import FinegrainError
     from finegrain.recipe.unlabeled import suggest
 
     progress = not args.no_progress
     args = _cli_config(SuggestConfig, args, _overrides(args, SuggestConfig), config_choices(SuggestConfig))
-    if not args.unlabeled or not args.out:
-        raise FinegrainError("suggest needs --unlabeled FOLDER (the images without labels) and --out FOLDER")
-    summary = suggest(
-        args.data, args.unlabeled, out=args.out, n=args.n, backbone=args.backbone, view=args.view, seed=args.seed,
-        batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-        device=args.device, progress=progress,
-    )  # fmt: skip
+    summary = suggest(args, progress=progress)
     from finegrain.report.suggest_report import suggestion_gallery
 
     page = suggestion_gallery(summary["suggestions"], os.path.join(args.out, "suggestions.html"), summary=summary)

@@ -229,20 +229,19 @@ def final_semi_model(frozen, cand, paths: list[str]):
     )  # fmt: skip
 
 
-def suggest(
-    data: str, unlabeled: str, *, out: str, n: int = 50, backbone: str = "efficientnet_lite0", view: str = "eval",
-    seed: int = 0, batch_size: int = 32, workers: int | None = None, precision: str = "auto", device: str = "cpu",
-    progress: bool = True,
-) -> dict:  # fmt: skip
-    """Rank the unlabeled images of `unlabeled` to label next (`semi.suggest_to_label` with label propagation's
-    probabilities, on frozen GeM features of one view) into <out>/suggestions.csv; returns the summary, also saved
-    as suggest.json."""
+def suggest(cfg, *, progress: bool = True) -> dict:
+    """Rank the unlabeled images of `cfg.unlabeled` to label next (`semi.suggest_to_label` with label propagation's
+    probabilities, on frozen GeM features of one view) into <cfg.out>/suggestions.csv; returns the summary, also
+    saved as suggest.json. `cfg`: a config.SuggestConfig (its options declared once)."""
     from finegrain.atomic import atomic_write_json
     from finegrain.backbones import create_backbone
     from finegrain.data import load_image_set
     from finegrain.recipe.candidates import VIEWS
     from finegrain.semi import suggest_to_label, write_suggestions
 
+    data, unlabeled, out, n, view, seed = cfg.data, cfg.unlabeled, cfg.out, cfg.n, cfg.view, cfg.seed
+    if not unlabeled or not out:
+        raise FinegrainError("suggest needs --unlabeled FOLDER (the images without labels) and --out FOLDER")
     if n < 1:
         raise FinegrainError(f"-n must be at least 1, got {n}")
     if view not in VIEWS:
@@ -252,10 +251,10 @@ def suggest(
     if len({s.label for s in labelled}) < 2:
         raise FinegrainError(f"{data}: suggest needs labelled images of at least 2 classes")
     paths = unlabeled_paths(unlabeled, image_set)
-    net = create_backbone(backbone)
+    net = create_backbone(cfg.backbone)
     net.preprocess = net.preprocess.with_geometry(VIEWS[view]["image_size"], VIEWS[view]["crop_pct"])
-    opts = {"poolings": ("gem",), "flip": VIEWS[view]["flip"], "batch_size": batch_size, "num_workers": workers,
-            "precision": precision, "device": device, "progress": progress}  # fmt: skip
+    opts = {"poolings": ("gem",), "flip": VIEWS[view]["flip"], "batch_size": cfg.batch_size, "progress": progress,
+            "num_workers": cfg.workers, "precision": cfg.precision, "device": cfg.device}  # fmt: skip
     lab = extract_to_store(ImageSet(image_set.root, image_set.classes, labelled), net, os.path.join(out, "features"),
                            **opts).store  # fmt: skip
     unl = extract_to_store(ImageSet(image_set.root, image_set.classes, [Sample(p, 0, "unlabeled") for p in paths]),
@@ -274,16 +273,18 @@ def suggest(
     csv_path = write_suggestions(os.path.join(out, "suggestions.csv"), [e.path for e in entries], proba, order,
                                  image_set.classes)  # fmt: skip
     summary = {"suggestions": csv_path, "n": int(len(order)), "n_unlabeled": len(paths), "seed": seed,
-               "view": view, "backbone": backbone, "skipped": [list(s) for s in unl.skipped],
+               "view": view, "backbone": cfg.backbone, "skipped": [list(s) for s in unl.skipped],
                "propagation": model.report_}  # fmt: skip
     atomic_write_json(os.path.join(out, "suggest.json"), summary)
     return summary
 
 
-def train_distilled_from_folder(cfg, unlabeled: str, *, temperature: float, weight: float, progress: bool = True):
-    """`train --unlabeled DIR`: the folder checked (one-line errors), then `train_distilled` on its images."""
+def train_distilled_from_folder(cfg, *, progress: bool = True):
+    """`train --unlabeled DIR`: the folder `cfg.unlabeled` checked (one-line errors), then `train_distilled` on its
+    images at `cfg.distill_temperature` and `cfg.distill_weight`."""
     from finegrain.data import load_image_set
     from finegrain.semi.distill import train_distilled
 
-    paths = unlabeled_paths(unlabeled, load_image_set(cfg.data))
-    return train_distilled(cfg, paths, temperature=temperature, weight=weight, progress=progress)
+    paths = unlabeled_paths(cfg.unlabeled, load_image_set(cfg.data))
+    return train_distilled(cfg, paths, temperature=cfg.distill_temperature, weight=cfg.distill_weight,
+                           progress=progress)  # fmt: skip
