@@ -319,6 +319,18 @@ def test_a_validation_only_challenger_within_its_noise_does_not_displace_the_out
     assert pick([leader, close]) == (close, leader)  # the plain comparison would take it
     assert pick([leader, close], probas, y) == (leader, close)  # within its noise: the out-of-fold leader stays
     assert pick([leader, far], probas, y) == (far, leader)  # beyond it: displaced
+    # +3 images: 1.75 standard errors, enough alone; as the best of 8 validation-only candidates it must win by
+    # sqrt(2 ln 8) = 2.04 (the best of many noisy scores is high for being chosen)
+    mid_right = leader_right.copy()
+    mid_right[flips[:3]] = True
+    probas["mid"] = proba(mid_right)
+    mid = Candidate("mid", "finetune", float(mid_right.mean()), 0.0, 60.0)
+    diff, se = paired_difference(probas["mid"], probas[leader.name], y)
+    assert 1.0 < diff / se < 2.0
+    assert pick([leader, mid], probas, y) == (mid, leader)
+    others = [Candidate(f"weak{i}", "finetune", 0.5, 0.0, 60.0) for i in range(7)]
+    probas |= {c.name: proba(np.zeros(100, bool)) for c in others}
+    assert pick([leader, mid, *others], probas, y) == (leader, mid)
 
 
 def test_fit_prices_a_test_pass_by_its_distinct_trunks():
@@ -359,7 +371,7 @@ def test_another_backbones_view_is_priced_with_the_leaders_test_pass_as_its_part
     own = 1.0 + 1000 * 0.02 + (1.0 + 100 * 0.02)
     assert costs.view_cost("b-eval", 100) == pytest.approx(own + 2.0 + 100 * 0.03)  # the costliest view, not eval
     assert costs.view_cost("b-eval", 100, partner=7.5) == pytest.approx(own + 7.5)
-    assert costs.view_cost("full256-flip", 100, partner=7.5) == pytest.approx(2.0 + 30.0 + 5.0)  # same backbone
+    assert costs.view_cost("full256-flip", 100, partner=7.5) == pytest.approx(2.0 + 30.0 + 5.0 + 7.5)  # one too
 
 
 def test_backbones_parse_and_an_unknown_one_is_a_one_line_error(train_data, tmp_path, capsys):

@@ -90,19 +90,19 @@ class CostModel:
 
     def view_cost(self, view: str, n_test: int, partner: float | None = None, heads: float | None = None) -> float:
         """Seconds a view's candidates take: its extraction (engine set-up included), a test pass on it, and
-        scoring the heads (as long as the last view's did); another backbone's also counts a partner's test pass
-        (it is worth most in an ensemble with the leader so far): `partner`, the leader's test pass, else the
-        costliest extracted view's (pricing the cheapest one let fit extract a view whose ensemble with the leader
-        it could then not afford: issue 23, cub100 at 10 minutes). `heads`: seconds its heads will take, when the
+        scoring the heads (as long as the last view's did), and a partner's test pass (a later view is worth most in
+        an ensemble with the leader so far, whose test pass fit keeps free while the view's heads are scored):
+        `partner`, the leader's test pass, else the costliest extracted view's (pricing the cheapest one let fit
+        extract a view whose ensemble with the leader it could then not afford: issue 23, cub100 at 10 minutes;
+        leaving it out for the first backbone's second view let that view's heads run out of time for their
+        out-of-fold pass: cub100 at 5 minutes). `heads`: seconds its heads will take, when the
         caller knows (fewer heads on a later view), else as long as the last view's took."""
         cost = self.estimate_setup(view) + self.n_trainval * self.estimate_spi(view)
         heads = max(self.head_seconds.values(), default=0.0) if heads is None else heads
         cost += self.test_cost(view, n_test) + heads
-        if self.views[view]["backbone"] != self.views[next(iter(self.views))]["backbone"]:
-            if partner is None:
-                partner = max((self.test_cost(v, n_test) for v in self.spi), default=0.0)
-            cost += partner
-        return cost
+        if partner is None:
+            partner = max((self.test_cost(v, n_test) for v in self.spi if v != view), default=0.0)
+        return cost + partner
 
 
 def trunks(cand: Candidate, candidates: dict[str, Candidate]) -> set[tuple[str, str]]:

@@ -33,6 +33,7 @@ from finegrain.recipe.candidates import (
     Candidate,
     ensembles,
     finetune_candidate,
+    noise_multiple,
     paired_difference,
     parse_backbones,
     pick,
@@ -324,7 +325,8 @@ def _choose(ctx: FitContext) -> Choice:
     board = sorted(state.candidates.values(), key=lambda c: (c.estimate == "val", -c.score[0], -c.score[1], c.name))
     affordable = _affordable(board, state, frozen, clock, len(splits.test))
     chosen, challenger = pick(affordable, state.probas, y_val)
-    margin = _margin(chosen, challenger, state, y_val)
+    among = sum(c.estimate == "val" and "member_only" not in c.params for c in affordable)
+    margin = _margin(chosen, challenger, state, y_val, among=among)
     reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val), margin=margin)
     return Choice(board, chosen, reason, folds)
 
@@ -397,15 +399,18 @@ def _scores(c: Candidate, *, on_val: bool = False) -> str:
     return f"{c.oof_top1:.4f}, mean per-class {c.oof_mean_per_class:.4f}"
 
 
-def _margin(chosen: Candidate, challenger: Candidate | None, state: CandidateStore, y_val: np.ndarray) -> str:
+def _margin(chosen: Candidate, challenger: Candidate | None, state: CandidateStore, y_val: np.ndarray, *,
+            among: int = 1) -> str:  # fmt: skip
     """The paired difference on the validation split between the chosen candidate and its challenger, and its
-    standard error, in words ('' without a challenger)."""
+    standard error, in words ('' without a challenger); `among`: how many validation-only candidates competed."""
     if challenger is None or chosen.name not in state.probas or challenger.name not in state.probas:
         return ""
     ranked = sorted((chosen, challenger), key=lambda c: c.estimate == "val")  # the out-of-fold one first
     diff, se = paired_difference(state.probas[ranked[1].name], state.probas[ranked[0].name], y_val,
                                  rank_by=chosen.rank_by)  # fmt: skip
-    return f"validation-only minus out-of-fold candidate: {100 * diff:+.1f} points, standard error {100 * se:.1f}"
+    text = f"validation-only minus out-of-fold candidate: {100 * diff:+.1f} points, standard error {100 * se:.1f}"
+    return text + (f", the best of {among} validation-only candidates: it must win by {noise_multiple(among):.1f} "
+                   "standard errors" if among > 1 else "")  # fmt: skip
 
 
 def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, folds, n_val: int, margin="") -> str:
@@ -431,7 +436,7 @@ def _reason(chosen, challenger, affordable: list[Candidate], n_all: int, *, fold
         text += (
             f"(the same images for both: {a} vs {b}; {margin}; a fine-tune, alone or in an ensemble, cannot be "
             "cross-validated, so it is compared with the best out-of-fold candidate there and must win by more than "
-            "the standard error of the paired difference; within it, the out-of-fold one is kept)"
+            "the noise of the paired difference; within it, the out-of-fold one is kept)"
         )
     fallback = [c.name for c in affordable if c.kind == "frozen" and "oof" in c.params and c.estimate == "val"]
     if fallback:
