@@ -190,6 +190,11 @@ def test_help_is_exit_0_and_train_help_lists_every_option_with_its_default(capsy
         assert listed.count("--" + f.name.replace("_", "-")) == 1 and f.metadata["help"][:30] in text, f.name
     assert "--epochs INT training epochs (default: 10)" in text and "--lr FLOAT the head's learning rate" in text
     assert "--early-stop INT patience" in text  # `int | None`: an INT, no "(default: None)"
+    from finegrain.cli.commands import train_config
+    from finegrain.cli.main import parse_args
+
+    cfg = train_config(parse_args(["train", "--resume", "DATA", "--out", "o", "--pretrained", "false"]))
+    assert cfg.data == "DATA" and cfg.resume and not cfg.pretrained  # a flag never eats the next word
     assert main(["evaluate", "--help"]) == 0
     assert "(default: 1000)" in capsys.readouterr().out  # --bootstrap
 

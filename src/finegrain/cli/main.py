@@ -74,9 +74,12 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[s
             hint = next(t for t in typing.get_args(hint) if t is not type(None))
         extra = {"nargs": "?", "const": "true"} if hint is bool else {}
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
+        if hint is bool and f.default is False:  # a flag that turns it on (`--resume`); never eats the next word
+            extra, metavar = {"action": "store_const", "const": "true"}, None
         text = f.metadata.get("help", "")
         text = text if "default" in text or default is None else f"{text} (default: {default})".strip()
-        group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=text, **extra)
+        extra |= {"metavar": metavar} if metavar else {}
+        group.add_argument(flag, dest=f.name, default=None, help=text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
