@@ -184,7 +184,6 @@ class FrozenStage:
                 why = f"extraction and a test pass on it (~{cost:.0f} s) do not fit in the budget"
                 cheaper = self._fallback(view, n_test)
                 if cheaper is not None:
-                    print(f"fit: the {view} view does not fit (~{cost:.0f} s): its cheaper variant {cheaper} does")
                     why += f"; its cheaper variant {cheaper} ran instead"
                 self.skipped.append({"view": view, "why": why})
                 print(f"fit: skipping the {view} view: {why}", flush=True)
