@@ -40,6 +40,14 @@ SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220)]
 
 
+def fit_on_a_still_clock(cfg, **kw):
+    """`fit(cfg)` on a budget clock that never moves: every candidate fits, whatever this machine's pace (the budget
+    itself is tested with clocks that tick, in test_fit.py)."""
+    from finegrain.recipe.fit import Clock, fit
+
+    return fit(cfg, progress=False, clock=Clock(cfg.budget_min, now=lambda: 0.0), **kw)
+
+
 def write_class_images(folder: str, colour: tuple[int, int, int], n: int, *, seed: int, size=(64, 48)) -> None:
     """n JPEGs of one class: a coloured disc on noise, so classes differ and images within a class differ too."""
     rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ import pytest
 import finegrain
 from finegrain.errors import FinegrainError
 from finegrain.recipe import FitConfig, fit
-from tests.conftest import COLOURS, write_class_images
+from tests.conftest import COLOURS, fit_on_a_still_clock, write_class_images
 
 
 def _fit_cfg(data, out, **kw):
@@ -137,13 +137,13 @@ def test_fit_refuses_data_it_cannot_choose_on(tmp_path):
     one = tmp_path / "one"
     write_class_images(str(one / "train" / "red"), COLOURS[0], 6, seed=0)
     with pytest.raises(FinegrainError, match="at least 2 classes"):
-        fit(_fit_cfg(str(one), tmp_path / "o1"), progress=False)
+        fit_on_a_still_clock(_fit_cfg(str(one), tmp_path / "o1"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FinegrainError):
-        fit(_fit_cfg(str(empty), tmp_path / "o2"), progress=False)
+        fit_on_a_still_clock(_fit_cfg(str(empty), tmp_path / "o2"))
     with pytest.raises(FinegrainError, match="budget_min must be positive"):
-        fit(_fit_cfg(str(one), tmp_path / "o3", budget_min=0), progress=False)
+        fit_on_a_still_clock(_fit_cfg(str(one), tmp_path / "o3", budget_min=0))
 
 
 def test_fit_warns_about_classes_too_small_to_validate_and_test_classes_never_trained(tmp_path, capsys):
@@ -152,7 +152,7 @@ def test_fit_warns_about_classes_too_small_to_validate_and_test_classes_never_tr
         write_class_images(str(root / "train" / name), COLOURS[c], 1 if name == "blue" else 8, seed=c)
         write_class_images(str(root / "test" / name), COLOURS[c], 2, seed=10 + c)
     write_class_images(str(root / "test" / "grey"), (128, 128, 128), 2, seed=20)
-    result = fit(_fit_cfg(str(root), tmp_path / "fit"), progress=False)
+    result = fit_on_a_still_clock(_fit_cfg(str(root), tmp_path / "fit"))
     out = capsys.readouterr().out
     assert "too few images for a validation image (e.g. 'blue')" in out
     assert "no training image (e.g. 'grey')" in out
@@ -164,7 +164,7 @@ def test_one_image_a_class_gets_the_documented_choice_said_so_and_a_working_mode
     for c, name in enumerate(["red", "green", "blue"]):
         write_class_images(str(root / "train" / name), COLOURS[c], 1, seed=c)
         write_class_images(str(root / "test" / name), COLOURS[c], 3, seed=10 + c)
-    result = fit(_fit_cfg(str(root), tmp_path / "fit"), progress=False)
+    result = fit_on_a_still_clock(_fit_cfg(str(root), tmp_path / "fit"))
     out = capsys.readouterr().out
     assert "no validation possible" in out and "documented choice" in out
     summary = json.loads((tmp_path / "fit" / "fit.json").read_text())  # strict JSON: no NaN for unscored values
@@ -187,7 +187,7 @@ def test_one_image_a_class_with_unlabeled_images_propagates_labels_by_the_same_r
         write_class_images(str(root / "train" / name), COLOURS[c], 1, seed=c)
         write_class_images(str(root / "test" / name), COLOURS[c], 2, seed=10 + c)
         write_class_images(str(pool / name), COLOURS[c], 3, seed=20 + c)  # labels unread: only the files
-    fit(_fit_cfg(str(root), tmp_path / "fit", unlabeled=str(pool)), progress=False)
+    fit_on_a_still_clock(_fit_cfg(str(root), tmp_path / "fit", unlabeled=str(pool)))
     summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert summary["chosen"] == "full256-flip/gem/lp-l2" and summary["estimate"] == "none"
     assert "label propagation (literature defaults) over the 9 unlabeled images" in summary["reason"]
@@ -196,9 +196,9 @@ def test_one_image_a_class_with_unlabeled_images_propagates_labels_by_the_same_r
 
 
 def test_a_rerun_with_other_settings_is_refused(train_data, tmp_path):
-    fit(_fit_cfg(train_data, tmp_path / "fit", ensemble=False), progress=False)
+    fit_on_a_still_clock(_fit_cfg(train_data, tmp_path / "fit", ensemble=False))
     with pytest.raises(FinegrainError, match="other settings"):
-        fit(_fit_cfg(train_data, tmp_path / "fit", seed=3), progress=False)
+        fit_on_a_still_clock(_fit_cfg(train_data, tmp_path / "fit", seed=3))
 
 
 def test_fit_saves_out_of_fold_probabilities_that_cover_every_training_image_once(train_data, tmp_path):
@@ -208,7 +208,7 @@ def test_fit_saves_out_of_fold_probabilities_that_cover_every_training_image_onc
     from finegrain.train.data import make_splits
 
     cfg = _fit_cfg(train_data, tmp_path / "fit", ensemble=False)
-    result = fit(cfg, progress=False)
+    result = fit_on_a_still_clock(cfg)
     splits = make_splits(load_image_set(train_data), val_fraction=cfg.val_fraction, seed=cfg.seed)
     y = np.array([s.label for s in splits.train + splits.val])  # the order fit's folds keep: train, then val
     state = CandidateStore(cfg.out, cfg)  # read back from disk, as a resumed run reads it
@@ -396,7 +396,7 @@ def test_small_images_get_a_view_at_their_own_scale_on_the_leaderboard(tmp_path)
     for c, (name, colour) in enumerate(zip(["red", "green", "blue"], COLOURS)):
         write_class_images(str(root / "train" / name), colour, 10, seed=c, size=(32, 32))
         write_class_images(str(root / "test" / name), colour, 3, seed=100 + c, size=(32, 32))
-    result = fit(_fit_cfg(str(root), tmp_path / "fit"), progress=False)
+    result = fit_on_a_still_clock(_fit_cfg(str(root), tmp_path / "fit"))
     summary = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert summary["native_short_side"] == 32 and summary["views"]["low112-flip"]["image_size"] == 112
     low = [c for c in result.leaderboard if c.params.get("view") == "low112-flip"]

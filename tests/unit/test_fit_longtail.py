@@ -10,9 +10,9 @@ import pytest
 
 from finegrain.data import load_image_set
 from finegrain.data.longtail import describe_counts
-from finegrain.recipe import FitConfig, fit
+from finegrain.recipe import FitConfig
 from finegrain.recipe.longtail import adjust
-from tests.conftest import COLOURS, write_class_images
+from tests.conftest import COLOURS, fit_on_a_still_clock, write_class_images
 
 
 def test_adjust_and_imbalance_ratio():
@@ -33,7 +33,7 @@ def lt_fit(tmp_path_factory):
         write_class_images(str(root / "data" / "test" / name), COLOURS[c], 3, seed=10 + c)
     cfg = FitConfig(data=str(root / "data"), out=str(root / "fit"), budget_min=1.0, finetune=False, ensemble=False,
                     workers=0, bootstrap=20)  # fmt: skip
-    return cfg, fit(cfg, progress=False)
+    return cfg, fit_on_a_still_clock(cfg)
 
 
 def test_long_tailed_fit_ranks_by_mean_per_class_and_tries_logit_adjustment(lt_fit):

@@ -21,7 +21,7 @@ from finegrain.semi import (
     suggest_to_label,
     write_suggestions,
 )
-from tests.conftest import COLOURS, write_class_images
+from tests.conftest import COLOURS, fit_on_a_still_clock, write_class_images
 
 
 def _moons(n=400, seed=0):
@@ -166,13 +166,13 @@ def test_cli_bad_unlabeled_folder_is_exit_2_with_one_line(folders, which, tmp_pa
 def test_fit_with_unlabeled_images_scores_semi_candidates_on_validation_and_out_of_fold(folders, tmp_path):
     import json
 
-    from finegrain.recipe import FitConfig, fit
+    from finegrain.recipe import FitConfig
     from finegrain.recipe.candidates import val_scores
     from finegrain.recipe.fit import CandidateStore
 
     cfg = FitConfig(data=folders["data"], out=str(tmp_path / "fit"), budget_min=1.0, finetune=False,
                     ensemble=False, workers=0, bootstrap=20, unlabeled=folders["pool"])  # fmt: skip
-    result = fit(cfg, progress=False)
+    result = fit_on_a_still_clock(cfg)
     semi = [c for c in result.leaderboard if c.kind == "semi"]
     assert semi and all(0 <= c.val_top1 <= 1 for c in semi)
     # ranked like the frozen heads: out-of-fold over every labelled image (12), each predicted once by the model

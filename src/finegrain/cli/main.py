@@ -8,14 +8,13 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
 import typing
 import warnings
 
-from finegrain.cli.options import add_config_options
+from finegrain.cli.options import add_config_options, add_value_options, field_help
 from finegrain.cli.suggest_cmd import add_suggest_parser
 from finegrain.config import (
     EVALUATE_OPTIONS,
@@ -55,33 +54,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _field_help(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) -> None:
-    """One `--name VALUE` option per field of `cls` (also written `name=VALUE`; a bool alone means true), its help
-    from the field's `option` declaration, checked later by build_config."""
-    group = p.add_argument_group(f"{cls.__name__} options (--name VALUE, or name=VALUE)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        hint = hints[f.name]
-        if type(None) in typing.get_args(hint):  # `int | None`: INT
-            hint = next(t for t in typing.get_args(hint) if t is not type(None))
-        extra = {"nargs": "?", "const": "true"} if hint is bool else {}
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
-        if hint is bool and f.default is False:  # a flag that turns it on (`--resume`); never eats the next word
-            extra, metavar = {"action": "store_const", "const": "true"}, None
-        text = f.metadata.get("help", "")
-        text = text if "default" in text or default is None else f"{text} (default: {default})".strip()
-        extra |= {"metavar": metavar} if metavar else {}
-        group.add_argument(flag, dest=f.name, default=None, help=text, **extra)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="finegrain", description="Fine-grained image recognition from small data.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('finegrain').__version__}")
@@ -114,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (command-line values win)")
 
     p = add("train", help="fine-tune a backbone by regime (head, last:K, full, scratch); torchrun for DDP")
-    p.add_argument("data", help=_field_help(TrainConfig, "data"))
-    p.add_argument("--out", required=True, help=_field_help(TrainConfig, "out"))
+    p.add_argument("data", help=field_help(TrainConfig, "data"))
+    p.add_argument("--out", required=True, help=field_help(TrainConfig, "out"))
     p.add_argument("--config", help="YAML file of options (command-line values win)")
     p.add_argument("--no-progress", action="store_true")
-    _add_dataclass_options(p, TrainConfig, skip={"data", "out"})  # every option declared once, in TrainConfig
+    add_value_options(p, TrainConfig, skip={"data", "out"})  # every option declared once, in TrainConfig
     p.epilog = "Every option is also key=value, e.g. epochs=15 lr=0.02 augment=randaugment mixup=0.2"
 
     p = add("predict", help="classify images with a trained model")

@@ -1,8 +1,10 @@
 """Command-line options generated from a config dataclass whose fields are declared with `config.option` (help,
 choices, the flag of a bool): one declaration for the command line, `--config` YAML keys and Python keywords.
 
-A dozen lines of our own over argparse rather than a typed-CLI library: argparse already carries the one-line error
-contract (cli/main.py's parser), and the generator is all that was missing."""
+Two small generators of our own over argparse rather than a typed-CLI library: argparse already carries the
+one-line error contract (cli/main.py's parser), and the generator is all that was missing. `add_config_options` types
+each option from its field; `add_value_options` (train's) passes strings on to build_config, for train's older
+`key=value` words."""
 
 from __future__ import annotations
 
@@ -52,3 +54,31 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
         words = {"nargs": "+", "type": str} if tp is tuple and meta.get("words") else {"type": kind}
         p.add_argument(*names, dest=f.name, default=None, help=text, choices=choices, required=f.name in required,
                        **words)  # fmt: skip
+
+
+def field_help(cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def add_value_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) -> None:
+    """One `--name VALUE` option per field of `cls` (also written `name=VALUE`; a bool alone means true), its help
+    from the field's `option` declaration, each value a string that build_config checks and converts: `train`'s
+    command line, whose `key=value` words and `--pretrained false` predate `add_config_options` and are kept."""
+    group = p.add_argument_group(f"{cls.__name__} options (--name VALUE, or name=VALUE)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        hint = hints[f.name]
+        if type(None) in typing.get_args(hint):  # `int | None`: INT
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        extra = {"nargs": "?", "const": "true"} if hint is bool else {}
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
+        if hint is bool and f.default is False:  # a flag that turns it on (`--resume`); never eats the next word
+            extra, metavar = {"action": "store_const", "const": "true"}, None
+        text = f.metadata.get("help", "")
+        text = text if "default" in text or default is None else f"{text} (default: {default})".strip()
+        extra |= {"metavar": metavar} if metavar else {}
+        group.add_argument(flag, dest=f.name, default=None, help=text, **extra)
