@@ -339,6 +339,8 @@ class EvaluateConfig:
     split: str = option("test", "the split to score (a flat folder: the run's recorded test)")
     tta: str = option("none", "none | flip | 5crop | 10crop, combined with + (e.g. flip+5crop)")
     sizes: tuple[int, ...] = option((), "test resolutions to average, e.g. 224,256,288 (multi-scale)")
+    sweep: tuple[int, ...] = option((), "evaluate at each of these test resolutions in turn, e.g. 224,288 (one "
+                                    "folder each under --out, and sweep.json)")  # fmt: skip
     batch_size: int = option(32, "images a batch")
     workers: int | None = option(None, "decoding processes (default: cores / 2)")
     precision: str = option("auto", "auto: bf16 where the CPU has it, else fp32", choices=("auto", "fp32", "bf16"))

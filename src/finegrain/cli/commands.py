@@ -196,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     first = cfg.models[0].rstrip("/")
     out = cfg.out or os.path.join(first, f"eval-{cfg.split}-{tta.describe().replace(' @ ', '@').replace(',', '-')}")
     cfg = dataclasses.replace(cfg, out=out, sizes=tta.sizes)
-    if args.sweep:
+    if cfg.sweep:
         return _evaluate_sweep(args, cfg)
     s = evaluate_models(cfg, progress=not args.no_progress)
     m, ci = s["metrics"], s["intervals"]
@@ -228,10 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_sweep(args: argparse.Namespace, cfg) -> int:
     from finegrain.evaluate.evaluation import evaluate_sweep
-    from finegrain.evaluate.tta import TTA
 
     say = (lambda line: None) if args.json else print
-    rows = evaluate_sweep(cfg, TTA.parse("none", args.sweep).sizes, progress=not args.no_progress, say=say)
+    rows = evaluate_sweep(cfg, progress=not args.no_progress, say=say)
     if args.json:
         _print_json({"tta": cfg.tta, "sizes": rows, "out": cfg.out})
     say(f"-> {cfg.out}")

@@ -100,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", help="metrics with intervals, calibration, confusions; TTA and ensembles")
     # every option declared once, in config.EvaluateConfig
     add_config_options(p, EvaluateConfig, positional=("models", "data"), required=(), only=EVALUATE_OPTIONS)
-    p.add_argument("--sweep", default=None, help="evaluate at each of these test resolutions in turn, e.g. 224,288")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout (for scripts) instead of text")
     p.add_argument("--no-progress", action="store_true")
 

@@ -43,7 +43,7 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
             p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", default=None,
                            help=text)  # fmt: skip
             continue
-        if f.default not in (None, "") and "default" not in text:
+        if f.default not in (None, "", ()) and "default" not in text:
             shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
             text = f"{text} (default: {shown})".strip()
         choices = meta.get("choices")

@@ -230,17 +230,17 @@ def write_evaluation(cfg: EvaluateConfig, summary: dict, pred, paths, y, classes
     atomic_write(os.path.join(cfg.out, "reliability.png"), lambda f: fig.savefig(f, format="png", dpi=100))
 
 
-def evaluate_sweep(cfg: EvaluateConfig, sizes, *, progress: bool = True, say=print) -> dict:
-    """The test-resolution sweep: one evaluation per size (each in cfg.out/<size>/) and sweep.json; `say` gets a
-    table line a size. Returns {size: {top1, top1_ci95, mean_per_class}}."""
+def evaluate_sweep(cfg: EvaluateConfig, *, progress: bool = True, say=print) -> dict:
+    """The test-resolution sweep: one evaluation per size of cfg.sweep (each in cfg.out/<size>/) and sweep.json;
+    `say` gets a table line a size. Returns {size: {top1, top1_ci95, mean_per_class}}."""
     import dataclasses
 
     if cfg.sizes:
         raise FinegrainError("use --sweep or --sizes, not both")
     rows = {}
     say("size  top-1   [95% interval]      mean per-class")
-    for size in sizes:
-        sub = dataclasses.replace(cfg, sizes=(size,), out=os.path.join(cfg.out, str(size)))
+    for size in TTA.parse("none", list(cfg.sweep)).sizes:  # checked as --sizes is
+        sub = dataclasses.replace(cfg, sizes=(size,), sweep=(), out=os.path.join(cfg.out, str(size)))
         s = evaluate_models(sub, progress=progress)
         m, ci = s["metrics"], s["intervals"].get("top1") or [float("nan")] * 2
         rows[str(size)] = {"top1": m["top1"], "top1_ci95": ci, "mean_per_class": m["mean_per_class"]}

@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from finegrain.heads.checks import fit_data, predict_data
 from finegrain.heads.index import as_matrix
-from finegrain.heads.knn import check_labels
 from finegrain.semi.graph import certainty, diffuse, knn_graph
 from finegrain.semi.guard import guard_mask
 from finegrain.semi.probe import SEMI_C, WeightedProbe
@@ -28,15 +28,16 @@ class PseudoLabelMixin:
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "probe_")
-        return self.probe_.decision_function(X)
+        return self.probe_.decision_function(predict_data(self, X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """X [M, D] -> probabilities [M, C] over classes_."""
         check_is_fitted(self, "probe_")
-        return self.probe_.predict_proba(X)
+        return self.probe_.predict_proba(predict_data(self, X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
     def _expose(self, probe: WeightedProbe) -> None:
         self.probe_ = probe
@@ -57,28 +58,22 @@ class PseudoLabelMixin:
 UNLABELED = -1  # scikit-learn's semi-supervised convention: the label of a row nobody labelled
 
 
-def split_unlabeled(X, y, X_unlab=None) -> tuple:
-    """(labelled X, their y, unlabeled X): `X_unlab` given apart, or (scikit-learn's convention, as `LabelSpreading`
-    and `SelfTrainingClassifier` take it, so the heads sit in a `Pipeline`) the rows of X whose y is -1."""
-    if X_unlab is not None:
-        return X, y, X_unlab
-    y = np.asarray(y)
-    unlabeled = (y == UNLABELED) if y.dtype.kind in "iuf" else np.zeros(len(y), bool)
-    X = np.asarray(X)
-    return X[~unlabeled], y[~unlabeled], X[unlabeled]
-
-
-def check_inputs(X_lab, y, X_unlab) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(X_lab [L, D], X_unlab [M, D] float32, classes [C], codes [L] in 0..C-1, labels y)."""
-    X_lab = as_matrix(X_lab, name="X_lab")
-    y = check_labels(y, len(X_lab))
-    X_unlab = as_matrix(X_unlab, name="X_unlab") if len(X_unlab) else np.zeros((0, X_lab.shape[1]), np.float32)
-    if X_unlab.shape[1] != X_lab.shape[1]:
-        raise ValueError(f"X_unlab has {X_unlab.shape[1]} features, X_lab {X_lab.shape[1]}")
+def check_inputs(est, X, y, X_unlab=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_lab [L, D], X_unlab [M, D] float32, classes [C], codes [L] in 0..C-1, labels y [L]), checked by
+    scikit-learn (`heads.checks.fit_data`: shape, dtype, finiteness, sparse input, targets; `n_features_in_`).
+    The unlabeled rows: `X_unlab` given apart, or (scikit-learn's convention, as `LabelSpreading` and
+    `SelfTrainingClassifier` take it, so the heads sit in a `Pipeline`) the rows of X whose y is -1."""
+    X, y = fit_data(est, X, y)
+    if X_unlab is None:
+        unlabeled = (y == UNLABELED) if y.dtype.kind in "iuf" else np.zeros(len(y), bool)
+        X, y, X_unlab = X[~unlabeled], y[~unlabeled], X[unlabeled]
+    X_unlab = as_matrix(X_unlab, name="X_unlab") if len(X_unlab) else np.zeros((0, X.shape[1]), np.float32)
+    if X_unlab.shape[1] != X.shape[1]:
+        raise ValueError(f"X_unlab has {X_unlab.shape[1]} features, X {X.shape[1]}")
     classes, codes = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"semi-supervised probes need at least 2 labelled classes; y has {len(classes)}")
-    return X_lab, X_unlab, classes, codes, y
+        raise ValueError(f"semi-supervised probes need at least 2 labelled classes; y has {len(classes)} class")
+    return X, X_unlab, classes, codes, y
 
 
 def balancing(codes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -116,7 +111,7 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
 
     def fit(self, X_lab: np.ndarray, y: np.ndarray, X_unlab: np.ndarray | None = None) -> LabelPropagationProbe:
         self._check_params()
-        X_lab, X_unlab, classes, codes, y = check_inputs(*split_unlabeled(X_lab, y, X_unlab))
+        X_lab, X_unlab, classes, codes, y = check_inputs(self, X_lab, y, X_unlab)
         L, C = len(X_lab), len(classes)
         P, mass, keep = self._propagate(X_lab, codes, X_unlab, C)
         conf = certainty(P[L:])
@@ -130,6 +125,7 @@ class LabelPropagationProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
         w = np.concatenate([np.ones(L), conf[used]]) * balancing(y_all, C)[y_all]
         probe = WeightedProbe(C=self.C, random_state=self.random_state)
         self._expose(probe.fit(np.concatenate([X_lab, X_unlab[rows]]), classes[y_all], sample_weight=w))
+        self.n_iter_ = self.max_iter  # the conjugate-gradient cap of the diffusion, per class
         self.report_ = {"method": "label-propagation", **self._report(used, conf, len(X_unlab), (~keep).sum())}
         return self
 

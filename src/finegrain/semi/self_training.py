@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from finegrain.semi.guard import guard_mask
 from finegrain.semi.probe import SEMI_C, WeightedProbe
-from finegrain.semi.propagation import PseudoLabelMixin, balancing, check_inputs, split_unlabeled
+from finegrain.semi.propagation import PseudoLabelMixin, balancing, check_inputs
 
 
 def capped_pseudo_labels(proba: np.ndarray, *, threshold: float, cap: int) -> np.ndarray:
@@ -45,7 +45,7 @@ class SelfTrainingProbe(PseudoLabelMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(f"threshold must be a probability in [0, 1]; got {self.threshold!r}")
         if self.guard not in ("auto", "none"):
             raise ValueError(f"guard must be one of auto, none; got {self.guard!r}")
-        X_lab, X_unlab, classes, codes, y = check_inputs(*split_unlabeled(X_lab, y, X_unlab))
+        X_lab, X_unlab, classes, codes, y = check_inputs(self, X_lab, y, X_unlab)
         C = len(classes)
         cap = self.cap if self.cap is not None else max(1, math.ceil(len(X_unlab) / C))
         seed = self.random_state or 0
