@@ -18,6 +18,13 @@ def csv_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def value_type(hint) -> type:
+    """The type an option's value has: `int | None` -> int, `tuple[int, ...]` -> tuple (a comma list)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    tp = next((t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)), str)
+    return typing.get_origin(tp) or tp
+
+
 def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("data",), required=("out",),
                        only: tuple[str, ...] | None = None, aliases: dict[str, str] | None = None) -> None:  # fmt: skip
     """One argument per field of `cls` (or of the fields in `only`): `positional` ones by name, the others
@@ -29,10 +36,7 @@ def add_config_options(p: argparse.ArgumentParser, cls: type, *, positional=("da
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
-        meta, hint = f.metadata, hints[f.name]
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # `int | None`: int
-        tp = next((t for t in (typing.get_args(hint) if union else (hint,)) if t is not type(None)), str)
-        tp = typing.get_origin(tp) or tp  # `tuple[int, ...]`: tuple (a comma list)
+        meta, tp = f.metadata, value_type(hints[f.name])
         text = meta.get("help", "")
         if f.name in positional:  # a tuple: one or more words; None by default: may be left out
             nargs = "+" if tp is tuple else "?" if f.default is None else None
@@ -71,9 +75,7 @@ def add_value_options(p: argparse.ArgumentParser, cls: type, *, skip: set[str]) 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        hint = hints[f.name]
-        if type(None) in typing.get_args(hint):  # `int | None`: INT
-            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        hint = value_type(hints[f.name])
         extra = {"nargs": "?", "const": "true"} if hint is bool else {}
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "NAME"}.get(hint, "VALUE")
         if hint is bool and f.default is False:  # a flag that turns it on (`--resume`); never eats the next word
