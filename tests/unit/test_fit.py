@@ -479,6 +479,24 @@ def test_a_later_views_heads_leave_its_ensemble_with_the_leader_a_test_pass(trai
     assert f"{later}/gem/probe-l2" not in stage.state.candidates
     assert "ensemble with the leader" in stage.skipped[-1]["why"]
 
+    # the leader is what fit would pick now, ensembles included: two heads on two other views that err apart lead
+    # as their ensemble, and a later view's heads keep the test pass of that ensemble grown by the view (3 views;
+    # issue 23, flowers17 at 10 minutes: keeping the best single head's view left a 4-view leader unaffordable)
+    third = list(stage.views)[2]
+    stage.costs.setup[third], stage.costs.spi[third] = 1.0, 0.1
+    y = np.arange(10) % 3
+    right, wrong = np.eye(3)[y] * 0.9 + 0.05, np.eye(3)[(y + 1) % 3] * 0.55 + np.eye(3)[y] * 0.45
+    stage._y_val = y
+    stage.state = CandidateStore(str(tmp_path / "fit2"), cfg)
+    for view, bad in ((first, np.arange(10) >= 8), (third, np.arange(10) < 2)):  # each wrong on 2 other images
+        params = {"view": view, "backbone": "x", "source": f"{view}/gap"}
+        cand = Candidate(f"{view}/gap/probe-l2", "frozen", 0.8, 0.8, 1.0, params)
+        stage.state.add(cand, np.where(bad[:, None], wrong, right))
+    lead, _ = stage.leader()
+    assert lead.kind == "ensemble" and lead.score[0] == 1.0
+    assert stage._pair_reserve(later, 100) == pytest.approx(3 * (1.0 + 100 * 0.1) + 20.0)
+    assert stage.view_cost(later, 100) >= 2 * (1.0 + 100 * 0.1) + stage.test_cost(later, 100)  # its partner: both
+
 
 def test_a_view_that_does_not_fit_gives_way_to_its_cheaper_variant(train_data, tmp_path):
     """A view after the first that costs more than the time left is replaced by its first cheaper variant that fits

@@ -302,7 +302,7 @@ def _choose(ctx: FitContext) -> Choice:
     if cfg.finetune:  # keep the test pass of the fine-tuned model's ensemble with the frozen leader
         # (issue 23, cub100 at 5 minutes: with the time for either alone, a 108 s fine-tune whose every ensemble's
         # test pass then did not fit was thrown away; alone it trailed the leader by 3 points)
-        leader = _leader_cost(state, frozen, y_val, folds, len(splits.test))
+        leader = frozen.leader_cost(len(splits.test))
         reserve = frozen.test_cost(_finetune_view(state, frozen), len(splits.test)) + leader + 20.0
         _finetune(ctx, reserve=reserve)
     untried = frozen.untried(len(splits.test))  # time the fine-tune left (or did not need): views skipped before it
@@ -329,19 +329,6 @@ def _choose(ctx: FitContext) -> Choice:
     margin = _margin(chosen, challenger, state, y_val, among=among)
     reason = _reason(chosen, challenger, affordable, len(board), folds=folds, n_val=len(splits.val), margin=margin)
     return Choice(board, chosen, reason, folds)
-
-
-def _leader_cost(state: CandidateStore, frozen: FrozenStage, y_val: np.ndarray, folds, n_test: int) -> float:
-    """Seconds the test pass of the best frozen candidate so far (an ensemble of them included) would take: time a
-    fine-tune must leave free, or the leader it did not beat could no longer be scored."""
-    pool = list(state.candidates.values())
-    if not pool:
-        return 0.0
-    y_oof = folds.y if folds is not None else None
-    extra_p = ensembles(pool, state.probas, y_val, oof=state.oof, y_oof=y_oof) if len(pool) > 1 else []
-    extra = [c for c, _ in extra_p]
-    leader, _ = pick(pool + extra, state.probas | {c.name: p for c, p in extra_p}, y_val)
-    return frozen.candidate_cost(leader, {c.name: c for c in pool + extra}, n_test)
 
 
 def _long_tail(state: CandidateStore, splits, n_classes: int, y_val: np.ndarray, folds) -> bool:

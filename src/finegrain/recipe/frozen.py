@@ -22,9 +22,11 @@ from finegrain.recipe.candidates import (
     POOLINGS,
     Candidate,
     class_proba,
+    ensembles,
     fit_head,
     native_side,
     parse_backbones,
+    pick,
     val_scores,
     views_for,
 )
@@ -50,6 +52,9 @@ class FrozenStage:
         # what the cost model measured, per view: seconds an image, engine set-up, scoring every head
         self.spi, self.setup, self.head_seconds = self.costs.spi, self.costs.setup, self.costs.head_seconds
         self._keep = 0.0  # seconds kept free while a view's heads are scored (`_pair_reserve`)
+        self._y_val: np.ndarray | None = None  # the validation labels and folds `run` scores with (`leader`)
+        self._folds: Folds | None = None
+        self._leaders: dict[tuple[str, ...], tuple[Candidate | None, dict[str, Candidate]]] = {}
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
@@ -77,15 +82,39 @@ class FrozenStage:
         return max(self.costs.reserve(n_test), self._keep)
 
     def _pair_reserve(self, view: str, n_test: int) -> float:
-        """Seconds to keep free while the heads of `view` are scored: the test pass of the leader so far and of
-        `view` (their ensemble is what a later view is worth most in), and the refit. Without it the heads of a
-        slow view took the time that pass needed (issue 23, cub100 at 10 minutes, seed 1: the lite2 view's heads
-        ran ~196 s against the ~102 s the last view's took, and every ensemble with it was dropped as unaffordable)."""
-        leader = self._leader()
+        """Seconds to keep free while the heads of `view` are scored: the test pass of the leader so far (an
+        ensemble of the candidates so far included: `leader`) grown by `view` (the larger ensemble is what a later
+        view is worth most in), and the refit. Without it the heads of a slow view took the time that pass needed
+        (issue 23, cub100 at 10 minutes, seed 1: the lite2 view's heads ran ~196 s against the ~102 s the last
+        view's took, and every ensemble with it was dropped as unaffordable); keeping only the best single head's
+        view and `view` let flowers17's last view leave 51 s for a 6-member near-tie ensemble over 4 views whose
+        test pass needed ~93 s (out-of-fold 0.980, the leader; the 2-member ensemble that ran instead: test 0.963
+        against its 0.971)."""
+        leader, board = self.leader()
         if leader is None:
             return 0.0
-        views = {v for _, v in trunks(leader, self.state.candidates)} | {view}
+        views = {v for _, v in trunks(leader, board)} | {view}
         return sum(self.test_cost(v, n_test) for v in views) + 20.0
+
+    def leader(self) -> tuple[Candidate | None, dict[str, Candidate]]:
+        """(The candidate fit would pick now, ensembles of the candidates so far included, and the candidates it
+        may be made of), or (None, {}) before any: the test pass a later view's ensemble grows from."""
+        pool = list(self.state.candidates.values())
+        key = tuple(sorted(self.state.candidates))
+        if key not in self._leaders:
+            if not pool:
+                self._leaders[key] = (None, {})
+            elif self._y_val is None:  # before `run` (a bare stage): the best candidate by its estimate
+                self._leaders[key] = (max(pool, key=lambda c: (c.score[0], c.name)), self.state.candidates)
+            else:
+                y_oof = self._folds.y if self._folds is not None else None
+                extra = []
+                if self.cfg.ensemble and len(pool) > 1:
+                    extra = ensembles(pool, self.state.probas, self._y_val, oof=self.state.oof, y_oof=y_oof)
+                leader, _ = pick(pool + [c for c, _ in extra], self.state.probas | {c.name: p for c, p in extra},
+                                 self._y_val)  # fmt: skip
+                self._leaders[key] = (leader, {c.name: c for c in pool + [c for c, _ in extra]})
+        return self._leaders[key]
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         return self.costs.candidate_cost(cand, candidates, n_test)
@@ -124,15 +153,15 @@ class FrozenStage:
         within = max(KEEP_WITHIN / 100, 2 * float(np.sqrt(2 * top * (1 - top) / n)))
         return {k for i, k in enumerate(ranked) if i < KEEP_LEAST or best[k] >= top - within}
 
-    def _leader(self) -> Candidate | None:
-        """The best frozen candidate so far (None before any)."""
-        frozen = [c for c in self.state.candidates.values() if c.kind == "frozen"]
-        return max(frozen, key=lambda c: (c.score[0], c.name)) if frozen else None
-
     def _leader_cost(self, n_test: int) -> float | None:
-        """The test pass of the best frozen candidate so far (None before any): what a new view's ensemble adds to."""
-        leader = self._leader()
-        return None if leader is None else self.candidate_cost(leader, self.state.candidates, n_test)
+        """The test pass of the leader so far (`leader`; None before any): what a new view's ensemble adds to."""
+        leader, board = self.leader()
+        return None if leader is None else self.candidate_cost(leader, board, n_test)
+
+    def leader_cost(self, n_test: int) -> float:
+        """Seconds the leader's test pass would take now (0 before any candidate): time a fine-tune must leave free,
+        or the leader it did not beat could no longer be scored."""
+        return self._leader_cost(n_test) or 0.0
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
@@ -171,6 +200,7 @@ class FrozenStage:
         `folds`, each head is also scored out-of-fold over every training image. Called again later with `late`
         (time left after a fine-tune), it tries the views it skipped, then the late ones (`late_views`); what was
         scored is kept."""
+        self._y_val, self._folds = y_val, folds
         for i, view in enumerate(self._order(late)):
             if self._ran(view):
                 continue  # done in an earlier call (or a cheaper variant of it was)
