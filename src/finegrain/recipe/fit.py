@@ -302,7 +302,7 @@ def _choose(ctx: FitContext) -> Choice:
     if cfg.finetune:  # keep the test pass of the fine-tuned model's ensemble with the frozen leader
         # (issue 23, cub100 at 5 minutes: with the time for either alone, a 108 s fine-tune whose every ensemble's
         # test pass then did not fit was thrown away; alone it trailed the leader by 3 points)
-        leader = frozen.leader_cost(len(splits.test))
+        leader = frozen.leader_cost(len(splits.test)) or 0.0
         reserve = frozen.test_cost(_finetune_view(state, frozen), len(splits.test)) + leader + 20.0
         _finetune(ctx, reserve=reserve)
     untried = frozen.untried(len(splits.test))  # time the fine-tune left (or did not need): views skipped before it

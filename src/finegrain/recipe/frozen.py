@@ -54,7 +54,7 @@ class FrozenStage:
         self._keep = 0.0  # seconds kept free while a view's heads are scored (`_pair_reserve`)
         self._y_val: np.ndarray | None = None  # the validation labels and folds `run` scores with (`leader`)
         self._folds: Folds | None = None
-        self._leaders: dict[tuple[str, ...], tuple[Candidate | None, dict[str, Candidate]]] = {}
+        self._leaders: tuple = ()  # (the candidates' names and scores, `leader`'s answer for them)
 
     # ---- views -------------------------------------------------------------------------------------------------
     def backbone(self, view: str) -> Backbone:
@@ -98,29 +98,32 @@ class FrozenStage:
 
     def leader(self) -> tuple[Candidate | None, dict[str, Candidate]]:
         """(The candidate fit would pick now, ensembles of the candidates so far included, and the candidates it
-        may be made of), or (None, {}) before any: the test pass a later view's ensemble grows from."""
+        may be made of), or (None, {}) before any: the test pass a later view's ensemble grows from. Kept until a
+        candidate is added or rescored (a view's pricing asks several times)."""
+        key = tuple(sorted((c.name, c.estimate, c.score) for c in self.state.candidates.values()))
+        if self._leaders and self._leaders[0] == key:
+            return self._leaders[1]
         pool = list(self.state.candidates.values())
-        key = tuple(sorted(self.state.candidates))
-        if key not in self._leaders:
-            if not pool:
-                self._leaders[key] = (None, {})
-            elif self._y_val is None:  # before `run` (a bare stage): the best candidate by its estimate
-                self._leaders[key] = (max(pool, key=lambda c: (c.score[0], c.name)), self.state.candidates)
-            else:
-                y_oof = self._folds.y if self._folds is not None else None
-                extra = []
-                if self.cfg.ensemble and len(pool) > 1:
-                    extra = ensembles(pool, self.state.probas, self._y_val, oof=self.state.oof, y_oof=y_oof)
-                leader, _ = pick(pool + [c for c, _ in extra], self.state.probas | {c.name: p for c, p in extra},
-                                 self._y_val)  # fmt: skip
-                self._leaders[key] = (leader, {c.name: c for c in pool + [c for c, _ in extra]})
-        return self._leaders[key]
+        if not pool:
+            found = (None, {})
+        elif self._y_val is None:  # before `run` (a bare stage): the best candidate by its estimate
+            found = (max(pool, key=lambda c: (c.score[0], c.name)), self.state.candidates)
+        else:
+            y_oof = self._folds.y if self._folds is not None else None
+            extra = []
+            if self.cfg.ensemble and len(pool) > 1:
+                extra = ensembles(pool, self.state.probas, self._y_val, oof=self.state.oof, y_oof=y_oof)
+            board = pool + [c for c, _ in extra]
+            leader, _ = pick(board, self.state.probas | {c.name: p for c, p in extra}, self._y_val)
+            found = (leader, {c.name: c for c in board})
+        self._leaders = (key, found)
+        return found
 
     def candidate_cost(self, cand: Candidate, candidates: dict[str, Candidate], n_test: int) -> float:
         return self.costs.candidate_cost(cand, candidates, n_test)
 
     def view_cost(self, view: str, n_test: int) -> float:
-        return self.costs.view_cost(view, n_test, partner=self._leader_cost(n_test), heads=self._heads_seconds())
+        return self.costs.view_cost(view, n_test, partner=self.leader_cost(n_test), heads=self._heads_seconds())
 
     def _heads_seconds(self) -> float | None:
         """Seconds scoring the heads `_kept_heads` keeps takes on a view: each pair's mean measured time so far."""
@@ -153,15 +156,12 @@ class FrozenStage:
         within = max(KEEP_WITHIN / 100, 2 * float(np.sqrt(2 * top * (1 - top) / n)))
         return {k for i, k in enumerate(ranked) if i < KEEP_LEAST or best[k] >= top - within}
 
-    def _leader_cost(self, n_test: int) -> float | None:
-        """The test pass of the leader so far (`leader`; None before any): what a new view's ensemble adds to."""
+    def leader_cost(self, n_test: int) -> float | None:
+        """Seconds the test pass of the leader so far (`leader`) would take; None before any candidate. What a new
+        view's ensemble adds to, and what a fine-tune must leave free, or the leader it did not beat could no longer
+        be scored."""
         leader, board = self.leader()
         return None if leader is None else self.candidate_cost(leader, board, n_test)
-
-    def leader_cost(self, n_test: int) -> float:
-        """Seconds the leader's test pass would take now (0 before any candidate): time a fine-tune must leave free,
-        or the leader it did not beat could no longer be scored."""
-        return self._leader_cost(n_test) or 0.0
 
     def _store(self, view: str) -> FeatureStore:
         samples = [s for s in self.data.samples if s.split in ("train", "val")]
